@@ -1,0 +1,45 @@
+"""Named training recipes: a recipe fills in every option the user did not set on the command line.
+
+'report' reproduces the original course report (its dropout CNN with a flatten head, its augmentation,
+no class weights). 'default' is the project's recipe, chosen by measurement (README, Results)."""
+from __future__ import annotations
+
+RECIPES = {
+    "report": dict(width=32, depth=4, dropout=0.1, dropout_step=0.1, dense=128, pooling="flatten",
+                   batchnorm=False, class_weight=False, rotation=20.0, shear=10.0, label_smoothing=0.0,
+                   lr=1e-3, lr_schedule="constant"),
+    "default": dict(width=32, depth=4, dropout=0.05, dropout_step=0.05, dense=128, pooling="avg",
+                    batchnorm=True, class_weight=True, rotation=180.0, shear=10.0, label_smoothing=0.1,
+                    lr=2e-3, lr_schedule="cosine"),
+}
+MODEL_KEYS = ("width", "depth", "dropout", "dropout_step", "dense", "pooling", "batchnorm")
+
+
+def apply_recipe(args, name: str | None = None):
+    """Set each option still None on `args` from the recipe `name` (default: args.recipe)."""
+    recipe = RECIPES[name or args.recipe]
+    for key, value in recipe.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def model_kwargs(args) -> dict:
+    return {k: getattr(args, k) for k in MODEL_KEYS}
+
+
+def add_cnn_args(parser):
+    """The CNN's shape; each default comes from --recipe."""
+    g = parser.add_argument_group("model (defaults from --recipe)")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+                   help="report: the course report's CNN and training; default: the project's measured recipe")
+    g.add_argument("--width", type=int, default=None, help="filters in the first conv block (doubling per block)")
+    g.add_argument("--depth", type=int, default=None, help="conv + max-pool blocks")
+    g.add_argument("--dropout", type=float, default=None, help="dropout after the first block")
+    g.add_argument("--dropout-step", type=float, default=None, help="dropout added per deeper block")
+    g.add_argument("--dense", type=int, default=None, help="units of the dense layer before the softmax (0: none)")
+    g.add_argument("--pooling", choices=("flatten", "avg"), default=None,
+                   help="flatten (the report's) or global average pooling before the head")
+    g.add_argument("--batchnorm", action="store_true", default=None, help="batch normalisation after each conv")
+    g.add_argument("--no-batchnorm", dest="batchnorm", action="store_false", help="no batch normalisation")
+    return g

@@ -1,0 +1,58 @@
+"""Plots and tables. matplotlib with the Agg backend: runs on servers without a display."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: Path):
+    """Write beside, then rename: a reader never sees half a PNG."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_curves(history: list[dict], path: Path, selected_epoch: int | None = None, title: str = ""):
+    """Loss and accuracy per epoch for train, hold-out and validation; the selected epoch marked."""
+    epochs = [int(r["epoch"]) for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for part, style in (("train", "-"), ("holdout", "--"), ("val", "-")):
+            values = [float(r.get(f"{part}_{metric}", "nan") or "nan") for r in history]
+            if not np.all(np.isnan(values)):
+                ax.plot(epochs, values, style, marker=".", label=part)
+        if selected_epoch:
+            ax.axvline(selected_epoch, color="grey", lw=0.8, ls=":", label=f"selected (epoch {selected_epoch})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_confusion(matrix, classes, path: Path, title: str = "validation confusion matrix"):
+    """Counts with row-normalised colour, so small classes are as visible as large ones."""
+    cm = np.asarray(matrix, dtype=np.float64)
+    rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.1 * len(classes) + 1.8))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center",
+                    color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=35, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    _save(fig, path)

@@ -1,0 +1,50 @@
+"""Train the dropout CNN on one WBC split and write a run folder.
+
+    python train_cnn.py                                  # synthetic demo data, a few minutes on a CPU
+    python train_cnn.py --data ROOT --split WBC_10       # your data in the course layout
+    python train_cnn.py --data ROOT --recipe report      # the original report's recipe
+    python train_cnn.py --out runs/x --resume            # continue an interrupted run
+
+Run folder: args.json, history.csv, metrics.json, model.h5, val_predictions.csv, curves.png, confusion.png.
+"""
+import cli
+import recipes
+
+
+def parse_args(argv=None):
+    parser = cli.make_parser(__doc__.split("\n")[0], prog="train_cnn.py")
+    cli.add_data_args(parser)
+    recipes.add_cnn_args(parser)
+    cli.add_training_args(parser)
+    cli.add_augmentation_args(parser)
+    cli.add_output_args(parser)
+    args = parser.parse_args(argv)
+    recipes.apply_recipe(args)
+    cli.resolve_data(args)
+    if args.epochs is None:
+        args.epochs = 12 if args.demo else 30
+    cli.check_positive(args, "epochs", "batch_size", "lr")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import models
+    import training
+
+    run_dir = cli.resolve_run_dir(args, f"cnn_{args.split}_seed{args.seed}")
+    train_set, val_set = cli.load_wbc_split(args, verbose=not args.quiet)
+    config = training.TrainConfig.from_args(args)
+    config.verbose = 0 if args.quiet else 1
+
+    def build():
+        return models.build_cnn(len(train_set.classes), args.image_size, **recipes.model_kwargs(args))
+
+    result = training.train(run_dir, build, train_set, val_set, config, args=cli.args_dict(args),
+                            resume=args.resume, extra_metadata={"model": "dropout_cnn", "recipe": args.recipe,
+                                                                "split": args.split, "demo_data": args.demo})
+    training.print_summary(run_dir, result)
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
