@@ -1,0 +1,43 @@
+"""Shared fixtures: the synthetic demo data (generated once per session), private cache folders, and a way to
+run a script as a user would (a subprocess, checking exit status and output)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT.parent / "shared" / "data"
+sys.path.insert(0, str(PROJECT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """The synthetic demo dataset in the course layout, generated once for the whole session."""
+    import demo_data
+    return demo_data.ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo")
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """A private decode cache, so tests never read or write the user's ~/.cache."""
+    d = tmp_path / "cache"
+    monkeypatch.setenv("WBC_CACHE_DIR", str(d))
+    return d
+
+
+def run_script(script, *args, env=None, timeout=600, cwd=None):
+    """Run a project script in a fresh Python process; returns CompletedProcess (text output)."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.run([sys.executable, str(PROJECT / script), *map(str, args)], capture_output=True,
+                          text=True, env=full_env, timeout=timeout, cwd=cwd or PROJECT)
+
+
+def shared_data(name):
+    """A folder of ../shared/data, or skip the test saying why."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real images not available: {path} is absent (see ../shared/data/README.md)")
+    return path
