@@ -7,9 +7,30 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up chatter out of the output
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from data import MASK_FILLS, MASK_MODES, UserError  # noqa: E402
+
+
+def import_keras_quietly():
+    """Import Keras (and TensorFlow, its default backend) with stderr silenced at the file-descriptor level:
+    TensorFlow's C++ start-up lines ('oneDNN custom operations are on', absl notices) ignore
+    TF_CPP_MIN_LOG_LEVEL, and a user's terminal or an error line should not start with them."""
+    if "keras" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import keras  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+if not {"-h", "--help"} & set(sys.argv[1:]):
+    import_keras_quietly()
 
 EXIT_USER_ERROR = 2
 

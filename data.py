@@ -73,9 +73,17 @@ def list_images(folder: Path) -> list[Path]:
             dirnames[:] = []
             continue
         seen_dirs.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not _is_junk(d))
+        # A link back to this folder or one above it (`loop -> ..`) would re-read other classes' images
+        # under this class: skip it. Links elsewhere are followed.
+        dirnames[:] = sorted(d for d in dirnames
+                             if not _is_junk(d) and not _is_same_or_above(os.path.join(dirpath, d), real))
         found += [Path(dirpath) / f for f in filenames if _is_image_name(f)]
     return sorted(found)
+
+
+def _is_same_or_above(link: str, real_dir: str) -> bool:
+    target = os.path.realpath(link)
+    return real_dir == target or real_dir.startswith(target.rstrip(os.sep) + os.sep)
 
 
 @dataclasses.dataclass
@@ -259,7 +267,14 @@ def decode_mask(path: Path, size: int) -> np.ndarray:
     """
     with Image.open(path) as m:
         m = ImageOps.exif_transpose(m)
-        arr = np.asarray(_to_rgb(m).convert("L").resize((size, size), Image.NEAREST))
+        if m.mode in ("RGBA", "LA") or (m.mode == "P" and "transparency" in m.info):
+            # A transparent background is background: composite on black, not on _to_rgb's white.
+            rgba = m.convert("RGBA")
+            m = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+        # The brightest channel, not luminance: a coloured label (e.g. dark red 128,0,0) is still the cell.
+        arr = np.asarray(_to_rgb(m).resize((size, size), Image.NEAREST)).max(-1)
+    if arr.max() <= 8:
+        return arr > 0  # a label map (0/1 or 0/1/2 values): everything not 0 is the cell
     return arr > 64
 
 
@@ -323,9 +338,11 @@ def _entries(files: FileList, mask_mode: str) -> list[tuple[Path, Path | None, i
     raise UserError(f"--masks {mask_mode}: expected one of {', '.join(MASK_MODES)}")
 
 
-def cache_key(entries, size: int, mask_fill: str) -> str:
+def cache_key(entries, size: int, mask_fill: str, mask_mode: str | None = None) -> str:
     """Changes whenever any file (path, size, mtime) or any option that changes pixels changes."""
-    h = hashlib.sha256(json.dumps([CACHE_FORMAT, size, mask_fill]).encode())
+    # The mode itself is in the key: 'only' and 'replace' have the same entries when every image has a mask,
+    # but treat a broken mask differently.
+    h = hashlib.sha256(json.dumps([CACHE_FORMAT, size, mask_fill] + ([mask_mode] if mask_mode else [])).encode())
     for image, mask, label in entries:
         for p in (image, mask):
             if p is None:
@@ -348,14 +365,14 @@ def load_images(files: FileList, size: int = 224, mask_mode: str = "none", mask_
     if not entries:
         raise UserError(f"{files.root}: no images for --masks {mask_mode}"
                         + (" (no image has a mask)" if mask_mode == "only" else ""))
-    key = cache_key(entries, size, mask_fill)
+    key = cache_key(entries, size, mask_fill, mask_mode)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     if use_cache:
         cached = _read_cache(cache_dir, key, files.classes)
         if cached is not None:
             if verbose:
                 print(f"{name}: {len(cached)} images from cache {cache_dir / key}.npy")
-            _warn_skipped(cached, name)
+            _warn_skipped(cached, name, mask_mode)
             return cached
     writable = use_cache and _ensure_writable(cache_dir)
     n = len(entries)
@@ -373,9 +390,12 @@ def load_images(files: FileList, size: int = 224, mask_mode: str = "none", mask_
         if tmp:
             os.unlink(tmp)
         raise
-    keep = np.flatnonzero(ok)
     paths = [str(entries[i][0]) for i in range(n)]
     skipped = [paths[i] for i in np.flatnonzero(~ok)]
+    if mask_mode in ("only", "add"):
+        # A masked copy whose mask failed would be a raw image (only) or a duplicate (add): leave it out.
+        ok[sorted(problems)] = False
+    keep = np.flatnonzero(ok)
     meta = {"key": key, "n": n, "size": size, "classes": list(files.classes), "keep": keep.tolist(),
             "labels": [e[2] for e in entries], "paths": paths,
             "masked": [e[1] is not None and i not in problems for i, e in enumerate(entries)],
@@ -390,7 +410,7 @@ def load_images(files: FileList, size: int = 224, mask_mode: str = "none", mask_
         result = _read_cache(cache_dir, key, files.classes)
     else:
         result = _imageset_from(x, meta, files.classes)
-    _warn_skipped(result, name)
+    _warn_skipped(result, name, mask_mode)
     return result
 
 
@@ -480,7 +500,7 @@ def _atomic_write_text(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def _warn_skipped(images: ImageSet, name: str):
+def _warn_skipped(images: ImageSet, name: str, mask_mode: str = "replace"):
     if images.skipped:
         shown = ", ".join(Path(p).name for p in images.skipped[:3])
         more = f" and {len(images.skipped) - 3} more" if len(images.skipped) > 3 else ""
@@ -488,7 +508,8 @@ def _warn_skipped(images: ImageSet, name: str):
     if images.mask_problems:
         shown = ", ".join(Path(p).name for p in images.mask_problems[:3])
         more = f" and {len(images.mask_problems) - 3} more" if len(images.mask_problems) > 3 else ""
-        print(f"warning: {name}: {len(images.mask_problems)} unreadable or empty mask(s), images kept unmasked: "
+        action = "masked copies left out" if mask_mode in ("only", "add") else "images kept unmasked"
+        print(f"warning: {name}: {len(images.mask_problems)} unreadable or empty mask(s), {action}: "
               f"{shown}{more}", file=sys.stderr)
 
 
@@ -642,3 +663,71 @@ def __getattr__(name):
     if name == "RandomAffine":
         return random_affine_class()
     raise AttributeError(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# The legacy loader: the original report's ImageDataGenerator pipeline (the benchmark's baseline)
+# ----------------------------------------------------------------------------------------------
+
+def _legacy_image_module():
+    """Keras' legacy ImageDataGenerator module: Keras 3 keeps it under keras.src.legacy (numpy + scipy, any
+    backend); tf.keras re-exports the same classes and is the fallback where that private path moves."""
+    try:
+        from keras.src.legacy.preprocessing import image
+    except ImportError:  # pragma: no cover - depends on the Keras version
+        from tensorflow.keras.preprocessing import image  # noqa: F811
+    return image
+
+
+def legacy_generator(paths, labels, classes, image_size: int, batch_size: int = 32, rotation: float = 0.0,
+                     shear: float = 0.0, horizontal_flip: bool = False, vertical_flip: bool = False,
+                     zoom: float = 0.0, shift: float = 0.0, seed: int | None = None, shuffle: bool = True,
+                     interpolation: str = "nearest", workers: int = 1):
+    """The report's input pipeline: keras' legacy ImageDataGenerator reading every file from disk on every
+    epoch. Returns a keras PyDataset of (uint8 RGB batch (B, S, S, 3), one-hot float32 labels).
+
+    Per image it does exactly what ImageDataGenerator.flow_from_directory does (load_img at full size,
+    resize to `image_size` with `interpolation`, the report's 'nearest' by default; then a random
+    transform with scipy on the CPU), but over an explicit file list, so a training script's hold-out
+    images stay out of training. The augmentation parameters mean what they mean for make_augmentation:
+    rotation and shear in degrees, zoom and shift as fractions, flips, edge pixels repeated
+    (fill_mode='nearest'). No rescaling: the core model takes uint8-range RGB and rescales inside, so the
+    batches are rounded to uint8 like the cached pipeline's.
+    """
+    image = _legacy_image_module()
+    generator = image.ImageDataGenerator(
+        rotation_range=rotation, shear_range=shear, zoom_range=zoom, width_shift_range=shift,
+        height_shift_range=shift, horizontal_flip=horizontal_flip, vertical_flip=vertical_flip,
+        fill_mode="nearest", dtype="float32")
+
+    class FileListIterator(image.BatchFromFilesMixin, image.Iterator):
+        """flow_from_directory's iterator (DirectoryIterator) with the file list given, not scanned."""
+
+        def __init__(self):
+            self.set_processing_attrs(generator, (image_size, image_size), "rgb", "channels_last", None, "",
+                                      "png", None, interpolation, False)
+            self._filepaths = [str(p) for p in paths]
+            self.classes = np.asarray(labels, dtype=np.int32)
+            self.class_indices = {c: i for i, c in enumerate(classes)}
+            self.class_mode, self.dtype, self.samples = "categorical", "float32", len(self._filepaths)
+            super().__init__(self.samples, batch_size, shuffle, seed, workers=workers)
+
+        @property
+        def filepaths(self):
+            return self._filepaths
+
+        @property
+        def labels(self):
+            return self.classes
+
+        @property
+        def sample_weight(self):
+            return None
+
+        def _get_batches_of_transformed_samples(self, index_array):
+            x, y = super()._get_batches_of_transformed_samples(index_array)
+            return np.clip(np.round(x), 0, 255).astype(np.uint8), y
+
+    if not len(paths):
+        raise UserError("the legacy loader got no training images")
+    return FileListIterator()

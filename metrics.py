@@ -53,3 +53,63 @@ def select_epoch(holdout_accuracy, holdout_loss) -> int:
     loss = np.asarray(holdout_loss, dtype=np.float64)
     order = np.lexsort((np.arange(len(acc)), loss, -acc))
     return int(order[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired comparisons of two models on the same validation images (reproduce_table.py's comparisons.md)
+# ----------------------------------------------------------------------------------------------
+
+def _paired_correctness(correct_a, correct_b) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(correct_a).astype(bool)
+    b = np.asarray(correct_b).astype(bool)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired tests need two equal-length 1-D correctness vectors, got {a.shape} and {b.shape}")
+    return a, b
+
+
+def mcnemar_exact(correct_a, correct_b) -> dict:
+    """McNemar's exact test on per-image correctness of two models on the same images.
+
+    Only the discordant images carry information: under 'both models are equally accurate' each of the
+    n = only_a + only_b discordant images is equally likely to favour either model, so only_a ~ Binomial(n, 1/2);
+    the two-sided exact binomial p-value (scipy.stats.binomtest). No discordant images: p = 1."""
+    from scipy.stats import binomtest
+    a, b = _paired_correctness(correct_a, correct_b)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n = only_a + only_b
+    return {"images": int(a.size), "both_correct": int((a & b).sum()), "both_wrong": int((~a & ~b).sum()),
+            "only_a": only_a, "only_b": only_b,
+            "p_value": float(binomtest(only_a, n, 0.5).pvalue) if n else 1.0}
+
+
+def paired_bootstrap_difference(correct_a, correct_b, n_resamples: int = 10000, confidence: float = 0.95,
+                                seed: int = 0) -> dict:
+    """Accuracy of A minus accuracy of B with a seeded paired bootstrap percentile interval.
+
+    Images are resampled with replacement, the same images for both models (scipy.stats.bootstrap on the
+    per-image difference), so the interval accounts for the two models being scored on the same images.
+    Inputs may be 0/1 correctness or per-image fractions (e.g. correctness averaged over seeds)."""
+    from scipy.stats import bootstrap
+    a = np.asarray(correct_a, dtype=np.float64)  # 0/1 correctness, or a per-image mean over seeds
+    b = np.asarray(correct_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired tests need two equal-length 1-D vectors, got {a.shape} and {b.shape}")
+    diff = a - b
+    out = {"accuracy_a": float(a.mean()) if a.size else float("nan"),
+           "accuracy_b": float(b.mean()) if b.size else float("nan"),
+           "difference": float(diff.mean()) if diff.size else float("nan"),
+           "confidence": confidence, "n_resamples": int(n_resamples), "seed": int(seed)}
+    if diff.size == 0:
+        return {**out, "low": float("nan"), "high": float("nan")}
+    if np.all(diff == diff[0]):  # every resample gives the same difference: the interval is that point
+        return {**out, "low": float(diff[0]), "high": float(diff[0])}
+    res = bootstrap((diff,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
+                    method="percentile", vectorized=True, rng=np.random.default_rng(seed))
+    return {**out, "low": float(res.confidence_interval.low), "high": float(res.confidence_interval.high)}
+
+
+def adjust_p_values(p_values) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (scipy), for a file that reports many comparisons at once."""
+    from scipy.stats import false_discovery_control
+    p = np.asarray(p_values, dtype=np.float64)
+    return false_discovery_control(p).tolist() if p.size else []

@@ -3,6 +3,7 @@ preprocessing, built from Keras' built-in layers only, so a saved .h5 loads with
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import layers
 
 
@@ -44,3 +45,85 @@ def build_cnn(num_classes: int = 5, image_size: int = 224, width: int = 32, dept
     outputs = classifier_head(x, num_classes, dense, head_dropout)
     return keras.Model(inputs, outputs, name=name)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNet50: pre-training on CAM16, fine-tuning on WBC
+# ----------------------------------------------------------------------------------------------
+
+# Keras' ImageNet ResNet50 weights expect "caffe" inputs: BGR channel order, ImageNet's per-channel mean
+# subtracted, no scaling (keras.applications.resnet50.preprocess_input).
+IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
+IMAGENET_NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+BACKBONE_NAME = "resnet50_backbone"
+FEATURES_NAME = "features"
+# Keras' ResNet50 uses batch-norm momentum 0.99: its moving statistics need ~500 steps to forget their start.
+# A small CAM16 or WBC split gives tens of steps per epoch, so inference-mode outputs (every validation number)
+# lag far behind the trained weights - the report's validation accuracy stuck at 0.5. 0.9 settles in ~50 steps.
+RESNET_BN_MOMENTUM = 0.9
+
+
+def caffe_preprocessing(x):
+    """uint8 RGB -> ImageNet 'caffe' inputs, as one fixed, non-trainable 1x1 convolution (a built-in layer,
+    so the saved model needs no custom code): output channel j = input channel 2 - j, minus the BGR mean."""
+    x = layers.Rescaling(1.0, dtype="float32", name="to_float")(x)
+    conv = layers.Conv2D(3, 1, dtype="float32", trainable=False, name="caffe_bgr_mean")
+    y = conv(x)
+    kernel = np.zeros((1, 1, 3, 3), np.float32)
+    for j in range(3):
+        kernel[0, 0, 2 - j, j] = 1.0
+    conv.set_weights([kernel, -np.asarray(IMAGENET_BGR_MEAN, np.float32)])
+    return y
+
+
+def resnet50_init_kind(weights) -> str:
+    """'scratch', 'imagenet' or 'file' for build_resnet50's weights argument."""
+    if weights in (None, "scratch"):
+        return "scratch"
+    return "imagenet" if weights == "imagenet" else "file"
+
+
+def build_resnet50(num_classes: int = 5, image_size: int = 224, weights=None, head_dropout: float = 0.0,
+                   bn_momentum: float = RESNET_BN_MOMENTUM, name: str = "resnet50") -> keras.Model:
+    """ResNet50 core model: uint8 RGB in, softmax out, preprocessing inside.
+
+    weights: None/'scratch' (random), 'imagenet' (Keras' download) or the path of a local Keras ResNet50 weights
+    file without top (e.g. resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5). Pre-trained weights get the
+    preprocessing they were trained with (ImageNet's caffe-style BGR + mean); from scratch, inputs are scaled
+    to [-1, 1]. The backbone is one nested model named `resnet50_backbone`, so it can be frozen as a whole.
+    """
+    kind = resnet50_init_kind(weights)
+    inputs = image_input(image_size)
+    if kind == "scratch":
+        x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale_minus1_1")(inputs)
+    else:
+        x = caffe_preprocessing(inputs)
+    backbone = keras.applications.ResNet50(include_top=False, weights=None if kind == "scratch" else str(weights),
+                                           input_shape=(image_size, image_size, 3), pooling="avg")
+    backbone.name = BACKBONE_NAME
+    for layer in backbone.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = bn_momentum
+    x = backbone(x)
+    x = layers.Identity(name=FEATURES_NAME)(x)
+    if head_dropout:
+        x = layers.Dropout(head_dropout, name="head_dropout")(x)
+    outputs = classifier_head(x, num_classes, dense=0)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def replace_head(core: keras.Model, num_classes: int, head_dropout: float = 0.0, name: str | None = None):
+    """The same preprocessing and backbone (shared weights) with a new, freshly initialised softmax head."""
+    x = core.get_layer(FEATURES_NAME).output
+    if head_dropout:
+        x = layers.Dropout(head_dropout, name="head_dropout")(x)
+    outputs = classifier_head(x, num_classes, dense=0)
+    return keras.Model(core.input, outputs, name=name or core.name)
+
+
+def set_backbone_trainable(core: keras.Model, trainable: bool):
+    """Freeze or unfreeze the nested backbone. Keras 3 runs a non-trainable BatchNormalization layer in
+    inference mode (moving statistics, not batch ones), so a frozen backbone's outputs and weights stay exactly
+    as they are. Fixed preprocessing layers (the caffe 1x1 conv) stay frozen either way."""
+    core.get_layer(BACKBONE_NAME).trainable = trainable
+    return core

@@ -56,3 +56,39 @@ def plot_confusion(matrix, classes, path: Path, title: str = "validation confusi
     ax.set_ylabel("true")
     ax.set_title(title)
     _save(fig, path)
+
+
+def plot_label_efficiency(series: dict, path: Path, metrics: dict, title: str = ""):
+    """Metric against the percentage of training labels, one line per method, error bars across seeds.
+
+    series: {line label: {metric key: [(percent, mean, std), ...]}}; metrics: {metric key: axis label},
+    one panel per metric. A log x-axis, because the course's splits are 1, 10, 50 and 100 %."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
+    percents = sorted({p for by_metric in series.values() for pts in by_metric.values() for p, _, _ in pts})
+    for ax, (key, label) in zip(axes[0], metrics.items()):
+        for name, by_metric in series.items():
+            points = sorted(by_metric.get(key, []))
+            if not points:
+                continue
+            x, mean, std = (np.asarray(v, dtype=np.float64) for v in zip(*points))
+            ax.errorbar(x, mean, yerr=np.nan_to_num(std), marker="o", capsize=3, label=name)
+        ax.set_xscale("log")
+        if percents:
+            ax.set_xticks(percents, [f"{p:g}%" for p in percents])
+            ax.minorticks_off()
+        ax.set_xlabel("training labels (% of WBC_100)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    """A GitHub-flavoured Markdown table; '|' inside a cell is escaped so it cannot split the cell."""
+    def cell(v):
+        return str(v).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + " --- |" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

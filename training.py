@@ -54,6 +54,7 @@ class TrainConfig:
     precision: str = "auto"
     augment: dict | None = None  # make_augmentation keywords; None = no augmentation
     verbose: int = 1
+    loader: str = "cached"  # or 'generator': the report's ImageDataGenerator pipeline (legacy_training_data)
 
     @classmethod
     def from_args(cls, args) -> "TrainConfig":
@@ -200,7 +201,8 @@ def predict(model: keras.Model, x, batch_size: int = 64) -> np.ndarray:
 def atomic_write_text(path: Path, text: str):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    # backslashreplace: a file name that is not valid UTF-8 is written escaped, not a crash at the run's end
+    with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -273,13 +275,54 @@ def read_h5_metadata(path: Path) -> dict:
 def load_core_model(path: Path) -> keras.Model:
     """Load a saved core model in Keras' safe mode: a model file can never run code here."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, not a model file (expected a .h5 saved by this project or Keras)")
     if not path.is_file():
         raise UserError(f"{path}: no such model file (expected a .h5 saved by this project or Keras)")
+    problem = model_file_problem(path)
+    if problem:
+        raise UserError(f"{path}: {problem}")
     try:
         return keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # noqa: BLE001 - every failure here is a bad file, reported in one line
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a loadable Keras model ({reason[:200]})") from None
+
+
+# Leading bytes of formats a model file is often confused with, for a message that says what the file is.
+_FILE_SIGNATURES = {b"PK\x03\x04": "a zip archive (a Keras 3 .keras model? then name it .keras)",
+                    b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+                    b"%PDF": "a PDF document", b"\x1f\x8b": "a gzip archive"}
+
+
+def model_file_problem(path: Path) -> str | None:
+    """Why `path` cannot be a Keras model file, in words, or None when it looks like one. Checks the bytes,
+    not the name: an .h5 must be HDF5 with a model_config (not weights only), a .keras file a zip."""
+    import h5py
+    import zipfile
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if not head:
+        return "an empty file (expected a Keras model: .h5 or .keras)"
+    if path.suffix.lower() == ".keras":
+        return None if zipfile.is_zipfile(path) else "not a .keras archive (not a zip file; truncated?)"
+    if not h5py.is_hdf5(path):
+        kind = next((what for sig, what in _FILE_SIGNATURES.items() if head.startswith(sig)), None)
+        return (f"{kind}, not an HDF5 model file" if kind
+                else "not an HDF5 file (expected a Keras .h5 model; is it another format?)")
+    try:
+        with h5py.File(path, "r") as f:
+            if "model_config" not in f.attrs:
+                return ("an HDF5 file without a Keras model in it (weights only, or other data); "
+                        "expected a model saved with model.save(...h5)")
+    except Exception as e:  # noqa: BLE001 - h5py reports truncation and corruption as assorted errors
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"a truncated or corrupt HDF5 file ({reason[:160]})"
+    return None
 
 
 def run_is_complete(run_dir: Path) -> bool:
@@ -419,14 +462,30 @@ def build_training_model(core: keras.Model, augment: dict | None, seed: int) -> 
     return keras.Model(inputs, core(x), name=f"{core.name}_train")
 
 
+def legacy_training_data(fit_set: ImageSet, config: TrainConfig, paired_x=None):
+    """--loader generator: the report's ImageDataGenerator pipeline over the training images (hold-out
+    excluded), decoding from disk every epoch and augmenting on the CPU; it replaces the augmentation layer.
+    Hold-out and validation are still evaluated from the decoded cache by the EpochEvaluator."""
+    from data import legacy_generator
+    if fit_set.masked.any() or paired_x is not None:
+        raise UserError("--loader generator reads the raw image files from disk and cannot apply masks; "
+                        "use --loader cached (the default) or --masks none")
+    return legacy_generator(fit_set.paths, fit_set.y, fit_set.classes, int(fit_set.x.shape[1]), config.batch_size,
+                            **(config.augment or {}), seed=config.seed)
+
+
 def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, config: TrainConfig,
           args: dict | None = None, resume: bool = False, extra_metadata: dict | None = None,
-          compile_model=None, before_fit=None) -> dict:
+          compile_model=None, before_fit=None, build_train_model=None, paired_x=None,
+          selection_set: ImageSet | None = None) -> dict:
     """Train one model and write its run folder. Returns metrics.json's content.
 
     build_core() -> keras.Model is called inside the distribution scope. compile_model(train_model, optimizer,
     config) may replace the standard compile (e.g. extra losses); before_fit(core) may adjust layers
-    (e.g. freezing) after building and before compiling.
+    (e.g. freezing) after building and before compiling. build_train_model(core, config) may replace the
+    training wrapper; with paired_x (an array aligned with train_set.x) the wrapper is fed [x, paired_x]
+    (e.g. each image and its masked copy). Hold-out and validation always use the core model on train_set.x.
+    selection_set, when given, is the hold-out (e.g. CAM16's own val/): all of train_set is trained on.
     """
     run_dir = Path(run_dir)
     if resume and run_is_complete(run_dir):
@@ -440,8 +499,16 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
     classes = train_set.classes
     if len(train_set) == 0:
         raise UserError("the training split holds no images")
-    train_idx, holdout_idx = stratified_holdout(train_set.y, config.holdout, config.seed)
+    train_idx, holdout_idx = stratified_holdout(train_set.y, 0.0 if selection_set is not None else config.holdout,
+                                                config.seed)
+    if len(holdout_idx) and len(set(train_set.paths)) < len(train_set.paths):
+        # Several copies of one file (e.g. raw + masked): a held-out image takes its copies along.
+        held = {train_set.paths[i] for i in holdout_idx}
+        moved = np.asarray([i for i in train_idx if train_set.paths[i] in held], dtype=np.int64)
+        train_idx, holdout_idx = np.setdiff1d(train_idx, moved), np.union1d(holdout_idx, moved)
     fit_set, holdout_set = train_set.subset(train_idx), train_set.subset(holdout_idx)
+    if selection_set is not None:
+        holdout_set = selection_set
     weights = class_weights(fit_set.y, len(classes)) if config.class_weight else None
 
     args = dict(args or {})
@@ -462,7 +529,9 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
         core = build_core()
         if before_fit:
             before_fit(core)
-        train_model = build_training_model(core, config.augment, config.seed)
+        train_model = (build_train_model(core, config) if build_train_model
+                       else build_training_model(core, None if config.loader == "generator" else config.augment,
+                                                 config.seed))
         optimizer = make_optimizer(config, steps)
         if compile_model:
             compile_model(train_model, optimizer, config)
@@ -475,9 +544,12 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
     callbacks = [keras.callbacks.BackupAndRestore(str(run_dir / "backup")), evaluator]
     y_onehot = keras.utils.to_categorical(fit_set.y, len(classes)).astype("float32")
     start = time.perf_counter()
-    train_model.fit(np.asarray(fit_set.x), y_onehot, batch_size=config.batch_size, epochs=config.epochs,
-                    shuffle=True, class_weight=weights, callbacks=callbacks,
-                    verbose=_fit_verbosity(config.verbose))
+    fit_x = np.asarray(fit_set.x) if paired_x is None else [np.asarray(fit_set.x), np.asarray(paired_x)[train_idx]]
+    fit_kwargs = dict(batch_size=config.batch_size, shuffle=True)
+    if config.loader == "generator":
+        fit_x, y_onehot, fit_kwargs = legacy_training_data(fit_set, config, paired_x), None, {}
+    train_model.fit(fit_x, y_onehot, epochs=config.epochs, class_weight=weights, callbacks=callbacks,
+                    verbose=_fit_verbosity(config.verbose), **fit_kwargs)
     seconds = time.perf_counter() - start
     if evaluator.diverged_epoch:
         shutil.rmtree(run_dir / "backup", ignore_errors=True)  # never resume from NaN weights

@@ -1,0 +1,42 @@
+"""models.py: the dropout CNN's shape, and the .h5 round trip in a process that never imports this project."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import models
+import training
+
+
+def test_cnn_shape_dropout_rising_and_uint8_input():
+    model = models.build_cnn(5, 32, width=8, depth=3, dropout=0.1, dropout_step=0.1)
+    assert model.input.dtype == "uint8" and model.output_shape == (None, 5)
+    rates = [l.rate for l in model.layers if type(l).__name__ == "Dropout" and l.name.startswith("block")]
+    assert rates == pytest.approx([0.1, 0.2, 0.3])
+    convs = [l.filters for l in model.layers if type(l).__name__ == "Conv2D"]
+    assert convs == [8, 16, 32]
+    probs = np.asarray(model.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0))
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+
+
+def test_h5_round_trip_in_a_fresh_process_without_the_project(tmp_path):
+    model = models.build_cnn(5, 24, width=4, depth=2, pooling="avg", batchnorm=True)
+    x = np.random.default_rng(0).integers(0, 256, (6, 24, 24, 3), dtype=np.uint8)
+    expected = np.asarray(model.predict(x, verbose=0))
+    path = tmp_path / "model.h5"
+    training.save_model_h5(model, path, {"classes": ["a", "b", "c", "d", "e"], "epoch": 1})
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys, json, numpy as np\n"
+        "sys.path = [p for p in sys.path if 'work/main' not in p and p not in ('', '.')]\n"
+        "import keras\n"
+        f"m = keras.models.load_model(r'{path}')\n"
+        f"np.save(r'{tmp_path / 'out.npy'}', m.predict(np.load(r'{tmp_path / 'x.npy'}'), verbose=0))\n"
+        "assert not any(k in sys.modules for k in ('data', 'models', 'training'))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
+    assert training.read_h5_metadata(path)["epoch"] == 1

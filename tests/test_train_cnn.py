@@ -1,0 +1,42 @@
+"""train_cnn.py end to end on the synthetic demo data, and its handling of bad input."""
+import json
+
+import numpy as np
+
+import train_cnn
+from conftest import run_script
+
+RUN_FILES = ("args.json", "history.csv", "metrics.json", "model.h5", "val_predictions.csv", "curves.png",
+             "confusion.png")
+
+
+def test_short_demo_run_writes_the_run_folder_and_beats_the_majority_baseline(demo_root, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    train_cnn.main(["--data", str(demo_root), "--image-size", "32", "--epochs", "6", "--out", str(out),
+                    "--quiet"])
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    m = json.loads((out / "metrics.json").read_text())
+    required = {"val_accuracy_best", "val_accuracy_mean", "val_accuracy_last", "val_accuracy_selected",
+                "balanced_accuracy", "macro_f1", "per_class_recall", "confusion_matrix", "majority_baseline",
+                "collapsed_to_majority", "classes", "epochs", "train_images", "seconds", "images_per_second"}
+    assert required <= set(m)
+    assert m["epochs"] == 6 and np.sum(m["confusion_matrix"]) == 200
+    assert m["balanced_accuracy"] > 0.5 and not m["collapsed_to_majority"]
+    assert m["val_accuracy_selected"] > m["majority_baseline"]
+    history = (out / "history.csv").read_text().splitlines()
+    assert len(history) == 7 and history[0].startswith("epoch,train_loss")
+    args = json.loads((out / "args.json").read_text())
+    assert args["image_size"] == 32 and args["recipe"] == "default" and "versions" in args
+
+
+def test_bad_data_paths_end_in_one_line_and_exit_2(tmp_path):
+    (tmp_path / "flat").mkdir()
+    for argv, fragment in ((["--data", tmp_path / "nope"], "no such folder"),
+                           (["--data", tmp_path / "flat"], "no WBC_100 folder"),
+                           (["--epochs", "0"], "expected a positive number"),
+                           (["--split"], "expected one argument")):
+        done = run_script("train_cnn.py", *argv, "--out", tmp_path / "r")
+        assert done.returncode == 2, done.stderr
+        assert fragment in done.stderr and "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr

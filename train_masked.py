@@ -1,0 +1,154 @@
+"""Train the dropout CNN on one WBC split with its segmentation masks and write a run folder.
+
+    python train_masked.py                                     # synthetic demo data, --masks replace
+    python train_masked.py --data ROOT --split WBC_10 --masks only        # the masked subset alone
+    python train_masked.py --data ROOT --masks add --mask-fill blur       # masked copies beside the raw images
+    python train_masked.py --data ROOT --consistency 1.0                  # raw images + mask-consistency penalty
+
+--masks none: raw images only; only: the images that have a mask, masked; replace: every image, masked where it
+has a mask (the report's "merged"); add: every raw image plus a masked copy of each image with a mask.
+--consistency W trains on the raw images (as --masks none) while also feeding each image's masked copy through the
+same model under the same random augmentation, adding W x the symmetric KL divergence between the two predictions
+(zero for images without a mask). The validation set is always the raw validation images; model.h5 is the plain
+core model. The per-class image counts of the chosen mode are printed and stored in metrics.json (mask_counts).
+"""
+import sys
+
+import cli
+import recipes
+
+
+def parse_args(argv=None):
+    parser = cli.make_parser(__doc__.split("\n")[0], prog="train_masked.py")
+    g = cli.add_data_args(parser, masks=True)
+    g.add_argument("--consistency", type=float, default=0.0, metavar="WEIGHT",
+                   help="> 0: train on raw images and penalise WEIGHT x the symmetric KL divergence between the "
+                        "predictions for each image and its masked copy (--masks is then not used)")
+    recipes.add_cnn_args(parser)
+    cli.add_training_args(parser)
+    cli.add_augmentation_args(parser)
+    cli.add_output_args(parser)
+    args = parser.parse_args(argv)
+    recipes.apply_recipe(args)
+    cli.resolve_data(args)
+    if args.epochs is None:
+        args.epochs = 12 if args.demo else 30
+    cli.check_positive(args, "epochs", "batch_size", "lr")
+    if args.consistency < 0:
+        raise cli.UserError(f"--consistency {args.consistency}: expected a weight >= 0")
+    if args.loader != "cached":
+        raise cli.UserError("--loader generator: not available in train_masked.py (masks are applied when the "
+                            "images are decoded; use the default cached loader)")
+    args.mask_mode = "consistency" if args.consistency > 0 else args.masks
+    return args
+
+
+def mask_counts(images, paired=None) -> dict:
+    """Per class: images the model trains on in this mode, how many of them are masked, how many raw."""
+    masked = images.masked if paired is None else paired.masked
+    out = {}
+    for i, cls in enumerate(images.classes):
+        of_class = images.y == i
+        n_masked = int((masked & of_class).sum())
+        out[cls] = {"images": int(of_class.sum()), "masked": n_masked, "raw": int(of_class.sum()) - n_masked}
+    return out
+
+
+def print_counts(mode: str, counts: dict):
+    total = sum(c["images"] for c in counts.values())
+    what = "raw images, masked copies for the penalty" if mode == "consistency" else "images, of which masked"
+    print(f"--masks {mode}: {total} training images per class ({what}): "
+          + "  ".join(f"{cls} {c['images']} ({c['masked']})" for cls, c in counts.items()))
+    empty = [cls for cls, c in counts.items() if c["images"] == 0]
+    if empty:
+        print(f"warning: no training images in this mode for {', '.join(empty)}: the model cannot learn "
+              f"{'it' if len(empty) == 1 else 'them'}", file=sys.stderr)
+
+
+def consistency_model(core, augment: dict | None, weight: float, seed: int):
+    """Training-only wrapper: [raw, masked] uint8 -> the raw image's probabilities, with the penalty added.
+
+    Both copies get the SAME random affine (warped once as one 6-channel image, then split) and go through the
+    core model as one batch of 2B, so their predictions differ only by the mask (and dropout)."""
+    import keras
+    from keras import ops
+
+    import data
+
+    class MaskConsistency(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.core = core
+            self.augment = data.make_augmentation(**augment, seed=seed) if augment else None
+
+        def call(self, inputs, training=None):
+            raw, masked = inputs
+            # Images without a mask arrive twice unchanged: their penalty is zero by construction, not just
+            # small (dropout alone would otherwise make the two predictions differ).
+            has_mask = ops.cast(ops.any(ops.not_equal(raw, masked), axis=(1, 2, 3)), "float32")
+            if self.augment is not None:
+                both = self.augment(ops.concatenate([raw, masked], axis=-1), training=training)
+                raw, masked = both[..., :3], both[..., 3:]
+            n = ops.shape(raw)[0]
+            probs = ops.cast(self.core(ops.concatenate([raw, masked], axis=0), training=training), "float32")
+            p, q = probs[:n], probs[n:]
+            log_p = ops.log(ops.clip(p, 1e-7, 1.0))
+            log_q = ops.log(ops.clip(q, 1e-7, 1.0))
+            sym_kl = 0.5 * ops.sum((p - q) * (log_p - log_q), axis=-1)
+            self.add_loss(weight * ops.mean(has_mask * sym_kl))
+            return p
+
+        def compute_output_shape(self, input_shapes):
+            return core.output_shape
+
+    size = core.input_shape[1]
+    raw = keras.Input((size, size, 3), dtype="uint8", name="image")
+    masked = keras.Input((size, size, 3), dtype="uint8", name="masked_image")
+    return keras.Model([raw, masked], MaskConsistency(name="mask_consistency", dtype="float32")([raw, masked]),
+                       name=f"{core.name}_consistency")
+
+
+def load_data(args):
+    """(training set, paired masked copies or None, validation set) for the chosen mode."""
+    verbose = not args.quiet
+    if args.mask_mode != "consistency":
+        train, val = cli.load_wbc_split(args, args.masks, args.mask_fill, verbose=verbose)
+        return train, None, val
+    train, val = cli.load_wbc_split(args, "none", verbose=verbose)
+    # 'replace' gives the same files in the same order, masked where a mask exists: the pair of each raw image.
+    paired, _ = cli.load_wbc_split(args, "replace", args.mask_fill, verbose=False)
+    if list(paired.paths) != list(train.paths):
+        raise cli.UserError(f"--data {args.data}: the raw and masked decodes of {args.split} differ "
+                            "(files changed while loading?); run again")
+    return train, paired, val
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import models
+    import training
+
+    run_dir = cli.resolve_run_dir(args, f"masked_{args.mask_mode}_{args.split}_seed{args.seed}")
+    train_set, paired, val_set = load_data(args)
+    counts = mask_counts(train_set, paired)
+    print_counts(args.mask_mode, counts)
+    config = training.TrainConfig.from_args(args)
+    config.verbose = 0 if args.quiet else 1
+
+    def build():
+        return models.build_cnn(len(train_set.classes), args.image_size, **recipes.model_kwargs(args))
+
+    hooks = {}
+    if paired is not None:
+        hooks = dict(paired_x=paired.x, build_train_model=lambda core, cfg: consistency_model(
+            core, cfg.augment, args.consistency, cfg.seed))
+    meta = {"model": "dropout_cnn", "recipe": args.recipe, "split": args.split, "demo_data": args.demo,
+            "mask_mode": args.mask_mode, "mask_fill": args.mask_fill, "consistency_weight": args.consistency,
+            "mask_counts": counts}
+    result = training.train(run_dir, build, train_set, val_set, config, args=cli.args_dict(args),
+                            resume=args.resume, extra_metadata=meta, **hooks)
+    training.print_summary(run_dir, result)
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
