@@ -9,6 +9,7 @@ Only the legacy ImageDataGenerator loader imports TensorFlow; everything else is
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -378,10 +379,19 @@ def load_images(files: FileList, size: int = 224, mask_mode: str = "none", mask_
     n = len(entries)
     tmp = None
     if writable:
-        fd, tmp = tempfile.mkstemp(prefix=f"{key}.", suffix=".npy.part", dir=cache_dir)
+        _remove_dead_builds(cache_dir, key)
+        fd, tmp = tempfile.mkstemp(prefix=f"{key}.{os.getpid()}.", suffix=".npy.part", dir=cache_dir)
         os.close(fd)
         x = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-    else:
+        try:
+            _reserve_disk(tmp)
+        except OSError as e:
+            del x
+            os.unlink(tmp)
+            tmp, writable = None, False
+            print(f"warning: cache folder {cache_dir}: no room for {n * size * size * 3 / 1e6:.0f} MB "
+                  f"({e.strerror or e}); decoding into memory, no cache", file=sys.stderr)
+    if not writable:
         x = np.empty((n, size, size, 3), np.uint8)
     try:
         ok, problems = _decode_into(x, entries, size, mask_fill, verbose, name)
@@ -478,6 +488,35 @@ def _read_cache(cache_dir: Path, key: str, classes) -> ImageSet | None:
     if meta.get("key") != key or x.shape != (meta["n"], meta["size"], meta["size"], 3) or x.dtype != np.uint8:
         return None
     return _imageset_from(x, meta, classes)
+
+
+def _reserve_disk(path):
+    """Allocate the cache file's blocks now: a full disk then fails here with ENOSPC, instead of killing the
+    process with SIGBUS when a page of the memory map is first written."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # unsupported: write as before
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove_dead_builds(cache_dir: Path, key: str):
+    """Delete temp arrays (<key>.<pid>.*.npy.part) left by a build of this key whose process was killed."""
+    for part in cache_dir.glob(f"{key}.*.npy.part"):
+        pid = part.name.split(".")[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            part.unlink(missing_ok=True)
+        except OSError:  # alive (owned by another user): leave it
+            pass
 
 
 def _ensure_writable(cache_dir: Path) -> bool:

@@ -98,7 +98,7 @@ def paired_bootstrap_difference(correct_a, correct_b, n_resamples: int = 10000, 
     out = {"accuracy_a": float(a.mean()) if a.size else float("nan"),
            "accuracy_b": float(b.mean()) if b.size else float("nan"),
            "difference": float(diff.mean()) if diff.size else float("nan"),
-           "confidence": confidence, "n_resamples": int(n_resamples), "seed": int(seed)}
+           "confidence": confidence, "n_resamples": int(n_resamples), "bootstrap_seed": int(seed)}
     if diff.size == 0:
         return {**out, "low": float("nan"), "high": float("nan")}
     if np.all(diff == diff[0]):  # every resample gives the same difference: the interval is that point

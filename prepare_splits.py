@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import cli
-from data import WBC_CLASSES, WBC_SPLITS, UserError, scan_class_folders
+from data import WBC_CLASSES, WBC_SPLITS, UserError, canonical_class, scan_class_folders
 
 # The class shares of the course's WBC_100 (Raabin-WBC as the course distributed it).
 PROPORTIONS = {
@@ -146,14 +146,14 @@ def main(argv=None):
         raise UserError(f"--masks {args.masks}: no mask matches an image of {args.source} "
                         "(expected MASKS/<Class>/<same stem as the image>.png)")
     plan = plan_splits(files.labels, files.classes, has_mask, args.proportions, args.mask_fraction, args.seed)
-    ignored = sorted(d.name for d in args.source.iterdir() if d.is_dir() and not d.name.startswith(".")
-                     and d.name.lower() not in {c for c in files.classes}
-                     and not any(d.name.lower() in (c + "s", c + "es") for c in files.classes))
+    ignored = sorted(d.name for d in args.source.iterdir()
+                     if d.is_dir() and not d.name.startswith(".") and canonical_class(d.name) is None)
 
     # Build beside OUT and rename at the end, so an interrupted run never leaves half a layout behind.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         written = write_layout(tmp, files, plan, args.copy)
         manifest = {"source": str(args.source.resolve()), "masks": str(args.masks.resolve()) if args.masks else None,
                     "proportions": args.proportions, "proportion_shares": PROPORTIONS.get(args.proportions),
@@ -166,11 +166,13 @@ def main(argv=None):
             out.rmdir()  # checked empty above
         tmp.rename(out)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         hint = " (try --copy where symlinks are not allowed)" if not args.copy else ""
         raise UserError(f"{out}: cannot write the layout: {e.strerror or e}{hint}") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(f"wrote {out} ({manifest['files']}; seed {args.seed}; proportions {args.proportions})")
     for key in ("WBC_100/train", "WBC_100/val", "WBC_50/train", "WBC_10/train", "WBC_1/train"):

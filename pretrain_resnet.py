@@ -14,6 +14,7 @@ frozen (batch-norm in inference mode), then --epochs with everything trainable a
 Under --out: pretrain/, finetune_frozen/, finetune/ (standard run folders; finetune/model.h5 is the final
 model), baseline_<arm>/..., comparison.csv and comparison.md (WBC validation metrics of every arm).
 """
+import json
 from pathlib import Path
 
 import cli
@@ -35,6 +36,9 @@ def parse_args(argv=None):
                         "local Keras ResNet50 weights file without top, e.g. "
                         "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")
     g.add_argument("--skip-pretrain", action="store_true", help="no CAM16 stage: fine-tune from --init directly")
+    g.add_argument("--pretrained", type=Path, default=None,
+                   help="a stage-1 run folder (or its model.h5) to fine-tune instead of pre-training again, "
+                        "e.g. OUT/pretrain of an earlier run on another split")
     g.add_argument("--pretrain-epochs", type=int, default=None, help="CAM16 epochs (default 4 on demo data, 10)")
     g.add_argument("--pretrain-lr", type=float, default=None,
                    help="CAM16 learning rate (default 1e-3 from scratch, 1e-4 from pre-trained weights)")
@@ -42,6 +46,9 @@ def parse_args(argv=None):
     g.add_argument("--head-lr", type=float, default=HEAD_LR, help="learning rate while the backbone is frozen")
     g.add_argument("--scratch-lr", type=float, default=SCRATCH_LR,
                    help="learning rate of the from-scratch WBC baseline")
+    g.add_argument("--bn-momentum", type=float, default=None,
+                   help="batch-norm momentum of the backbone (default 0.9; Keras' ResNet50 uses 0.99, whose "
+                        "moving statistics lag behind on small datasets: validation stuck at chance)")
     g.add_argument("--compare", action="store_true", default=True,
                    help="also train the baselines (WBC from scratch; CAM16 from scratch when --init is weights) "
                         "and print one comparison table")
@@ -71,6 +78,8 @@ def parse_args(argv=None):
         raise UserError(f"--image-size {args.image_size}: ResNet50 needs at least 32 pixels")
     cli.check_positive(args, "epochs", "pretrain_epochs", "batch_size", "lr", "pretrain_lr", "head_lr",
                        "scratch_lr")
+    if args.bn_momentum is not None and not 0 < args.bn_momentum < 1:
+        raise UserError(f"--bn-momentum {args.bn_momentum}: expected a number between 0 and 1")
     if args.head_epochs < 0:
         raise UserError(f"--head-epochs {args.head_epochs}: expected 0 or more")
     return args
@@ -93,10 +102,11 @@ def resolve_init(init: str):
                         f"--init PATH/TO/{models.IMAGENET_NOTOP_FILE}") from None
 
 
-def build_from_init(weights, num_classes: int, image_size: int):
+def build_from_init(weights, num_classes: int, image_size: int, bn_momentum: float | None = None):
     import models
     try:
-        return models.build_resnet50(num_classes, image_size, weights=weights)
+        return models.build_resnet50(num_classes, image_size, weights=weights,
+                                     bn_momentum=bn_momentum or models.RESNET_BN_MOMENTUM)
     except (ValueError, OSError, KeyError) as e:
         raise UserError(f"--init {weights}: not a Keras ResNet50 weights file without top "
                         f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
@@ -127,7 +137,7 @@ def pretrain_cam16(args, run_dir: Path, weights, init_name: str) -> dict:
         print(f"CAM16 train {train.counts()}  val {val.counts()}  test {test.counts() if test else 'absent'}")
     # No label smoothing or class weights on the balanced two-class task; tissue has no orientation.
     config = config_for(args, args.pretrain_epochs, args.pretrain_lr, label_smoothing=0.0, class_weight=False)
-    result = training.train(run_dir, lambda: build_from_init(weights, len(train.classes), args.image_size),
+    result = training.train(run_dir, lambda: build_from_init(weights, 2, args.image_size, args.bn_momentum),
                             train, val, config, args=cli.args_dict(args), resume=args.resume,
                             selection_set=val,
                             extra_metadata={"model": "resnet50", "stage": "pretrain_cam16", "init": init_name,
@@ -163,7 +173,7 @@ def finetune(args, out: Path, start, train_set, val_set, arm: str) -> dict:
     def new_head():
         if isinstance(start, Path):
             return models.replace_head(training.load_core_model(start), n, name="resnet50_wbc")
-        return build_from_init(start, n, args.image_size)
+        return build_from_init(start, n, args.image_size, args.bn_momentum)
 
     build = new_head
     if args.head_epochs:
@@ -184,9 +194,9 @@ def finetune(args, out: Path, start, train_set, val_set, arm: str) -> dict:
 
 def scratch_baseline(args, out: Path, train_set, val_set) -> dict:
     """WBC only, random init, whole network trained for the same stage-2 budget (--head-epochs + --epochs)."""
-    import models
     import training
-    return training.train(out / "finetune", lambda: models.build_resnet50(len(train_set.classes), args.image_size),
+    return training.train(out / "finetune", lambda: build_from_init(None, len(train_set.classes), args.image_size,
+                                                                     args.bn_momentum),
                           train_set, val_set, config_for(args, args.head_epochs + args.epochs, args.scratch_lr),
                           args=cli.args_dict(args), resume=args.resume,
                           extra_metadata={"model": "resnet50", "arm": "scratch", "stage": "finetune",
@@ -202,6 +212,8 @@ def arm_path(args, weights, out: Path, train_set, val_set, init_name: str, skip:
         result = finetune(args, out, weights, train_set, val_set, init_name)
         return {"arm": init_name, "wbc": result, "cam16_test": None, "run": out / "finetune"}
     arm = "scratch -> CAM16" if weights is None else f"{init_name} -> CAM16"
+    if args.pretrained is not None and out == args.out_root:
+        return reuse_pretrained(args, out, train_set, val_set)
     pre = pretrain_cam16(args, out / "pretrain", weights, init_name)
     test = pre["cam16_test"]
     if test and not args.quiet:
@@ -209,6 +221,22 @@ def arm_path(args, weights, out: Path, train_set, val_set, init_name: str, skip:
     result = finetune(args, out, out / "pretrain" / "model.h5", train_set, val_set, arm)
     return {"arm": arm, "wbc": result, "cam16_test": test, "cam16_val": pre["val_accuracy_selected"],
             "run": out / "finetune"}
+
+
+def reuse_pretrained(args, out: Path, train_set, val_set) -> dict:
+    """The main arm from an earlier stage-1 model (--pretrained), with that run's CAM16 figures."""
+    import training
+    model = args.pretrained / "model.h5" if args.pretrained.is_dir() else args.pretrained
+    run = model.parent
+    training.load_core_model(model)  # one clear line when it is not a model
+    meta = training.read_h5_metadata(model)
+    test = run / "cam16_test.json"
+    test = json.loads(test.read_text()) if test.exists() else None
+    val = run / "metrics.json"
+    val = json.loads(val.read_text()).get("val_accuracy_selected") if val.exists() else None
+    arm = f"{meta.get('init', 'scratch')} -> CAM16"
+    result = finetune(args, out, model, train_set, val_set, arm)
+    return {"arm": arm, "wbc": result, "cam16_test": test, "cam16_val": val, "run": out / "finetune"}
 
 
 def comparison_rows(arms: list[dict]) -> list[dict]:
@@ -248,6 +276,7 @@ def write_comparison(out: Path, rows: list[dict], split: str) -> str:
 def main(argv=None):
     args = parse_args(argv)
     out = cli.resolve_run_dir(args, f"resnet_{args.split}_seed{args.seed}")
+    args.out_root = out
     init_name = args.init if args.init in ("scratch", "imagenet") else "file"
     weights = resolve_init(args.init)
     train_set, val_set = cli.load_wbc_split(args, verbose=not args.quiet)

@@ -58,11 +58,12 @@ def plot_confusion(matrix, classes, path: Path, title: str = "validation confusi
     _save(fig, path)
 
 
-def plot_label_efficiency(series: dict, path: Path, metrics: dict, title: str = ""):
+def plot_label_efficiency(series: dict, path: Path, metrics: dict, title: str = "", references: dict | None = None):
     """Metric against the percentage of training labels, one line per method, error bars across seeds.
 
     series: {line label: {metric key: [(percent, mean, std), ...]}}; metrics: {metric key: axis label},
-    one panel per metric. A log x-axis, because the course's splits are 1, 10, 50 and 100 %."""
+    one panel per metric; references: {metric key: (y, label)}, a dashed line such as the majority baseline.
+    A log x-axis, because the course's splits are 1, 10, 50 and 100 %."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
     percents = sorted({p for by_metric in series.values() for pts in by_metric.values() for p, _, _ in pts})
     for ax, (key, label) in zip(axes[0], metrics.items()):
@@ -72,6 +73,9 @@ def plot_label_efficiency(series: dict, path: Path, metrics: dict, title: str = 
                 continue
             x, mean, std = (np.asarray(v, dtype=np.float64) for v in zip(*points))
             ax.errorbar(x, mean, yerr=np.nan_to_num(std), marker="o", capsize=3, label=name)
+        if key in (references or {}):
+            y, ref_label = references[key]
+            ax.axhline(y, color="grey", ls="--", lw=1, label=ref_label)
         ax.set_xscale("log")
         if percents:
             ax.set_xticks(percents, [f"{p:g}%" for p in percents])

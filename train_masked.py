@@ -36,9 +36,6 @@ def parse_args(argv=None):
     cli.check_positive(args, "epochs", "batch_size", "lr")
     if args.consistency < 0:
         raise cli.UserError(f"--consistency {args.consistency}: expected a weight >= 0")
-    if args.loader != "cached":
-        raise cli.UserError("--loader generator: not available in train_masked.py (masks are applied when the "
-                            "images are decoded; use the default cached loader)")
     args.mask_mode = "consistency" if args.consistency > 0 else args.masks
     return args
 
@@ -57,7 +54,7 @@ def mask_counts(images, paired=None) -> dict:
 def print_counts(mode: str, counts: dict):
     total = sum(c["images"] for c in counts.values())
     what = "raw images, masked copies for the penalty" if mode == "consistency" else "images, of which masked"
-    print(f"--masks {mode}: {total} training images per class ({what}): "
+    print(f"--masks {mode}: {total} training images; per class ({what}): "
           + "  ".join(f"{cls} {c['images']} ({c['masked']})" for cls, c in counts.items()))
     empty = [cls for cls, c in counts.items() if c["images"] == 0]
     if empty:

@@ -285,6 +285,9 @@ def load_core_model(path: Path) -> keras.Model:
     try:
         return keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # noqa: BLE001 - every failure here is a bad file, reported in one line
+        if "safe_mode" in str(e) or "arbitrary code" in str(e):  # e.g. a Lambda layer: Python code in the file
+            raise UserError(f"{path}: refused: the file holds Python code (a Lambda layer or a pickled function) "
+                            "that would run on loading; safe mode loads only built-in Keras layers") from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a loadable Keras model ({reason[:200]})") from None
 
@@ -327,6 +330,20 @@ def model_file_problem(path: Path) -> str | None:
 
 def run_is_complete(run_dir: Path) -> bool:
     return all((Path(run_dir) / f).exists() for f in ("metrics.json", "model.h5", "history.csv", "args.json"))
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore, but each backup file is written beside and renamed into place: Keras overwrites
+    its weights file in place, so a run killed during that write could not resume (a half-written .h5)."""
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        tmp = self._weights_path[:-len(".weights.h5")] + ".tmp.weights.h5"
+        self.model.save_weights(tmp, overwrite=True)
+        # Weights before the epoch number: a kill between the two renames repeats one epoch, never skips one.
+        os.replace(tmp, self._weights_path)
+        atomic_write_text(Path(self._training_metadata_path),
+                          json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,6 +516,10 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
     classes = train_set.classes
     if len(train_set) == 0:
         raise UserError("the training split holds no images")
+    if len(val_set) == 0:
+        raise UserError(f"the validation set holds no readable images ({len(val_set.skipped)} skipped as unreadable)")
+    for stale in run_dir.glob(".*.tmp-*"):  # left by a killed run's atomic writes (write beside, then rename)
+        stale.unlink(missing_ok=True)
     train_idx, holdout_idx = stratified_holdout(train_set.y, 0.0 if selection_set is not None else config.holdout,
                                                 config.seed)
     if len(holdout_idx) and len(set(train_set.paths)) < len(train_set.paths):
@@ -524,6 +545,13 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
                                        "argv": sys.argv, "holdout_images": len(holdout_set),
                                        "train_images": len(fit_set)})
 
+    done = read_history(run_dir / "history.csv") if resume else []
+    if len(done) >= config.epochs and (run_dir / "model.h5").exists() and not (run_dir / "backup").exists():
+        # Killed after its last epoch, while the folder was being finished: finish it, train nothing again.
+        rows = [{k: _num(v) for k, v in r.items()} for r in done[:config.epochs]]
+        return finish_run(run_dir, rows, val_set, classes, config, meta,
+                          float(np.nansum([float(r["seconds"]) for r in rows])), len(fit_set))
+
     steps = max(1, math.ceil(len(fit_set) / config.batch_size))
     with distribution_scope():
         core = build_core()
@@ -541,7 +569,7 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
                                 metrics=["accuracy"])
     evaluator = EpochEvaluator(run_dir, core, holdout_set, val_set, len(fit_set), config.batch_size, meta,
                                config.verbose)
-    callbacks = [keras.callbacks.BackupAndRestore(str(run_dir / "backup")), evaluator]
+    callbacks = [AtomicBackupAndRestore(str(run_dir / "backup")), evaluator]
     y_onehot = keras.utils.to_categorical(fit_set.y, len(classes)).astype("float32")
     start = time.perf_counter()
     fit_x = np.asarray(fit_set.x) if paired_x is None else [np.asarray(fit_set.x), np.asarray(paired_x)[train_idx]]
@@ -592,13 +620,15 @@ def finish_run(run_dir: Path, rows: list[dict], val_set: ImageSet, classes, conf
     for key in ("mask_counts", "mask_mode"):
         if key in meta:
             result[key] = meta[key]
-    write_json(run_dir / "metrics.json", result)
     summary = {k: result[k] for k in ("val_accuracy_selected", "balanced_accuracy", "macro_f1", "majority_baseline",
                                       "collapsed_to_majority", "selected_epoch")}
     update_h5_metadata(model_path, metrics=summary)
     report.plot_curves(rows, run_dir / "curves.png", selected, title=run_dir.name)
     report.plot_confusion(m["confusion_matrix"], classes, run_dir / "confusion.png",
                           title=f"validation, epoch {selected} (selected on hold-out)")
+    # metrics.json last: it marks the run complete (run_is_complete), so a run killed while finishing is
+    # finished again by --resume instead of being taken as done without its plots or model metadata.
+    write_json(run_dir / "metrics.json", result)
     if result["collapsed_to_majority"]:
         top = max(m["predicted_class_share"], key=m["predicted_class_share"].get)
         print(f"warning: the model collapsed: it predicts '{top}' for "

@@ -36,6 +36,12 @@ def half_written(path):
             f.truncate(path.stat().st_size // 2)
 
 
+def cut_and_die(model, *args, **kwargs):
+    """After model.save / save_weights (path positional or filepath=...): leave the file half-written, die."""
+    half_written(kwargs.get("filepath", args[0] if args else None))
+    die()
+
+
 def on_call(n, wrapped, after):
     """A replacement for `wrapped` that calls it, and on its n-th call runs after(*args) (which kills)."""
     count = [0]
@@ -70,10 +76,9 @@ def install(point):
                 die()
         training.EpochEvaluator.on_train_batch_end = batch_end
     elif point == "model":
-        keras.Model.save = on_call(2, keras.Model.save, lambda model, path, *a, **k: (half_written(path), die()))
+        keras.Model.save = on_call(2, keras.Model.save, cut_and_die)
     elif point == "backup":
-        keras.Model.save_weights = on_call(2, keras.Model.save_weights,
-                                           lambda model, path, *a, **k: (half_written(path), die()))
+        keras.Model.save_weights = on_call(2, keras.Model.save_weights, cut_and_die)
     elif point == "finish":
         import report
         report.plot_curves = on_call(1, report.plot_curves, None)

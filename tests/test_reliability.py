@@ -226,16 +226,6 @@ def test_nothing_to_train_on_stops_with_one_line(tmp_path, capsys, case):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-def test_empty_split_from_the_command_line(tmp_path):
-    """The real script in a fresh process: exit status 2, one line, no traceback."""
-    root = course_root(tmp_path / "root", train=1, val=1)
-    for name in CLASS_FOLDERS:
-        (root / "WBC_10" / "train" / "data" / (name.lower() + "s")).mkdir(parents=True)
-    r = run_script("train_cnn.py", *tiny_args(root, tmp_path / "cache", tmp_path / "run", "--split", "WBC_10"),
-                   timeout=120)
-    assert_one_line_error(r.returncode, r.stderr, "WBC_10", "no images")
-
-
 # ----------------------------------------------------------------------------------------------
 # The cache: unwritable folder, full disk, half-written files
 # ----------------------------------------------------------------------------------------------
@@ -367,18 +357,24 @@ def test_model_with_a_lambda_layer_is_refused_without_running_it(tmp_path):
     import keras
     marker = tmp_path / "code_ran"
     inputs = keras.Input((4,))
-    outputs = keras.layers.Lambda(lambda x: (open(str(marker), "w").close(), x)[1] * 2)(inputs)
+    mark = str(marker)
+    outputs = keras.layers.Lambda(lambda x: (open(mark, "w").close(), x)[1] * 2)(inputs)
     keras.Model(inputs, outputs).save(tmp_path / "crafted.h5")
     marker.unlink()  # building the model above ran the lambda once; loading must not run it again
-    (tmp_path / "text.h5").write_text("not a model")
-    script = ("import sys, cli, training; "
-              "cli.run_main(lambda: training.load_core_model(sys.argv[1]))")
-    for path, words in ((tmp_path / "crafted.h5", ("crafted.h5", "lambda", "safe mode")),
-                        (tmp_path / "text.h5", ("text.h5", "not a loadable keras model"))):
-        r = subprocess.run([sys.executable, "-c", script, str(path)], cwd=PROJECT, capture_output=True, text=True,
-                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=120)
-        assert_one_line_error(r.returncode, r.stderr, *words)
+    script = "import sys, cli, training; cli.run_main(lambda: training.load_core_model(sys.argv[1]))"
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "crafted.h5")], cwd=PROJECT, text=True,
+                       capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=120)
+    assert_one_line_error(r.returncode, r.stderr, "crafted.h5", "lambda", "safe mode")
     assert not marker.exists(), "loading the crafted model ran its code"
+
+
+def test_a_file_that_is_not_a_model_is_refused_in_one_line(tmp_path, capsys):
+    import cli
+    import training
+    (tmp_path / "text.h5").write_text("not a model")
+    with pytest.raises(SystemExit) as stop:
+        cli.run_main(lambda: training.load_core_model(tmp_path / "text.h5"))
+    assert_one_line_error(stop.value.code, capsys.readouterr().err, "text.h5", "HDF5")
 
 
 # ----------------------------------------------------------------------------------------------

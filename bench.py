@@ -1,0 +1,389 @@
+"""Benchmark the input pipelines: whole-epoch training images/s of one model fed three ways.
+
+    (a) legacy  the report's ImageDataGenerator pipeline: decodes every file on every epoch, augments on the CPU
+    (b) cached  the default: the memory-mapped uint8 cache and the random affine warp on the device
+    (c) arrays  the same model on in-memory arrays without augmentation: the model-bound ceiling
+
+plus cache building (images/s, peak RSS). Prints a table with b/a and b/c and writes --out/bench.json.
+
+    python bench.py                               # synthetic demo data (128 px files), dropout CNN at 224
+    python bench.py --demo-size 575               # the demo cells re-encoded as 575x575 JPEGs, like Raabin-WBC
+    python bench.py --data ROOT --split WBC_100   # your data
+    KERAS_BACKEND=jax python bench.py --model resnet50 --batch-size 128 --pipelines cached,arrays --steps 40
+
+Each measurement runs in its own process (a fresh model, a clean peak RSS); the first epoch (tracing and
+compilation) is not timed unless it is the only one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+import cli
+import recipes
+from data import UserError
+
+PIPELINES = ("legacy", "cached", "arrays")
+ALIASES = {"a": "legacy", "b": "cached", "c": "arrays"}
+DESCRIPTIONS = {"legacy": "(a) ImageDataGenerator, decode every epoch", "cached": "(b) cache + on-device affine",
+                "arrays": "(c) in-memory arrays, no augmentation"}
+
+
+def parse_args(argv=None):
+    parser = cli.make_parser(__doc__.split("\n")[0], prog="bench.py")
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", type=Path, default=None,
+                   help="dataset root in the course layout; default: the built-in synthetic demo data")
+    g.add_argument("--split", default="WBC_100", help="training split to read")
+    g.add_argument("--demo-size", type=int, default=None,
+                   help="re-encode the demo data's WBC_100 as SIZE x SIZE JPEGs first (575: like Raabin-WBC "
+                        "files), so decoding costs what real files cost; the cells are still synthetic")
+    g.add_argument("--image-size", type=int, default=224, help="side the images are resized to")
+    g = parser.add_argument_group("model and training")
+    g.add_argument("--model", choices=("cnn", "resnet50"), default="cnn", help="dropout CNN or ResNet50 (random init)")
+    g.add_argument("--recipe", choices=sorted(recipes.RECIPES), default="report",
+                   help="the CNN's shape and the augmentation (rotation, shear; flips on) come from this recipe")
+    g.add_argument("--batch-size", type=int, default=32, help="images per step")
+    g.add_argument("--epochs", type=int, default=3, help="epochs per pipeline; the first is not timed")
+    g.add_argument("--steps", type=int, default=None,
+                   help="batches per epoch (the training images repeated or cut to steps x batch size); "
+                        "default: one pass over the training split")
+    g.add_argument("--precision", choices=("auto", "float32", "mixed_bfloat16", "mixed_float16"), default="auto",
+                   help="precision of (a), (b) and (c); the report's setup (legacy, float32) and the project's "
+                        "defaults (cached, auto) are measured too when they differ")
+    g.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation")
+    g = parser.add_argument_group("benchmark")
+    g.add_argument("--pipelines", default="legacy,cached,arrays",
+                   help="comma-separated subset of legacy,cached,arrays (or a,b,c); the legacy loader needs "
+                        "scipy and reads files, skip it where only the device path matters")
+    g.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for bench.json")
+    g.add_argument("--in-process", action="store_true",
+                   help="run every measurement in this process (faster start; peak RSS is then the process's "
+                        "peak so far, not each pipeline's)")
+    args = parser.parse_args(argv)
+    cli.check_positive(args, "batch_size", "epochs", "steps", "demo_size")
+    names = [ALIASES.get(p.strip().lower(), p.strip().lower()) for p in args.pipelines.split(",") if p.strip()]
+    bad = [n for n in names if n not in PIPELINES]
+    if bad or not names:
+        raise UserError(f"--pipelines {args.pipelines}: expected a comma-separated subset of {', '.join(PIPELINES)}")
+    args.pipelines = [p for p in PIPELINES if p in names]
+    if args.data is not None and args.demo_size:
+        raise UserError("--demo-size re-encodes the demo data; it cannot be combined with --data")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the demo set, optionally re-encoded as large JPEGs
+# ----------------------------------------------------------------------------------------------
+
+def resolve_bench_data(args) -> dict:
+    """The dataset to read and how to describe it in bench.json."""
+    import data
+    is_demo = args.data is None
+    root = cli.resolve_data(args)  # generates the demo data on first use; keeps args.image_size
+    kind = "demo (synthetic cells)"
+    if is_demo and args.demo_size:
+        root = large_demo_copy(root, args.demo_size)
+        kind = f"demo re-encoded as {args.demo_size}x{args.demo_size} JPEGs (synthetic cells)"
+    files = data.find_split(root, args.split)
+    from PIL import Image
+    with Image.open(files.train.paths[0]) as im:
+        file_size = list(im.size)
+    return {"kind": kind if is_demo else "user data", "root": str(root), "split": args.split,
+            "train_images": len(files.train), "val_images": len(files.val), "first_file_size": file_size}
+
+
+def large_demo_copy(demo_root: Path, size: int) -> Path:
+    """WBC_100 of the demo data as size x size JPEGs (bicubic upscale + sensor-like noise, quality 90), written
+    once beside the demo data. Upscaled drawings alone would compress (and decode) unrealistically fast."""
+    target = demo_root.parent / f"{demo_root.name}_wbc100_{size}px"
+    if (target / "done").exists():
+        return target
+    import data
+    from PIL import Image
+    split = data.find_split(demo_root, "WBC_100")
+    tmp = Path(tempfile.mkdtemp(prefix=".large-", dir=demo_root.parent))
+    print(f"writing the demo WBC_100 as {size}x{size} JPEGs to {target} (once)")
+
+    def convert(job):
+        i, src = job
+        rel = src.relative_to(demo_root)
+        dst = tmp / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(src) as im:
+            big = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), np.float32)
+        noise = np.random.default_rng(i).normal(0.0, 4.0, big.shape)
+        Image.fromarray(np.clip(big + noise + 0.5, 0, 255).astype(np.uint8)).save(dst, quality=90)
+
+    try:
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            list(pool.map(convert, enumerate(split.train.paths + split.val.paths)))
+        (tmp / "done").write_text("ok\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements (each in a fresh process unless --in-process)
+# ----------------------------------------------------------------------------------------------
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
+
+
+def machine_info() -> dict:
+    import keras
+    import training
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "keras": keras.__version__, "backend": keras.backend.backend(), "gpu": None}
+    try:
+        import psutil
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2 ** 30, 1)
+    except ImportError:
+        pass
+    if training.has_gpu():
+        if info["backend"] == "jax":
+            import jax
+            info["gpu"] = ", ".join(sorted({d.device_kind for d in jax.devices() if d.platform == "gpu"}))
+        elif info["backend"] == "tensorflow":
+            import tensorflow as tf
+            gpus = tf.config.list_physical_devices("GPU")
+            info["gpu"] = ", ".join(tf.config.experimental.get_device_details(g).get("device_name", "GPU")
+                                    for g in gpus)
+    return info
+
+
+def job_cache(spec: dict) -> dict:
+    """Machine facts, the resolved precisions, and cache building from scratch: images/s and peak RSS."""
+    import data
+    import training
+    info = machine_info()
+    precision = {p: training.resolve_precision(p) for p in ("auto", spec["precision"])}
+    files = data.find_split(spec["root"], spec["split"])
+    rss_before = peak_rss_mb()
+    start = time.perf_counter()
+    train = data.load_images(files.train, spec["image_size"], cache_dir=spec["cache_dir"], name="train")
+    val = data.load_images(files.val, spec["image_size"], cache_dir=spec["cache_dir"], name="val")
+    seconds = time.perf_counter() - start
+    n = len(train) + len(val)
+    return {"machine": info, "precision": precision, "images": n, "seconds": seconds,
+            "images_per_second": n / seconds, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before,
+            "workers": min(8, os.cpu_count() or 1)}
+
+
+def build_core(spec: dict, num_classes: int):
+    import models
+    if spec["model"] == "resnet50":
+        return models.build_resnet50(num_classes, spec["image_size"], weights=None)
+    return models.build_cnn(num_classes, spec["image_size"],
+                            **{k: v for k, v in recipes.RECIPES[spec["recipe"]].items() if k in recipes.MODEL_KEYS})
+
+
+def job_pipeline(spec: dict) -> dict:
+    """Train spec['epochs'] epochs fed by one pipeline; time each epoch from its first to its last batch."""
+    import keras
+    import data
+    import training
+    pipeline, batch = spec["pipeline"], spec["batch_size"]
+    precision = training.set_precision(spec["precision"])
+    training.seed_everything(spec["seed"])
+    files = data.find_split(spec["root"], spec["split"])
+    train = data.load_images(files.train, spec["image_size"], cache_dir=spec["cache_dir"], verbose=False)
+    n = len(train)
+    index = np.resize(np.arange(n), spec["steps"] * batch) if spec["steps"] else np.arange(n)
+    images = len(index)
+    y = keras.utils.to_categorical(train.y[index], len(train.classes)).astype("float32")
+    augment = spec["augment"]
+    with training.distribution_scope():
+        core = build_core(spec, len(train.classes))
+        model = training.build_training_model(core, augment if pipeline == "cached" else None, spec["seed"])
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", metrics=["accuracy"])
+    timer = EpochTimer()
+    fit = dict(epochs=spec["epochs"], callbacks=[timer], verbose=0)
+    if pipeline == "legacy":
+        gen = data.legacy_generator([train.paths[i] for i in index], train.y[index], train.classes,
+                                    spec["image_size"], batch, **augment, seed=spec["seed"])
+        model.fit(gen, **fit)
+    else:
+        if pipeline == "arrays":
+            x = np.array(train.x[index])  # in memory
+        else:
+            x = train.x if spec["steps"] is None else train.x[index]  # memory-mapped, as training.train reads it
+        model.fit(x, y, batch_size=batch, shuffle=True, **fit)
+    timed = timer.seconds[1:] or timer.seconds
+    ips = [images / s for s in timer.seconds]
+    warp = None
+    if pipeline == "cached" and augment:
+        layer = next(l for l in model.layers if l.__class__.__name__ == "RandomAffine")
+        warp = layer._backend_warp()
+    return {"pipeline": pipeline, "precision": precision, "images_per_epoch": images, "batch_size": batch,
+            "epoch_seconds": timer.seconds, "epoch_images_per_second": ips,
+            "images_per_second": images / statistics.median(timed),
+            "first_epoch_timed": len(timer.seconds) == 1, "peak_rss_mb": peak_rss_mb(), "warp": warp,
+            "backend": keras.backend.backend(), "tensorflow_imported": "tensorflow" in sys.modules}
+
+
+def _epoch_timer_class():
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds, self._start = [], None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self._start)
+
+    return EpochTimer
+
+
+def EpochTimer():  # noqa: N802 - a class built on first use, so that --help does not import Keras
+    return _epoch_timer_class()()
+
+
+JOBS = {"cache": job_cache, "pipeline": job_pipeline}
+
+
+def run_job(spec: dict, in_process: bool, workdir: Path, env: dict | None = None) -> dict:
+    if in_process:
+        return JOBS[spec["job"]](spec)
+    spec_path = workdir / f"spec-{spec['name']}.json"
+    result_path = workdir / f"result-{spec['name']}.json"
+    spec_path.write_text(json.dumps({**spec, "result": str(result_path)}))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
+                          env={**os.environ, **(env or {})})
+    if proc.returncode != 0 or not result_path.exists():
+        raise SystemExit(f"bench: the {spec['name']} measurement failed (exit status {proc.returncode}); "
+                         f"its output is above")
+    return json.loads(result_path.read_text())
+
+
+def worker(spec_path: Path) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    result = JOBS[spec["job"]](spec)
+    Path(spec["result"]).write_text(json.dumps(result))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: which measurements, the table, bench.json
+# ----------------------------------------------------------------------------------------------
+
+def ratio(a, b):
+    return a / b if a and b else None
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--worker"]:
+        return worker(Path(argv[1]))
+    args = parse_args(argv)
+    dataset = resolve_bench_data(args)
+    recipe = recipes.RECIPES[args.recipe]
+    augment = dict(rotation=recipe["rotation"], shear=recipe["shear"], horizontal_flip=True, vertical_flip=True,
+                   zoom=0.0, shift=0.0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="wbc-bench-"))
+    base = {"root": dataset["root"], "split": args.split, "image_size": args.image_size, "model": args.model,
+            "recipe": args.recipe, "batch_size": args.batch_size, "epochs": args.epochs, "steps": args.steps,
+            "seed": args.seed, "augment": augment, "cache_dir": str(workdir / "cache")}
+    try:
+        # The cache is built from scratch in a private folder, so its speed is measured every time. Under JAX
+        # this process must not grab the GPU's memory before the training processes run.
+        cache = run_job({**base, "job": "cache", "name": "cache", "precision": args.precision}, args.in_process,
+                        workdir, env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+        resolved, default = cache["precision"][args.precision], cache["precision"]["auto"]
+        runs = [(p, p, args.precision) for p in ("arrays", "cached", "legacy") if p in args.pipelines]
+        if "legacy" in args.pipelines and resolved != "float32":
+            runs.append(("legacy_float32", "legacy", "float32"))  # the report's setup
+        if "cached" in args.pipelines and resolved != default:
+            runs.append(("cached_auto", "cached", "auto"))  # the project's defaults
+        entries = {}
+        for name, pipeline, precision in runs:
+            print(f"bench: {name}: {DESCRIPTIONS[pipeline]}, {precision} ...", flush=True)
+            r = run_job({**base, "job": "pipeline", "name": name, "pipeline": pipeline, "precision": precision},
+                        args.in_process, workdir)
+            r["cache_build_images_per_second"] = cache["images_per_second"] if pipeline != "legacy" else None
+            entries[name] = r
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    ips = {k: v["images_per_second"] for k, v in entries.items()}
+    report_key = "legacy" if resolved == "float32" else "legacy_float32"
+    default_key = "cached" if resolved == default else "cached_auto"
+    result = {
+        "machine": cache["machine"], "backend": cache["machine"]["backend"], "precision": resolved,
+        "default_precision": default, "model": args.model, "recipe": args.recipe if args.model == "cnn" else None,
+        "image_size": args.image_size, "batch_size": args.batch_size, "epochs": args.epochs, "steps": args.steps,
+        "augmentation": augment, "data": dataset, "argv": ["bench.py", *argv], "in_process": args.in_process,
+        "cache_build": {k: cache[k] for k in ("images", "seconds", "images_per_second", "peak_rss_mb",
+                                              "rss_before_mb", "workers")},
+        "pipelines": entries,
+        "ratios": {"cached_vs_legacy": ratio(ips.get("cached"), ips.get("legacy")),
+                   "cached_vs_model_bound": ratio(ips.get("cached"), ips.get("arrays")),
+                   "default_vs_report": ratio(ips.get(default_key), ips.get(report_key))},
+        "ratio_inputs": {"cached_vs_legacy": ["cached", "legacy"], "cached_vs_model_bound": ["cached", "arrays"],
+                         "default_vs_report": [default_key, report_key]},
+    }
+    path = args.out / "bench.json"
+    tmp = path.with_name(f".bench.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    print_table(result)
+    print(f"\nwrote {path}")
+    return 0
+
+
+def print_table(result: dict):
+    m = result["machine"]
+    where = m["gpu"] or f"{m['cores']}-core {m['cpu']} CPU"
+    print(f"\n{result['model']} at {result['image_size']}x{result['image_size']}, batch {result['batch_size']}, "
+          f"{where}, Keras {m['keras']} / {m['backend']}; data: {result['data']['kind']} "
+          f"(files {result['data']['first_file_size'][0]} px)")
+    c = result["cache_build"]
+    print(f"cache building: {c['images_per_second']:.0f} images/s ({c['images']} images, {c['workers']} threads), "
+          f"peak RSS {c['peak_rss_mb']:.0f} MB")
+    print(f"{'pipeline':<16} {'what':<44} {'precision':<15} {'images/s':>9} {'peak RSS MB':>12}")
+    for name, e in result["pipelines"].items():
+        print(f"{name:<16} {DESCRIPTIONS[e['pipeline']]:<44} {e['precision']:<15} {e['images_per_second']:>9.1f} "
+              f"{e['peak_rss_mb']:>12.0f}")
+    r = result["ratios"]
+
+    def show(v):
+        return f"{v:.2f}" if v else "n/a"
+    print(f"b/a  cached vs legacy, same precision:        {show(r['cached_vs_legacy'])}")
+    print(f"b/c  cached vs model-bound:                    {show(r['cached_vs_model_bound'])}")
+    print(f"defaults (cached, auto) vs report (legacy, float32): {show(r['default_vs_report'])}")
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,139 @@
+"""bench.py and the legacy ImageDataGenerator loader (issue 7). Tiny images; no timing is asserted here:
+speed numbers come from bench.py runs recorded in the README."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import PROJECT
+
+import bench
+import data
+
+
+def _split(demo_root):
+    return data.find_split(demo_root, "WBC_100")
+
+
+def test_legacy_generator_yields_uint8_batches_like_flow_from_directory(demo_root):
+    files = _split(demo_root).train
+    paths, labels = files.paths[:10], files.labels[:10]
+    gen = data.legacy_generator(paths, labels, files.classes, 16, batch_size=4, shuffle=False)
+    assert len(gen) == 3
+    x, y = gen[0]
+    assert x.shape == (4, 16, 16, 3) and x.dtype == np.uint8
+    assert y.shape == (4, 5) and np.array_equal(y.argmax(1), labels[:4]) and np.all(y.sum(1) == 1)
+    # No augmentation and no rescaling: exactly the file resized the way flow_from_directory does ('nearest'),
+    # in the 0..255 range the core model expects.
+    for i in range(4):
+        with Image.open(paths[i]) as im:
+            expected = np.asarray(im.convert("RGB").resize((16, 16), Image.NEAREST))
+        assert np.array_equal(x[i], expected)
+    assert gen[2][0].shape == (2, 16, 16, 3)  # the last, partial batch
+
+
+def test_legacy_generator_flips_mean_what_they_mean_in_the_default_pipeline(demo_root):
+    files = _split(demo_root).train
+    plain = data.legacy_generator(files.paths[:8], files.labels[:8], files.classes, 16, batch_size=8,
+                                  shuffle=False)[0][0]
+    flipped = data.legacy_generator(files.paths[:8], files.labels[:8], files.classes, 16, batch_size=8,
+                                    shuffle=False, vertical_flip=True, seed=3)[0][0]
+    same = [np.array_equal(f, p) for f, p in zip(flipped, plain)]
+    upside_down = [np.array_equal(f, p[::-1]) for f, p in zip(flipped, plain)]
+    assert all(s or u for s, u in zip(same, upside_down)) and any(upside_down) and any(same)
+    # A 90-degree rotation range leaves values in range and changes the images.
+    rotated = data.legacy_generator(files.paths[:8], files.labels[:8], files.classes, 16, batch_size=8,
+                                    shuffle=False, rotation=90, shear=10, seed=1)[0][0]
+    assert rotated.dtype == np.uint8 and not np.array_equal(rotated, plain)
+
+
+def test_generator_loader_trains_one_epoch_through_training_train(demo_root, cache_dir, tmp_path):
+    import train_cnn
+    out = tmp_path / "run"
+    train_cnn.main(["--data", str(demo_root), "--image-size", "16", "--epochs", "1", "--batch-size", "32",
+                    "--loader", "generator", "--out", str(out), "--quiet"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    args = json.loads((out / "args.json").read_text())
+    assert args["resolved_config"]["loader"] == "generator"
+    assert metrics["epochs"] == 1 and metrics["holdout_images"] > 0  # the hold-out still selects
+    assert metrics["train_images"] + metrics["holdout_images"] == len(_split(demo_root).train)
+    assert (out / "model.h5").exists()
+
+
+def test_generator_loader_refuses_masked_images(demo_root, cache_dir):
+    import training
+    train = data.load_images(_split(demo_root).train, 16, mask_mode="replace", verbose=False)
+    assert train.masked.any()
+    with pytest.raises(data.UserError, match="cannot apply masks"):
+        training.legacy_training_data(train, training.TrainConfig())
+
+
+def test_bench_writes_bench_json_with_every_pipeline_and_ratio(demo_root, tmp_path, cache_dir):
+    out = tmp_path / "bench"
+    assert bench.main(["--data", str(demo_root), "--image-size", "16", "--batch-size", "8", "--epochs", "2",
+                       "--steps", "2", "--precision", "float32", "--in-process", "--out", str(out)]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    for key in ("machine", "backend", "precision", "pipelines", "ratios", "cache_build", "data"):
+        assert key in result
+    assert result["precision"] == "float32" and result["machine"]["cores"] >= 1
+    pipelines = result["pipelines"]
+    assert {"legacy", "cached", "arrays"} <= set(pipelines)
+    for name, entry in pipelines.items():
+        assert entry["images_per_second"] > 0 and entry["peak_rss_mb"] > 0, name
+        assert entry["images_per_epoch"] == 16 and len(entry["epoch_seconds"]) == 2
+    assert pipelines["legacy"]["cache_build_images_per_second"] is None  # it decodes every epoch instead
+    assert pipelines["cached"]["cache_build_images_per_second"] == result["cache_build"]["images_per_second"] > 0
+    ratios = result["ratios"]
+    assert set(ratios) == {"cached_vs_legacy", "cached_vs_model_bound", "default_vs_report"}
+    ips = {k: v["images_per_second"] for k, v in pipelines.items()}
+    assert ratios["cached_vs_legacy"] == pytest.approx(ips["cached"] / ips["legacy"])
+    assert ratios["cached_vs_model_bound"] == pytest.approx(ips["cached"] / ips["arrays"])
+    default_key, report_key = result["ratio_inputs"]["default_vs_report"]
+    assert report_key == "legacy" and pipelines[default_key]["precision"] == result["default_precision"]
+    assert ratios["default_vs_report"] == pytest.approx(ips[default_key] / ips[report_key])
+
+
+def test_bench_rejects_bad_pipelines_and_paths_in_one_line(tmp_path, capsys):
+    import cli
+    for argv, expected in ((["--pipelines", "legacy,fast"], "--pipelines legacy,fast"),
+                           (["--data", str(tmp_path / "missing")], "no such folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run_main(lambda: bench.main([*argv, "--out", str(tmp_path / "b")]))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and expected in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "b" / "bench.json").exists()
+
+
+def test_large_demo_copy_writes_big_jpegs_in_the_course_layout(demo_root):
+    big = bench.large_demo_copy(demo_root, 40)
+    split = _split(big)
+    assert len(split.train) == len(_split(demo_root).train) and len(split.val) == len(_split(demo_root).val)
+    with Image.open(split.train.paths[0]) as im:
+        assert im.size == (40, 40) and im.format == "JPEG"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed (the GPU check uses it)")
+def test_default_path_runs_under_jax_without_tensorflow(demo_root, tmp_path):
+    """The GPU machine has JAX and no TensorFlow: block TensorFlow's import and run the default path."""
+    out = tmp_path / "bench"
+    argv = ["bench.py", "--data", str(demo_root), "--image-size", "16", "--batch-size", "8", "--epochs", "2",
+            "--steps", "2", "--pipelines", "cached,arrays", "--in-process", "--out", str(out)]
+    code = ("import sys, runpy, importlib.abc\n"
+            "class NoTensorFlow(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name.split('.')[0] == 'tensorflow':\n"
+            "            raise ImportError('tensorflow is not installed here')\n"
+            f"sys.meta_path.insert(0, NoTensorFlow()); sys.argv = {argv!r}\n"
+            "runpy.run_path('bench.py', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT,
+                          env={**os.environ, "KERAS_BACKEND": "jax", "WBC_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert result["backend"] == "jax" and result["pipelines"]["cached"]["warp"] == "gather"
+    assert result["ratios"]["cached_vs_model_bound"] > 0
+    assert not any(e["tensorflow_imported"] for e in result["pipelines"].values())

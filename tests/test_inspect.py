@@ -1,0 +1,266 @@
+"""inspect_model.py: summary, evaluate, predict and Grad-CAM on a freshly trained tiny CNN and on a nested
+(ResNet50-like) model, and one clear line with exit 2 for every kind of bad model file."""
+import csv
+import json
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import keras
+from keras import layers
+
+import cli
+import inspect_model
+import models
+import training
+from conftest import run_script
+
+CLASSES = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+
+
+@pytest.fixture(scope="module")
+def run(demo_root, tmp_path_factory):
+    """A tiny CNN trained for 3 epochs on the demo data at 32x32: its run folder and its private cache."""
+    import train_cnn
+    base = tmp_path_factory.mktemp("inspect")
+    policy = keras.mixed_precision.global_policy().name
+    train_cnn.main(["--data", str(demo_root), "--image-size", "32", "--epochs", "3", "--width", "8", "--depth", "2",
+                    "--dense", "16", "--out", str(base / "run"), "--cache-dir", str(base / "cache"), "--quiet"])
+    yield base / "run", base / "cache"
+    keras.mixed_precision.set_global_policy(policy)
+
+
+def call(argv):
+    """main(argv) as the command line runs it: returns the exit status."""
+    with pytest.raises(SystemExit) as done:
+        cli.run_main(lambda: inspect_model.main([str(a) for a in argv]))
+    return done.value.code
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_summary_describes_the_model_and_its_training(run, capsys):
+    run_dir, _ = run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert call([run_dir / "model.h5"]) == 0  # summary is the default command
+    text = capsys.readouterr().out
+    assert "input: 32x32 RGB" in text and "classes (5): " + ", ".join(CLASSES) in text
+    assert "preprocessing: scale_0_1: x * 0.00392157 + 0" in text
+    assert "split WBC_100, recipe default" in text
+    assert f"accuracy {metrics['val_accuracy_selected']:.4f}" in text
+    assert "Grad-CAM feature map: block2_relu (16, 16, 16)" in text
+
+    assert call([run_dir / "model.h5", "summary", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    model = training.load_core_model(run_dir / "model.h5")
+    assert info["parameters"]["total"] == model.count_params()
+    assert info["training"]["epoch"] == metrics["selected_epoch"]
+    assert info["args"]["image_size"] == 32 and info["args"]["width"] == 8
+    assert info["training"]["metrics"]["macro_f1"] == pytest.approx(metrics["macro_f1"])
+    assert {"keras", "tensorflow"} <= set(info["versions"])
+
+
+def test_evaluate_agrees_with_the_runs_own_validation_metrics(run, demo_root, tmp_path, capsys):
+    run_dir, cache = run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    out = tmp_path / "eval"
+    # The run predicted in batches of 32; the same batch size keeps low-precision sums in the same order.
+    assert call([run_dir / "model.h5", "evaluate", demo_root, "--out", out, "--cache-dir", cache,
+                 "--batch-size", 32]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["images"] == 200
+    assert m["accuracy"] == metrics["val_accuracy_selected"]
+    assert m["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"], abs=1e-12)
+    assert m["macro_f1"] == pytest.approx(metrics["macro_f1"], abs=1e-12)
+    assert m["confusion_matrix"] == metrics["confusion_matrix"]
+    assert (out / "confusion.png").stat().st_size > 0 and "macro avg" in (out / "report.txt").read_text()
+    ours = {r["path"]: r["predicted"] for r in read_csv(out / "predictions.csv")}
+    theirs = {r["path"]: r["predicted"] for r in read_csv(run_dir / "val_predictions.csv")}
+    assert ours == theirs
+    # A plain folder-per-class directory (here WBC_100/val, which holds data/<Class>/) gives the same numbers.
+    out2 = tmp_path / "eval2"
+    assert call([run_dir / "model.h5", "evaluate", demo_root / "WBC_100" / "val", "--out", out2,
+                 "--cache-dir", cache, "--batch-size", 32]) == 0
+    assert json.loads((out2 / "metrics.json").read_text())["accuracy"] == m["accuracy"]
+    capsys.readouterr()
+
+
+def test_predict_writes_one_row_per_readable_image_with_probabilities_summing_to_1(run, demo_root, tmp_path,
+                                                                                    capsys):
+    run_dir, _ = run
+    val = demo_root / "WBC_100" / "val" / "data"
+    folder = tmp_path / "new"
+    shutil.copytree(val / "Basophil", folder / "a")
+    one = sorted((val / "Monocyte").iterdir())[0]
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    expected = len(list((folder / "a").iterdir())) + len(list((val / "Eosinophil").iterdir())) + 1
+    out = tmp_path / "pred.csv"
+    # batch size 7: several batches and a partial last one
+    assert call([run_dir / "model.h5", "predict", folder, val / "Eosinophil", one, "--out", out,
+                 "--batch-size", 7]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable image" in err and "broken.jpg" in err
+    rows = read_csv(out)
+    assert len(rows) == expected
+    assert list(rows[0]) == ["file", "predicted"] + [f"p_{c}" for c in CLASSES]
+    probs = np.array([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows])
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-5) and (probs >= 0).all()
+    assert [r["predicted"] for r in rows] == [CLASSES[i] for i in probs.argmax(1)]
+    # Decoded as in training: the same probabilities the run recorded for the validation images.
+    recorded = {r["path"]: [float(r[f"p_{c}"]) for c in CLASSES] for r in read_csv(run_dir / "val_predictions.csv")}
+    same = [(probs[i], recorded[r["file"]]) for i, r in enumerate(rows) if r["file"] in recorded]
+    assert len(same) == len(list((val / "Eosinophil").iterdir())) + 1
+    assert np.allclose([a for a, _ in same], [b for _, b in same], atol=2e-3)
+    # Nothing already written is lost.
+    assert call([run_dir / "model.h5", "predict", one, "--out", out]) == 2
+    assert "already exists" in capsys.readouterr().err and len(read_csv(out)) == expected
+
+
+def test_gradcam_writes_heatmaps_of_the_right_size_and_range(run, demo_root, tmp_path, capsys):
+    run_dir, _ = run
+    images = sorted((demo_root / "WBC_100" / "val" / "data" / "Lymphocyte").iterdir())[:3]
+    out = tmp_path / "cam"
+    assert call([run_dir / "model.h5", "gradcam", *images, "--out", out, "--display-size", 40]) == 0
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 3 and len(read_csv(out / "gradcam.csv")) == 3
+    for png in pngs:
+        with Image.open(png) as im:
+            assert im.size == (40, 40) and im.mode == "RGB"
+    assert "block2_relu" in capsys.readouterr().err
+
+    cam = inspect_model.GradCam(training.load_core_model(run_dir / "model.h5"))
+    x = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32))) for p in images])
+    heat, probs, ids = cam(x)
+    assert heat.shape == (3, 16, 16) and heat.dtype == np.float32
+    assert heat.min() >= 0.0 and heat.max() <= 1.0
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-3) and list(ids) == list(probs.argmax(1))
+    heat_other, _, ids_other = cam(x, [0, 0, 0])
+    assert list(ids_other) == [0, 0, 0]
+
+
+def nested_toy(image_size=16):
+    """A ResNet50-shaped core model in miniature: fixed preprocessing, a nested backbone (conv, residual add,
+    pooling inside), an Identity 'features' layer and a softmax head, as models.build_resnet50 builds it.
+    The backbone's first conv reads red into channel 0 and blue into channel 1, and the head maps channel 0 to
+    class 0: so class 0 means 'red', and Grad-CAM for it must light up where the red is."""
+    inner_in = keras.Input((image_size, image_size, 3))
+    a = layers.Conv2D(2, 1, name="stem_conv")(inner_in)
+    b = layers.Conv2D(2, 1, name="block_conv")(a)
+    y = layers.Activation("relu", name="block_out")(layers.Add(name="block_add")([a, b]))
+    backbone = keras.Model(inner_in, layers.GlobalAveragePooling2D(name="avg_pool")(y), name="resnet50_backbone")
+    inputs = models.image_input(image_size)
+    x = layers.Rescaling(1.0 / 255.0, name="scale_0_1")(inputs)
+    x = layers.Identity(name="features")(backbone(x))
+    model = keras.Model(inputs, models.classifier_head(x, 2, dense=0), name="toy_resnet")
+    stem = np.zeros((1, 1, 3, 2), np.float32)
+    stem[0, 0, 0, 0] = stem[0, 0, 2, 1] = 1.0
+    model.get_layer("resnet50_backbone").get_layer("stem_conv").set_weights([stem, np.zeros(2, np.float32)])
+    block = np.zeros((1, 1, 2, 2), np.float32)
+    model.get_layer("resnet50_backbone").get_layer("block_conv").set_weights([block, np.zeros(2, np.float32)])
+    model.get_layer("predictions").set_weights([np.array([[8.0, -8.0], [-8.0, 8.0]], np.float32),
+                                                np.zeros(2, np.float32)])
+    return model
+
+
+def test_gradcam_inside_a_nested_backbone_points_at_the_evidence(tmp_path, capsys):
+    keras.mixed_precision.set_global_policy("float32")
+    model = nested_toy()
+    image = np.zeros((16, 16, 3), np.uint8)
+    image[..., 2] = 20  # faintly blue everywhere ...
+    image[2:8, 9:15] = (255, 0, 0)  # ... but a red square near the top right, which outweighs the blue
+    cam = inspect_model.GradCam(model)
+    assert cam.layer_name == "resnet50_backbone/block_out"
+    heat, probs, ids = cam(image[None])
+    assert ids[0] == 0 and probs[0, 0] > 0.5  # predicted 'red'
+    # red pushes class 0 up and blue pushes it down: the heatmap is 1 on the red square and 0 elsewhere
+    assert heat[0][2:8, 9:15].min() == pytest.approx(1.0) and heat[0].sum() == pytest.approx(36.0)
+
+    # The whole command line on the saved nested model: summary, predict, gradcam.
+    path = tmp_path / "toy.h5"
+    training.save_model_h5(model, path, {"classes": ["red", "blue"], "image_size": 16, "model": "toy_resnet"})
+    Image.fromarray(image).save(tmp_path / "red.png")
+    assert call([path, "summary", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["gradcam_feature_map"] == {"layer": "resnet50_backbone/block_out", "shape": [16, 16, 2]}
+    assert info["classes"] == ["red", "blue"]
+    assert call([path, "predict", tmp_path / "red.png", "--out", tmp_path / "p.csv"]) == 0
+    assert read_csv(tmp_path / "p.csv")[0]["predicted"] == "red"
+    assert call([path, "gradcam", tmp_path / "red.png", "--out", tmp_path / "cam", "--class", "blue"]) == 0
+    assert [p.name for p in (tmp_path / "cam").glob("*.png")] == ["red_gradcam_blue.png"]
+    # A Keras 3 .keras file of the same model loads too; it simply has no training metadata.
+    model.save(tmp_path / "toy.keras")
+    assert call([tmp_path / "toy.keras"]) == 0
+    assert "training metadata: none stored" in capsys.readouterr().out
+
+
+def bad_model_files(folder, good_h5):
+    """Every kind of file that is not a usable model, each as {name: (path, words the message must have)}."""
+    folder.mkdir()
+    data = good_h5.read_bytes()
+    (folder / "truncated.h5").write_bytes(data[:len(data) // 2])
+    Image.new("RGB", (8, 8)).save(folder / "image.h5", format="PNG")
+    (folder / "notes.h5").write_text("not a model\n")
+    (folder / "empty.h5").write_bytes(b"")
+    (folder / "a_folder.h5").mkdir()
+    tiny = keras.Sequential([keras.Input((4,)), layers.Dense(2)])
+    tiny.save(folder / "real.keras")
+    shutil.copyfile(folder / "real.keras", folder / "keras_zip.h5")
+    tiny.save_weights(folder / "w.weights.h5")
+    (folder / "w.weights.h5").rename(folder / "weights_only.h5")
+    with zipfile.ZipFile(folder / "broken.keras", "w") as z:
+        z.writestr("config.json", "{not json")
+    keras.Sequential([keras.Input((4,)), layers.Lambda(lambda t: t * 2)]).save(folder / "lambda.h5")
+    return {"truncated": (folder / "truncated.h5", "truncated or corrupt HDF5"),
+            "png": (folder / "image.h5", "a PNG image, not an HDF5 model file"),
+            "text": (folder / "notes.h5", "not an HDF5 file"),
+            "empty": (folder / "empty.h5", "an empty file"),
+            "folder": (folder / "a_folder.h5", "a folder, not a model file"),
+            "missing": (folder / "missing.h5", "no such model file"),
+            "keras_zip": (folder / "keras_zip.h5", "zip archive"),
+            "weights_only": (folder / "weights_only.h5", "without a Keras model"),
+            "broken_keras": (folder / "broken.keras", "not a loadable Keras model"),
+            "lambda_code": (folder / "lambda.h5", "Lambda")}
+
+
+def test_each_kind_of_bad_model_file_gives_one_line_and_exit_2(run, tmp_path, capsys):
+    run_dir, _ = run
+    cases = bad_model_files(tmp_path / "bad", run_dir / "model.h5")
+    capsys.readouterr()
+    for name, (path, words) in cases.items():
+        for command in ([], ["predict", run_dir / "curves.png"]):
+            assert call([path, *command]) == 2, name
+            captured = capsys.readouterr()
+            lines = captured.err.strip().splitlines()
+            assert len(lines) == 1 and "Traceback" not in captured.err, (name, captured.err)
+            assert lines[0].startswith(f"error: {path}: ") and words in lines[0], (name, lines[0])
+
+
+def test_usage_errors_give_one_line_and_exit_2(run, tmp_path, capsys):
+    run_dir, _ = run
+    model = run_dir / "model.h5"
+    for argv, words in (([model, "evaluate", tmp_path / "nope"], "no such folder"),
+                        ([model, "evaluate", tmp_path], "no class folders found"),
+                        ([model, "predict", tmp_path / "nope.jpg"], "no such file or folder"),
+                        ([model, "predict", run_dir / "history.csv"], "none of the 1 files is a readable image"),
+                        ([model, "gradcam", run_dir / "curves.png", "--out", run_dir / "args.json"],
+                         "a file (expected a folder"),
+                        ([model, "gradcam", run_dir / "curves.png", "--out", tmp_path / "c", "--class", "x"],
+                         "not one of the model's classes"),
+                        ([model, "explain"], "invalid choice")):
+        assert call(argv) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], (argv, lines)
+
+
+def test_a_bad_model_file_in_a_fresh_process_prints_only_the_error(run, tmp_path):
+    run_dir, _ = run
+    (tmp_path / "cell.h5").write_bytes((run_dir / "curves.png").read_bytes())
+    done = run_script("inspect_model.py", tmp_path / "cell.h5", "predict", run_dir / "curves.png")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'cell.h5'}: a PNG image, not an HDF5 model file"]

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU half of issue 7's benchmark, for the device machine (one H100/H200, JAX, no TensorFlow there):
+# bench.py for the dropout CNN and for ResNet50 at 224x224, batch 128, pipelines (b) cached + on-device
+# augmentation and (c) in-memory arrays without augmentation; the precision is the project's default (auto:
+# mixed_bfloat16 on a GPU). Writes $OUT/cnn/bench.json, $OUT/resnet50/bench.json and $OUT/gpu_bench.log.
+#
+#   run(command="bash tools/gpu_bench.sh", carry=[".whl"], timeout_s=540)
+#
+# .whl holds keras==3.15.1, namex and optree for Python 3.12 (see /work/.library/device/README.md); the machine
+# has jax, numpy, pillow, scipy, scikit-learn, h5py, matplotlib and psutil already. About 4-6 minutes, JAX
+# compilation included. Each epoch is STEPS x 128 images (the demo's 520 training images repeated), long enough
+# to time at GPU speed; the first epoch (compilation) is not timed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_bench}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_bench.log") 2>&1
+if ! python3 -c "import keras, sys; sys.exit(keras.__version__ != '3.15.1')" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 WBC_CACHE_DIR=${WBC_CACHE_DIR:-/tmp/wbc_cache}
+SIZE=${SIZE:-224} BATCH=${BATCH:-128}  # smaller only for a dry run on a CPU
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import jax, keras; print('jax', jax.__version__, jax.devices(), 'keras', keras.__version__)"
+python3 demo_data.py >/dev/null  # the synthetic demo data, once (both runs read it)
+start=$(date +%s)
+python3 bench.py --model cnn --image-size "$SIZE" --batch-size "$BATCH" --pipelines cached,arrays \
+    --steps "${CNN_STEPS:-200}" --epochs 3 --out "$OUT/cnn"
+echo "cnn done after $(( $(date +%s) - start )) s"
+python3 bench.py --model resnet50 --image-size "$SIZE" --batch-size "$BATCH" --pipelines cached,arrays \
+    --steps "${RESNET_STEPS:-60}" --epochs 3 --out "$OUT/resnet50"
+echo "all done after $(( $(date +%s) - start )) s"
