@@ -97,6 +97,9 @@ def add_training_args(parser, epochs=None, batch_size=32):
                    help="label smoothing of the cross-entropy (from --recipe)")
     g.add_argument("--seed", type=int, default=0, help="seed for the hold-out split, initialisation, shuffling "
                                                         "and augmentation")
+    g.add_argument("--min-steps", type=int, default=None,
+                   help="at least this many optimizer steps per epoch: small splits pass over their images "
+                        "several times per epoch (0: one pass; from --recipe)")
     g.add_argument("--holdout", type=float, default=0.15,
                    help="fraction of each training class held out for model selection (0: train on all, "
                         "select the last epoch); the validation set is never used to select")
@@ -118,8 +121,9 @@ def add_augmentation_args(parser):
     g.add_argument("--rotation", type=float, default=None,
                    help="random rotation range, degrees (+/-) (from --recipe)")
     g.add_argument("--shear", type=float, default=None, help="random shear range, degrees (+/-) (from --recipe)")
-    g.add_argument("--zoom", type=float, default=0.0, help="random zoom range, fraction (+/-)")
-    g.add_argument("--shift", type=float, default=0.0, help="random shift range, fraction of the side (+/-)")
+    g.add_argument("--zoom", type=float, default=None, help="random zoom range, fraction (+/-) (from --recipe)")
+    g.add_argument("--shift", type=float, default=None,
+                   help="random shift range, fraction of the side (+/-) (from --recipe)")
     g.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")
     g.add_argument("--no-vflip", action="store_true", help="no random vertical flips")
     g.add_argument("--no-augment", action="store_true", help="no augmentation at all")

@@ -15,7 +15,9 @@ def classification_metrics(y_true, probs, classes) -> dict:
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=np.float64)
     # Low-precision softmax outputs sum to 1 only within rounding: renormalise for the log-loss.
-    probs = probs / np.maximum(probs.sum(1, keepdims=True), 1e-12)
+    # Clip first (log(0)), then renormalise: sklearn's log_loss insists the rows sum to one.
+    probs = np.clip(probs, 1e-7, 1.0)
+    probs = probs / probs.sum(1, keepdims=True)
     y_pred = probs.argmax(1)
     labels = list(range(len(classes)))
     present = [c for c in labels if (y_true == c).any()]
@@ -35,7 +37,7 @@ def classification_metrics(y_true, probs, classes) -> dict:
         "majority_class": classes[majority],
         "predicted_class_share": {classes[c]: float(pred_counts[c] / max(1, len(y_pred))) for c in labels},
         "collapsed_to_majority": bool(top_pred_share >= COLLAPSE_SHARE),
-        "log_loss": float(skm.log_loss(y_true, np.clip(probs, 1e-7, 1.0), labels=labels)),
+        "log_loss": float(skm.log_loss(y_true, probs, labels=labels)),
     }
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 RECIPES = {
     "report": dict(width=32, depth=4, dropout=0.1, dropout_step=0.1, dense=128, pooling="flatten",
                    batchnorm=False, class_weight=False, rotation=20.0, shear=10.0, label_smoothing=0.0,
-                   lr=1e-3, lr_schedule="constant"),
+                   lr=1e-3, lr_schedule="constant", zoom=0.0, shift=0.0, min_steps=0),
     "default": dict(width=32, depth=4, dropout=0.05, dropout_step=0.05, dense=128, pooling="avg",
                     batchnorm=True, class_weight=True, rotation=180.0, shear=10.0, label_smoothing=0.1,
-                    lr=2e-3, lr_schedule="cosine"),
+                    lr=2e-3, lr_schedule="cosine", zoom=0.1, shift=0.05, min_steps=20),
 }
 MODEL_KEYS = ("width", "depth", "dropout", "dropout_step", "dense", "pooling", "batchnorm")
 

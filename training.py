@@ -55,6 +55,10 @@ class TrainConfig:
     augment: dict | None = None  # make_augmentation keywords; None = no augmentation
     verbose: int = 1
     loader: str = "cached"  # or 'generator': the report's ImageDataGenerator pipeline (legacy_training_data)
+    # Small splits (WBC_1: ~20 images, one step per epoch) get too few optimizer steps to learn anything in a
+    # sane number of epochs: an epoch then passes over the (augmented) training images several times, so that
+    # it has at least this many steps. 0 = one pass per epoch, as Keras does.
+    min_steps: int = 0
 
     @classmethod
     def from_args(cls, args) -> "TrainConfig":
@@ -68,7 +72,8 @@ def augmentation_from_args(args) -> dict | None:
     if getattr(args, "no_augment", False):
         return None
     return dict(rotation=args.rotation, shear=args.shear, horizontal_flip=not args.no_hflip,
-                vertical_flip=not args.no_vflip, zoom=args.zoom, shift=args.shift)
+                vertical_flip=not args.no_vflip, zoom=getattr(args, "zoom", None) or 0.0,
+                shift=getattr(args, "shift", None) or 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,7 +557,8 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
         return finish_run(run_dir, rows, val_set, classes, config, meta,
                           float(np.nansum([float(r["seconds"]) for r in rows])), len(fit_set))
 
-    steps = max(1, math.ceil(len(fit_set) / config.batch_size))
+    passes = epoch_passes(len(fit_set), config)
+    steps = max(1, math.ceil(passes * len(fit_set) / config.batch_size))
     with distribution_scope():
         core = build_core()
         if before_fit:
@@ -567,12 +573,15 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
             train_model.compile(optimizer=optimizer,
                                 loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
                                 metrics=["accuracy"])
-    evaluator = EpochEvaluator(run_dir, core, holdout_set, val_set, len(fit_set), config.batch_size, meta,
-                               config.verbose)
+    evaluator = EpochEvaluator(run_dir, core, holdout_set, val_set, passes * len(fit_set), config.batch_size,
+                               meta, config.verbose)
     callbacks = [AtomicBackupAndRestore(str(run_dir / "backup")), evaluator]
     y_onehot = keras.utils.to_categorical(fit_set.y, len(classes)).astype("float32")
     start = time.perf_counter()
     fit_x = np.asarray(fit_set.x) if paired_x is None else [np.asarray(fit_set.x), np.asarray(paired_x)[train_idx]]
+    if passes > 1:  # only small splits get here: the copies are cheap
+        fit_x = [np.concatenate([a] * passes) for a in fit_x] if isinstance(fit_x, list) else np.concatenate([fit_x] * passes)
+        y_onehot = np.concatenate([y_onehot] * passes)
     fit_kwargs = dict(batch_size=config.batch_size, shuffle=True)
     if config.loader == "generator":
         fit_x, y_onehot, fit_kwargs = legacy_training_data(fit_set, config, paired_x), None, {}
@@ -585,6 +594,13 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
         raise TrainingDiverged(f"loss became NaN in epoch {evaluator.diverged_epoch}; {kept}; "
                                f"try a lower --lr (now {config.lr:g})")
     return finish_run(run_dir, evaluator.rows, val_set, classes, config, meta, seconds, len(fit_set))
+
+
+def epoch_passes(n_images: int, config: TrainConfig) -> int:
+    """Passes over the training images per epoch: enough for config.min_steps optimizer steps."""
+    if not config.min_steps or config.loader == "generator" or n_images == 0:
+        return 1
+    return max(1, math.ceil(config.min_steps * config.batch_size / n_images))
 
 
 def _fit_verbosity(verbose: int):
@@ -651,7 +667,7 @@ def write_predictions(path: Path, images: ImageSet, probs: np.ndarray, classes):
 
 def print_summary(run_dir: Path, result: dict):
     print(f"\nrun folder: {run_dir}")
-    print(f"  val accuracy (epoch {result['selected_epoch']}, selected on hold-out): {result['val_accuracy_selected']:.4f}"
+    print(f"  val accuracy (epoch {result['selected_epoch']}, {result.get('selection', 'selected on hold-out')}): {result['val_accuracy_selected']:.4f}"
           f"   best/mean/last over epochs: {result['val_accuracy_best']:.4f} / {result['val_accuracy_mean']:.4f} / "
           f"{result['val_accuracy_last']:.4f}")
     print(f"  balanced accuracy {result['balanced_accuracy']:.4f}   macro-F1 {result['macro_f1']:.4f}   "
