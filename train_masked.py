@@ -16,6 +16,7 @@ import sys
 
 import cli
 import recipes
+from train_cnn import add_cnn_script_args, resolve_cnn_script_args
 
 
 def parse_args(argv=None):
@@ -24,16 +25,8 @@ def parse_args(argv=None):
     g.add_argument("--consistency", type=float, default=0.0, metavar="WEIGHT",
                    help="> 0: train on raw images and penalise WEIGHT x the symmetric KL divergence between the "
                         "predictions for each image and its masked copy (--masks is then not used)")
-    recipes.add_cnn_args(parser)
-    cli.add_training_args(parser)
-    cli.add_augmentation_args(parser)
-    cli.add_output_args(parser)
-    args = parser.parse_args(argv)
-    recipes.apply_recipe(args)
-    cli.resolve_data(args)
-    if args.epochs is None:
-        args.epochs = 12 if args.demo else 30
-    cli.check_positive(args, "epochs", "batch_size", "lr")
+    add_cnn_script_args(parser)
+    args = resolve_cnn_script_args(parser.parse_args(argv))
     if args.consistency < 0:
         raise cli.UserError(f"--consistency {args.consistency}: expected a weight >= 0")
     args.mask_mode = "consistency" if args.consistency > 0 else args.masks
