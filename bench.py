@@ -114,30 +114,23 @@ def large_demo_copy(demo_root: Path, size: int) -> Path:
     import data
     from PIL import Image
     split = data.find_split(demo_root, "WBC_100")
-    tmp = Path(tempfile.mkdtemp(prefix=".large-", dir=demo_root.parent))
     print(f"writing the demo WBC_100 as {size}x{size} JPEGs to {target} (once)")
 
-    def convert(job):
-        i, src = job
-        rel = src.relative_to(demo_root)
-        dst = tmp / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(src) as im:
-            big = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), np.float32)
-        noise = np.random.default_rng(i).normal(0.0, 4.0, big.shape)
-        Image.fromarray(np.clip(big + noise + 0.5, 0, 255).astype(np.uint8)).save(dst, quality=90)
+    def fill(tmp):
+        def convert(job):
+            i, src = job
+            dst = tmp / src.relative_to(demo_root)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(src) as im:
+                big = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), np.float32)
+            noise = np.random.default_rng(i).normal(0.0, 4.0, big.shape)
+            Image.fromarray(np.clip(big + noise + 0.5, 0, 255).astype(np.uint8)).save(dst, quality=90)
 
-    try:
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             list(pool.map(convert, enumerate(split.train.paths + split.val.paths)))
         (tmp / "done").write_text("ok\n")
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    data.build_folder_atomically(target, fill, prefix=".large-")
     return target
 
 

@@ -14,15 +14,14 @@ import functools
 import hashlib
 import json
 import os
-import re
+import shutil
 import sys
 import tempfile
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageFilter, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
 WBC_CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 WBC_SPLITS = ("WBC_100", "WBC_50", "WBC_10", "WBC_1")
@@ -416,7 +415,7 @@ def load_images(files: FileList, size: int = 224, mask_mode: str = "none", mask_
         # The array is renamed into place first and the JSON last: a reader finds the JSON only
         # when the array beside it is complete, and a key mismatch in either means rebuild.
         os.replace(tmp, cache_dir / f"{key}.npy")
-        _atomic_write_text(cache_dir / f"{key}.json", json.dumps(meta))
+        atomic_write_text(cache_dir / f"{key}.json", json.dumps(meta))
         result = _read_cache(cache_dir, key, files.classes)
     else:
         result = _imageset_from(x, meta, files.classes)
@@ -533,10 +532,34 @@ def _ensure_writable(cache_dir: Path) -> bool:
         return False
 
 
-def _atomic_write_text(path: Path, text: str):
-    tmp = Path(f"{path}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+def atomic_write_text(path: Path, text: str):
+    """Write beside, fsync, then rename: a reader sees the old file or the whole new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # backslashreplace: a file name that is not valid UTF-8 is written escaped, not a crash at the run's end
+    with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def build_folder_atomically(target: Path, fill, prefix: str = ".build-") -> Path:
+    """Create `target` by calling fill(tmp) on a temporary folder beside it, then renaming it into place, so a
+    killed build never leaves a half-written folder under the final name. A concurrent builder may win."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    try:
+        fill(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def _warn_skipped(images: ImageSet, name: str, mask_mode: str = "replace"):

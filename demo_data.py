@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from data import WBC_CLASSES, default_cache_dir
+from data import WBC_CLASSES, build_folder_atomically, default_cache_dir
 
 DEMO_VERSION = 2
 FOLDER_NAMES = {"basophil": "Basophil", "eosinophil": "Eosinophil", "lymphocyte": "Lymphocyte",
@@ -38,19 +36,13 @@ def ensure_demo_data(root: Path | None = None) -> Path:
     root = Path(root) if root else default_cache_dir() / f"demo_v{DEMO_VERSION}"
     if (root / "manifest.json").exists():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
     print(f"generating the synthetic demo dataset in {root} (once)")
-    try:
+
+    def fill(tmp):
         manifest = generate(tmp)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        try:
-            os.replace(tmp, root)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    build_folder_atomically(root, fill, prefix=".demo-")
     return root
 
 

@@ -29,7 +29,7 @@ logging.getLogger("absl").setLevel(logging.ERROR)
 
 import metrics as wbc_metrics
 import report
-from data import ImageSet, UserError, make_augmentation
+from data import ImageSet, UserError, atomic_write_text, make_augmentation
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_accuracy", "holdout_loss", "holdout_accuracy", "val_loss",
                   "val_accuracy", "val_balanced_accuracy", "lr", "seconds", "images_per_second"]
@@ -202,17 +202,6 @@ def predict(model: keras.Model, x, batch_size: int = 64) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Run folder I/O: every write goes beside, then renames, so nothing half-written is ever read
 # ----------------------------------------------------------------------------------------------
-
-def atomic_write_text(path: Path, text: str):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    # backslashreplace: a file name that is not valid UTF-8 is written escaped, not a crash at the run's end
-    with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def write_json(path: Path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
