@@ -55,6 +55,8 @@ def parse_args(argv=None):
     g.add_argument("--model", choices=("cnn", "resnet50"), default="cnn", help="dropout CNN or ResNet50 (random init)")
     g.add_argument("--recipe", choices=sorted(recipes.RECIPES), default="report",
                    help="the CNN's shape and the augmentation (rotation, shear; flips on) come from this recipe")
+    g.add_argument("--stem-stride", type=int, choices=(1, 2), default=None,
+                   help="override the recipe's first-convolution stride for (a), (b) and (c)")
     g.add_argument("--batch-size", type=int, default=32, help="images per step")
     g.add_argument("--epochs", type=int, default=3, help="epochs per pipeline; the first is not timed")
     g.add_argument("--steps", type=int, default=None,
@@ -190,12 +192,19 @@ def job_cache(spec: dict) -> dict:
             "workers": min(8, os.cpu_count() or 1)}
 
 
+def recipe_augmentation(name: str) -> dict:
+    """The augmentation a recipe trains with (make_augmentation keywords)."""
+    recipe = recipes.RECIPES[name]
+    return dict(rotation=recipe["rotation"], shear=recipe["shear"], horizontal_flip=True, vertical_flip=True,
+                zoom=recipe["zoom"], shift=recipe["shift"])
+
+
 def build_core(spec: dict, num_classes: int):
     import models
     if spec["model"] == "resnet50":
         return models.build_resnet50(num_classes, spec["image_size"], weights=None)
-    return models.build_cnn(num_classes, spec["image_size"],
-                            **{k: v for k, v in recipes.RECIPES[spec["recipe"]].items() if k in recipes.MODEL_KEYS})
+    shape = {k: v for k, v in recipes.RECIPES[spec["recipe"]].items() if k in recipes.MODEL_KEYS}
+    return models.build_cnn(num_classes, spec["image_size"], **{**shape, **spec.get("model_overrides", {})})
 
 
 def job_pipeline(spec: dict) -> dict:
@@ -301,41 +310,49 @@ def main(argv=None):
         return worker(Path(argv[1]))
     args = parse_args(argv)
     dataset = resolve_bench_data(args)
-    recipe = recipes.RECIPES[args.recipe]
-    augment = dict(rotation=recipe["rotation"], shear=recipe["shear"], horizontal_flip=True, vertical_flip=True,
-                   zoom=0.0, shift=0.0)
+    augment = recipe_augmentation(args.recipe)
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="wbc-bench-"))
+    overrides = {"stem_stride": args.stem_stride} if args.stem_stride else {}
     base = {"root": dataset["root"], "split": args.split, "image_size": args.image_size, "model": args.model,
             "recipe": args.recipe, "batch_size": args.batch_size, "epochs": args.epochs, "steps": args.steps,
-            "seed": args.seed, "augment": augment, "cache_dir": str(workdir / "cache")}
+            "seed": args.seed, "augment": augment, "model_overrides": overrides, "cache_dir": str(workdir / "cache")}
     try:
         # The cache is built from scratch in a private folder, so its speed is measured every time. Under JAX
         # this process must not grab the GPU's memory before the training processes run.
         cache = run_job({**base, "job": "cache", "name": "cache", "precision": args.precision}, args.in_process,
                         workdir, env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
         resolved, default = cache["precision"][args.precision], cache["precision"]["auto"]
-        runs = [(p, p, args.precision) for p in ("arrays", "cached", "legacy") if p in args.pipelines]
-        if "legacy" in args.pipelines and resolved != "float32":
-            runs.append(("legacy_float32", "legacy", "float32"))  # the report's setup
-        if "cached" in args.pipelines and resolved != default:
-            runs.append(("cached_auto", "cached", "auto"))  # the project's defaults
+        runs = [(p, p, args.precision, {}) for p in ("arrays", "cached", "legacy") if p in args.pipelines]
+        # The two ends of default_vs_report, each with its own recipe's model and augmentation: the report's
+        # setup (legacy loader, float32, --recipe report) and the project's defaults (cached, auto precision,
+        # --recipe default, no overrides). Measured separately unless (a) or (b) already is exactly that.
+        report_setup = dict(recipe="report", augment=recipe_augmentation("report"), model_overrides={})
+        defaults = dict(recipe="default", augment=recipe_augmentation("default"), model_overrides={})
+        same_as_a = args.recipe == "report" and resolved == "float32" and not overrides
+        same_as_b = args.recipe == "default" and resolved == default and not overrides
+        if args.model == "cnn" and "legacy" in args.pipelines and not same_as_a:
+            runs.append(("report_setup", "legacy", "float32", report_setup))
+        if args.model == "cnn" and "cached" in args.pipelines and not same_as_b:
+            runs.append(("defaults", "cached", "auto", defaults))
         entries = {}
-        for name, pipeline, precision in runs:
+        for name, pipeline, precision, changes in runs:
             print(f"bench: {name}: {DESCRIPTIONS[pipeline]}, {precision} ...", flush=True)
-            r = run_job({**base, "job": "pipeline", "name": name, "pipeline": pipeline, "precision": precision},
-                        args.in_process, workdir)
+            r = run_job({**base, **changes, "job": "pipeline", "name": name, "pipeline": pipeline,
+                         "precision": precision}, args.in_process, workdir)
             r["cache_build_images_per_second"] = cache["images_per_second"] if pipeline != "legacy" else None
+            r["recipe"] = changes.get("recipe", args.recipe)
             entries[name] = r
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
     ips = {k: v["images_per_second"] for k, v in entries.items()}
-    report_key = "legacy" if resolved == "float32" else "legacy_float32"
-    default_key = "cached" if resolved == default else "cached_auto"
+    report_key = "report_setup" if "report_setup" in entries else "legacy"
+    default_key = "defaults" if "defaults" in entries else "cached"
     result = {
         "machine": cache["machine"], "backend": cache["machine"]["backend"], "precision": resolved,
         "default_precision": default, "model": args.model, "recipe": args.recipe if args.model == "cnn" else None,
+        "model_overrides": overrides,
         "image_size": args.image_size, "batch_size": args.batch_size, "epochs": args.epochs, "steps": args.steps,
         "augmentation": augment, "data": dataset, "argv": ["bench.py", *argv], "in_process": args.in_process,
         "cache_build": {k: cache[k] for k in ("images", "seconds", "images_per_second", "peak_rss_mb",
@@ -365,17 +382,18 @@ def print_table(result: dict):
     c = result["cache_build"]
     print(f"cache building: {c['images_per_second']:.0f} images/s ({c['images']} images, {c['workers']} threads), "
           f"peak RSS {c['peak_rss_mb']:.0f} MB")
-    print(f"{'pipeline':<16} {'what':<44} {'precision':<15} {'images/s':>9} {'peak RSS MB':>12}")
+    print(f"{'pipeline':<14} {'what':<44} {'recipe':<8} {'precision':<15} {'images/s':>9} {'peak RSS MB':>12}")
     for name, e in result["pipelines"].items():
-        print(f"{name:<16} {DESCRIPTIONS[e['pipeline']]:<44} {e['precision']:<15} {e['images_per_second']:>9.1f} "
-              f"{e['peak_rss_mb']:>12.0f}")
+        print(f"{name:<14} {DESCRIPTIONS[e['pipeline']]:<44} {e.get('recipe') or '':<8} {e['precision']:<15} "
+              f"{e['images_per_second']:>9.1f} {e['peak_rss_mb']:>12.0f}")
     r = result["ratios"]
 
     def show(v):
         return f"{v:.2f}" if v else "n/a"
     print(f"b/a  cached vs legacy, same precision:        {show(r['cached_vs_legacy'])}")
     print(f"b/c  cached vs model-bound:                    {show(r['cached_vs_model_bound'])}")
-    print(f"defaults (cached, auto) vs report (legacy, float32): {show(r['default_vs_report'])}")
+    print(f"defaults (cached, auto, --recipe default) vs report (legacy, float32, --recipe report): "
+          f"{show(r['default_vs_report'])}")
 
 
 if __name__ == "__main__":

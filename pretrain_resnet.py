@@ -19,6 +19,7 @@ from pathlib import Path
 
 import cli
 from data import UserError
+from recipes import RECIPES
 
 # Keras' own download of the ImageNet ResNet50 weights without the top (keras.applications.resnet).
 IMAGENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
@@ -59,8 +60,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     # The project's WBC recipe (recipes.RECIPES['default']) for what the user left unset; --lr is the
     # fine-tuning rate of an unfrozen pre-trained backbone, so lower.
-    defaults = dict(lr=FINETUNE_LR, lr_schedule="cosine", label_smoothing=0.1, class_weight=True,
-                    rotation=180.0, shear=10.0)
+    defaults = {key: RECIPES["default"][key] for key in ("lr_schedule", "label_smoothing", "class_weight",
+                                                        "class_weight_power", "rotation", "shear")}
+    defaults["lr"] = FINETUNE_LR
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

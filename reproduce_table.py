@@ -27,10 +27,12 @@ import fnmatch
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +136,9 @@ def parse_args(argv=None):
     g.add_argument("--imagenet-weights", default=None, metavar="PATH",
                    help="Keras ResNet50 ImageNet weights without top (.h5 file, or 'imagenet' to let Keras "
                         "download them): adds the ImageNet -> CAM16 rows")
+    g.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process: for a GPU (they share its memory) or "
+                        "a machine with cores to spare; on a small CPU one at a time is fastest")
     g.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples per comparison")
     o = parser.add_argument_group("output")
     o.add_argument("--out", type=Path, default=None,
@@ -162,7 +167,7 @@ def parse_args(argv=None):
         args.rows = DEMO_ROWS
     if args.out is None:
         args.out = Path("runs/table_demo" if args.demo else "runs/table")
-    cli.check_positive(args, "seeds", "epochs", "pretrain_epochs", "batch_size", "bootstrap")
+    cli.check_positive(args, "seeds", "epochs", "pretrain_epochs", "batch_size", "bootstrap", "jobs")
     if args.imagenet_weights not in (None, "imagenet"):
         args.imagenet_weights = Path(args.imagenet_weights).resolve()
         if not args.imagenet_weights.is_file():
@@ -233,14 +238,18 @@ def command(row: Row, seed: int, args, out: Path) -> list[str]:
     return cmd
 
 
-def launch(cmd: list[str], log: Path) -> int:
+def launch(cmd: list[str], log: Path, jobs: int = 1) -> int:
     """Run one training in its own process, output appended to its log; returns the exit status.
     A crash, an out-of-memory kill or a Ctrl-C ends that run only; its finished epochs stay for --resume."""
+    env = dict(os.environ)
+    if jobs > 1:
+        # JAX takes 75% of the GPU's memory per process by default: share the card between the runs.
+        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / jobs:.3f}")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=PROJECT).returncode
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=PROJECT, env=env).returncode
 
 
 def last_error_line(log: Path) -> str:
@@ -262,26 +271,39 @@ def train_rows(rows: list[Row], args, out: Path) -> list[dict]:
     todo = [(r, s) for s in range(args.seeds) for r in rows if r.script not in missing]
     pending = [(r, s) for r, s in todo if not is_complete(out, r, s)]
     print(f"{len(todo)} runs: {len(todo) - len(pending)} finished, {len(pending)} to train -> {out}/runs")
-    failures = []
-    for i, (row, seed) in enumerate(pending, 1):
+    if args.dry_run:
+        for row, seed in pending:
+            print(" ".join(command(row, seed, args, out)))
+        return []
+
+    def run_one(row: Row, seed: int) -> tuple[int, float, Path]:
         folder = run_folder(out, row, seed)
-        cmd = command(row, seed, args, out)
-        if args.dry_run:
-            print(" ".join(cmd))
-            continue
-        print(f"[{i}/{len(pending)}] {row.name} seed {seed} ...", end=" ", flush=True)
         start = time.perf_counter()
         log = folder.parent / f"{folder.name}.log"
-        code = launch(cmd, log)
-        seconds = time.perf_counter() - start
+        code = launch(command(row, seed, args, out), log, args.jobs)
+        return code, time.perf_counter() - start, log
+
+    def report(i: int, row: Row, seed: int, code: int, seconds: float, log: Path):
+        prefix = f"[{i}/{len(pending)}] {row.name} seed {seed}"
         if code == 0 and is_complete(out, row, seed):
             m = json.loads((metrics_folder(out, row, seed) / "metrics.json").read_text())
-            print(f"{seconds:.0f}s  val acc {m['val_accuracy_selected']:.3f}  balanced {m['balanced_accuracy']:.3f}"
-                  + ("  COLLAPSED" if m.get("collapsed_to_majority") else ""))
-        else:
-            reason = last_error_line(log)
-            print(f"FAILED (exit {code}) after {seconds:.0f}s: {reason}  [log: {log}]")
-            failures.append({"row": row.name, "seed": seed, "exit": code, "reason": reason, "log": str(log)})
+            print(f"{prefix}: {seconds:.0f}s  val acc {m['val_accuracy_selected']:.3f}  "
+                  f"balanced {m['balanced_accuracy']:.3f}" + ("  COLLAPSED" if m.get("collapsed_to_majority") else ""),
+                  flush=True)
+            return None
+        reason = last_error_line(log)
+        print(f"{prefix}: FAILED (exit {code}) after {seconds:.0f}s: {reason}  [log: {log}]", flush=True)
+        return {"row": row.name, "seed": seed, "exit": code, "reason": reason, "log": str(log)}
+
+    failures = []
+    # --jobs N: N runs at once, each its own process (for a GPU, or a machine with cores to spare).
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run_one, row, seed): (row, seed) for row, seed in pending}
+        for i, future in enumerate(as_completed(futures), 1):
+            row, seed = futures[future]
+            failure = report(i, row, seed, *future.result())
+            if failure:
+                failures.append(failure)
     return failures
 
 

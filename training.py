@@ -51,6 +51,9 @@ class TrainConfig:
     seed: int = 0
     holdout: float = 0.15
     class_weight: bool = True
+    # Exponent on the 'balanced' weights: 1 = inverse class frequency, 0.5 = its square root (milder: full
+    # inverse frequency makes a 2% class weigh ~30x and pulls majority-class images into it), 0 = none.
+    class_weight_power: float = 1.0
     precision: str = "auto"
     augment: dict | None = None  # make_augmentation keywords; None = no augmentation
     verbose: int = 1
@@ -64,7 +67,7 @@ class TrainConfig:
     def from_args(cls, args) -> "TrainConfig":
         """Take the fields this config knows from parsed command-line arguments."""
         names = {f.name for f in dataclasses.fields(cls)} - {"augment"}
-        values = {k: v for k, v in vars(args).items() if k in names}
+        values = {k: v for k, v in vars(args).items() if k in names and v is not None}
         return cls(**values, augment=augmentation_from_args(args))
 
 
@@ -183,11 +186,11 @@ def stratified_holdout(labels, fraction: float, seed: int) -> tuple[np.ndarray, 
     return train, holdout
 
 
-def class_weights(labels, num_classes: int) -> dict[int, float]:
-    """'Balanced' weights (n / (k * n_c)) from scikit-learn; absent classes get 1."""
+def class_weights(labels, num_classes: int, power: float = 1.0) -> dict[int, float]:
+    """'Balanced' weights (n / (k * n_c)) from scikit-learn raised to `power`; absent classes get 1."""
     from sklearn.utils.class_weight import compute_class_weight
     present = np.unique(labels)
-    weights = compute_class_weight("balanced", classes=present, y=labels)
+    weights = compute_class_weight("balanced", classes=present, y=labels) ** power
     out = {c: 1.0 for c in range(num_classes)}
     out.update({int(c): float(w) for c, w in zip(present, weights)})
     return out
@@ -524,7 +527,8 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
     fit_set, holdout_set = train_set.subset(train_idx), train_set.subset(holdout_idx)
     if selection_set is not None:
         holdout_set = selection_set
-    weights = class_weights(fit_set.y, len(classes)) if config.class_weight else None
+    weights = (class_weights(fit_set.y, len(classes), config.class_weight_power)
+               if config.class_weight else None)
 
     args = dict(args or {})
     meta = {"classes": list(classes), "image_size": int(train_set.x.shape[1]), "args": args,

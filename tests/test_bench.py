@@ -94,7 +94,11 @@ def test_bench_writes_bench_json_with_every_pipeline_and_ratio(demo_root, tmp_pa
     assert ratios["cached_vs_legacy"] == pytest.approx(ips["cached"] / ips["legacy"])
     assert ratios["cached_vs_model_bound"] == pytest.approx(ips["cached"] / ips["arrays"])
     default_key, report_key = result["ratio_inputs"]["default_vs_report"]
-    assert report_key == "legacy" and pipelines[default_key]["precision"] == result["default_precision"]
+    # The report's setup is (a) here (legacy, float32, --recipe report); the project's defaults are measured on
+    # their own: cached, auto precision, the default recipe's model and augmentation.
+    assert report_key == "legacy" and pipelines["legacy"]["recipe"] == "report"
+    assert default_key == "defaults" and pipelines["defaults"]["recipe"] == "default"
+    assert pipelines["defaults"]["precision"] == result["default_precision"]
     assert ratios["default_vs_report"] == pytest.approx(ips[default_key] / ips[report_key])
 
 

@@ -1,7 +1,6 @@
 """data.py: layout discovery, class matching, decoding, the cache, the augmentation layer."""
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,7 +193,7 @@ def test_identity_at_zero_strength_and_exact_flip(warp):
 
 
 def test_builtin_and_gather_warps_agree():
-    keras = pytest.importorskip("keras")
+    pytest.importorskip("keras")
     x = _batch(size=32)
     layer = data.make_augmentation(rotation=40, shear=15, zoom=0.1, shift=0.1, seed=1)
     m = layer.random_matrices(len(x), 32, 32)

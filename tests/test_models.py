@@ -1,5 +1,4 @@
 """models.py: the dropout CNN's shape, and the .h5 round trip in a process that never imports this project."""
-import json
 import subprocess
 import sys
 
@@ -19,6 +18,15 @@ def test_cnn_shape_dropout_rising_and_uint8_input():
     assert convs == [8, 16, 32]
     probs = np.asarray(model.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0))
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+
+
+def test_stem_stride_halves_every_later_feature_map_with_the_same_weights():
+    plain = models.build_cnn(5, 64, width=8, depth=3, pooling="avg", batchnorm=True)
+    strided = models.build_cnn(5, 64, width=8, depth=3, pooling="avg", batchnorm=True, stem_stride=2)
+    assert strided.get_layer("block1_conv").output.shape[1:3] == (32, 32)
+    assert plain.get_layer("block1_conv").output.shape[1:3] == (64, 64)
+    assert strided.get_layer("block3_pool").output.shape[1:3] == (4, 4)
+    assert strided.count_params() == plain.count_params()  # same layers, fewer positions to compute
 
 
 def test_h5_round_trip_in_a_fresh_process_without_the_project(tmp_path):

@@ -149,24 +149,3 @@ def test_real_bccd_masks(tmp_path):
     assert masks == {c: half_up(0.5 * train[c]) for c in train}
     files = data.find_split(out, "WBC_100").train
     assert sum(m is not None for m in files.masks) == sum(masks.values())
-
-
-def test_summarize_runs_means_and_stds(tmp_path, capsys):
-    """tools/summarize_runs.py (the benchmark's aggregation): mean ± sample std over seeds, per recipe and split."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    import summarize_runs
-    for seed, (acc, f1, collapsed) in enumerate([(0.6, 0.2, True), (0.8, 0.6, False)]):
-        d = tmp_path / f"report_WBC_1_seed{seed}"
-        d.mkdir()
-        (d / "metrics.json").write_text(json.dumps({
-            "val_accuracy_selected": acc, "balanced_accuracy": acc - 0.1, "macro_f1": f1,
-            "collapsed_to_majority": collapsed, "seconds": 10.0 * (seed + 1), "majority_baseline": 0.61}))
-    (tmp_path / "default_WBC_1_seed0").mkdir()  # unfinished: no metrics.json, not counted
-    rows = summarize_runs.summarize(summarize_runs.collect(tmp_path))
-    assert len(rows) == 1 and rows[0]["seeds"] == 2 and rows[0]["collapsed"] == 1
-    assert rows[0]["macro-F1"] == pytest.approx((0.4, np.std([0.2, 0.6], ddof=1)))
-    assert summarize_runs.main([str(tmp_path), "--csv", str(tmp_path / "t.csv")]) == 0
-    assert "| WBC_1 | report | 2 | 0.700 ± 0.141 |" in capsys.readouterr().out
-    with pytest.raises(data.UserError):
-        summarize_runs.collect(tmp_path / "absent")

@@ -62,7 +62,7 @@ def test_paired_bootstrap_known_answers():
 # The table on tiny demo data
 # ----------------------------------------------------------------------------------------------
 
-def _in_process_launch(cmd, log):
+def _in_process_launch(cmd, log, jobs=1):
     """The table's launcher, minus the subprocess: call the script's main(argv) here."""
     module = importlib.import_module(Path(cmd[1]).stem)
     try:
@@ -198,7 +198,7 @@ def test_a_failed_run_is_reported_and_retried(table, monkeypatch):
     shutil.rmtree(lost)
     kept = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("metrics.json")}
 
-    def failing(cmd, log):
+    def failing(cmd, log, jobs=1):
         log.write_text("error: out of memory (simulated)\n")
         return 2
     monkeypatch.setattr(reproduce_table, "launch", failing)
@@ -210,7 +210,7 @@ def test_a_failed_run_is_reported_and_retried(table, monkeypatch):
     # The rerun (as after an interruption) trains the missing run only.
     launched = []
 
-    def counting(cmd, log):
+    def counting(cmd, log, jobs=1):
         launched.append(cmd[cmd.index("--out") + 1])
         return _in_process_launch(cmd, log)
     monkeypatch.setattr(reproduce_table, "launch", counting)
@@ -218,3 +218,37 @@ def test_a_failed_run_is_reported_and_retried(table, monkeypatch):
     assert launched == [str(lost)]
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
     assert len(_read_csv(out / "results.csv")) == 4 and "Runs that failed" not in (out / "table.md").read_text()
+
+
+def test_jobs_train_runs_at_once_and_share_the_gpu(table, tmp_path, monkeypatch):
+    """--jobs 2: two runs are in flight together, each launched with the job count (so JAX processes share the
+    GPU's memory); a failure among them is still reported."""
+    import threading
+    import time
+    import reproduce_table
+    _, argv = table
+    out = tmp_path / "jobs"
+    argv = [a if a != argv[argv.index("--out") + 1] else str(out) for a in argv]
+    lock, state = threading.Lock(), {"now": 0, "most": 0, "jobs": set()}
+
+    def slow_failing(cmd, log, jobs=1):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            state["jobs"].add(jobs)
+        time.sleep(0.3)
+        with lock:
+            state["now"] -= 1
+        return 3
+    monkeypatch.setattr(reproduce_table, "launch", slow_failing)
+    assert reproduce_table.main(argv + ["--jobs", "2"]) == 1
+    assert state["most"] == 2 and state["jobs"] == {2}
+
+    # The launcher gives each process its share of the GPU's memory (unless the user set one).
+    monkeypatch.undo()
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    import sys
+    log = tmp_path / "env.log"
+    code = reproduce_table.launch([sys.executable, "-c", "import os; print(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'])"],
+                                  log, jobs=3)
+    assert code == 0 and "0.300" in log.read_text()

@@ -2,8 +2,10 @@
 import json
 
 import numpy as np
+import pytest
 
 import train_cnn
+from data import UserError
 from conftest import run_script
 
 RUN_FILES = ("args.json", "history.csv", "metrics.json", "model.h5", "val_predictions.csv", "curves.png",
@@ -40,3 +42,29 @@ def test_bad_data_paths_end_in_one_line_and_exit_2(tmp_path):
         assert done.returncode == 2, done.stderr
         assert fragment in done.stderr and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_class_weights_inverse_frequency_and_its_power():
+    """'balanced' weights n / (k * n_c) (scikit-learn), raised to --class-weight-power; absent classes get 1."""
+    import training
+    labels = [0] * 8 + [1] * 2
+    full = training.class_weights(labels, 3)
+    assert full[0] == pytest.approx(10 / 16) and full[1] == pytest.approx(10 / 4) and full[2] == 1.0
+    root = training.class_weights(labels, 3, power=0.5)
+    assert root[0] == pytest.approx((10 / 16) ** 0.5) and root[1] == pytest.approx((10 / 4) ** 0.5)
+    assert training.class_weights(labels, 3, power=0.0) == {0: 1.0, 1: 1.0, 2: 1.0}
+
+
+def test_recipes_fill_what_the_command_line_leaves_unset(demo_root):
+    """--recipe default: square-root class weights and 20 steps per epoch; report: none of that; a flag wins."""
+    import training
+    base = ["--data", str(demo_root)]
+    default = training.TrainConfig.from_args(train_cnn.parse_args(base))
+    assert default.class_weight and default.class_weight_power == 0.5 and default.min_steps == 20
+    report = training.TrainConfig.from_args(train_cnn.parse_args(base + ["--recipe", "report"]))
+    assert not report.class_weight and report.min_steps == 0 and report.lr == 1e-3
+    assert report.augment["rotation"] == 20.0 and default.augment["rotation"] == 180.0
+    chosen = training.TrainConfig.from_args(train_cnn.parse_args(base + ["--class-weight-power", "1"]))
+    assert chosen.class_weight_power == 1.0
+    with pytest.raises(UserError, match="--class-weight-power"):
+        train_cnn.parse_args(base + ["--class-weight-power", "-1"])

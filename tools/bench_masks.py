@@ -35,6 +35,8 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--consistency", type=float, default=1.0, help="weight of the consistency setting")
+    parser.add_argument("--class-weight-power", type=float, default=None,
+                        help="passed to train_masked.py (default: the recipe's; the README's figures used 1)")
     return parser.parse_args(argv)
 
 
@@ -59,6 +61,8 @@ def main(argv=None):
                 cmd = [sys.executable, str(PROJECT / "train_masked.py"), "--data", str(layout), "--split", "WBC_100",
                        "--image-size", str(args.image_size), "--epochs", str(args.epochs), "--seed", str(seed),
                        "--quiet", "--out", str(run), *extra]
+                if args.class_weight_power is not None:
+                    cmd += ["--class-weight-power", str(args.class_weight_power)]
                 print(" ".join(cmd), flush=True)
                 subprocess.run(cmd, check=True)
                 print(f"  {time.perf_counter() - start:.0f} s wall", flush=True)
