@@ -55,7 +55,7 @@ def parse_args(argv=None):
     g.add_argument("--model", choices=("cnn", "resnet50"), default="cnn", help="dropout CNN or ResNet50 (random init)")
     g.add_argument("--recipe", choices=sorted(recipes.RECIPES), default="report",
                    help="the CNN's shape and the augmentation (rotation, shear; flips on) come from this recipe")
-    g.add_argument("--stem-stride", type=int, choices=(1, 2), default=None,
+    g.add_argument("--stem-stride", choices=("auto", "1", "2"), default=None,
                    help="override the recipe's first-convolution stride for (a), (b) and (c)")
     g.add_argument("--batch-size", type=int, default=32, help="images per step")
     g.add_argument("--epochs", type=int, default=3, help="epochs per pipeline; the first is not timed")

@@ -27,6 +27,13 @@ def test_stem_stride_halves_every_later_feature_map_with_the_same_weights():
     assert plain.get_layer("block1_conv").output.shape[1:3] == (64, 64)
     assert strided.get_layer("block3_pool").output.shape[1:3] == (4, 4)
     assert strided.count_params() == plain.count_params()  # same layers, fewer positions to compute
+    # 'auto' (the default recipe's): stride 2 from 160 px up, 1 below.
+    assert models.resolve_stem_stride("auto", 160) == 2 and models.resolve_stem_stride("auto", 159) == 1
+    assert models.resolve_stem_stride("2", 64) == 2
+    auto = models.build_cnn(5, 160, width=4, depth=2, pooling="avg", stem_stride="auto")
+    assert auto.get_layer("block1_conv").output.shape[1:3] == (80, 80)
+    with pytest.raises(ValueError, match="stem_stride"):
+        models.resolve_stem_stride(3, 224)
 
 
 def test_h5_round_trip_in_a_fresh_process_without_the_project(tmp_path):

@@ -61,6 +61,8 @@ def test_recipes_fill_what_the_command_line_leaves_unset(demo_root):
     base = ["--data", str(demo_root)]
     default = training.TrainConfig.from_args(train_cnn.parse_args(base))
     assert default.class_weight and default.class_weight_power == 0.5 and default.min_steps == 20
+    assert train_cnn.parse_args(base).stem_stride == "auto"
+    assert train_cnn.parse_args(base + ["--recipe", "report"]).stem_stride == 1
     report = training.TrainConfig.from_args(train_cnn.parse_args(base + ["--recipe", "report"]))
     assert not report.class_weight and report.min_steps == 0 and report.lr == 1e-3
     assert report.augment["rotation"] == 20.0 and default.augment["rotation"] == 180.0

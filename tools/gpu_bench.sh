@@ -12,16 +12,8 @@
 # to time at GPU speed; the first epoch (compilation) is not timed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gpu_bench}
-mkdir -p "$OUT"
-exec > >(tee "$OUT/gpu_bench.log") 2>&1
-if ! python3 -c "import keras, sys; sys.exit(keras.__version__ != '3.15.1')" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 WBC_CACHE_DIR=${WBC_CACHE_DIR:-/tmp/wbc_cache}
+source tools/device_env.sh gpu_bench
 SIZE=${SIZE:-224} BATCH=${BATCH:-128}  # smaller only for a dry run on a CPU
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import jax, keras; print('jax', jax.__version__, jax.devices(), 'keras', keras.__version__)"
 python3 demo_data.py >/dev/null  # the synthetic demo data, once (both runs read it)
 start=$(date +%s)

@@ -7,24 +7,18 @@
 #
 #   run(command="bash tools/gpu_table.sh", carry=[".whl", ".device_data"], timeout_s=540)
 #
-# .device_data/pbc_course is `prepare_splits.py ../shared/data/pbc OUT --proportions course` with the images it
-# uses copied beside it and relative links (../shared does not travel to that machine). .whl: keras 3.15.1,
-# namex, optree for Python 3.12 (see tools/gpu_bench.sh). BUDGET_S stops the last size early so the files
+# .device_data/pbc_course is `prepare_splits.py ../shared/data/pbc /tmp/pbc_course --proportions course` with the
+# 2,474 images it uses copied into pbc_course/files/<class>/ and every split entry a relative link to them (45 MB;
+# ../shared does not travel to that machine, and --copy would duplicate the nested subsets past the 64 MiB
+# limit); list .device_data in .git/info/exclude and delete it afterwards. .whl: keras 3.15.1, namex, optree for
+# Python 3.12 (see tools/gpu_bench.sh). BUDGET_S stops the last size early so the files
 # still come back inside the call's limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gpu_table}
-mkdir -p "$OUT"
-exec > >(tee "$OUT/gpu_table.log") 2>&1
-if ! python3 -c "import keras, sys; sys.exit(keras.__version__ != '3.15.1')" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export KERAS_BACKEND=${KERAS_BACKEND:-jax} PYTHONUNBUFFERED=1 WBC_CACHE_DIR=${WBC_CACHE_DIR:-/tmp/wbc_cache}
+source tools/device_env.sh gpu_table
 DATA=${DATA:-.device_data/pbc_course}
 SIZES=${SIZES:-"96 128"} EPOCHS=${EPOCHS:-30} SEEDS=${SEEDS:-3} JOBS=${JOBS:-8} ROWS=${ROWS:-'*_raw_*'}
 BUDGET_S=${BUDGET_S:-420}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import keras; print('backend', keras.backend.backend(), 'keras', keras.__version__)"
 start=$(date +%s)
 for size in $SIZES; do
