@@ -66,6 +66,9 @@ def parse_args(argv=None):
                    help="precision of (a), (b) and (c); the report's setup (legacy, float32) and the project's "
                         "defaults (cached, auto) are measured too when they differ")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation")
+    g.add_argument("--repeats", type=int, default=1,
+                   help="run every measurement this many times, interleaved, each in a fresh process; images/s "
+                        "is the median over all their timed epochs (for machines whose speed varies)")
     g = parser.add_argument_group("benchmark")
     g.add_argument("--pipelines", default="legacy,cached,arrays",
                    help="comma-separated subset of legacy,cached,arrays (or a,b,c); the legacy loader needs "
@@ -75,7 +78,7 @@ def parse_args(argv=None):
                    help="run every measurement in this process (faster start; peak RSS is then the process's "
                         "peak so far, not each pipeline's)")
     args = parser.parse_args(argv)
-    cli.check_positive(args, "batch_size", "epochs", "steps", "demo_size")
+    cli.check_positive(args, "batch_size", "epochs", "steps", "demo_size", "repeats")
     names = [ALIASES.get(p.strip().lower(), p.strip().lower()) for p in args.pipelines.split(",") if p.strip()]
     bad = [n for n in names if n not in PIPELINES]
     if bad or not names:
@@ -251,6 +254,26 @@ def job_pipeline(spec: dict) -> dict:
             "backend": keras.backend.backend(), "tensorflow_imported": "tensorflow" in sys.modules}
 
 
+def timed_seconds(entry: dict) -> list[float]:
+    """The epochs that count: all but the first (tracing, compilation) unless only one ran."""
+    return entry["epoch_seconds"] if entry["first_epoch_timed"] else entry["epoch_seconds"][1:]
+
+
+def pool_repeats(results: list[dict]) -> dict:
+    """One entry from R runs of the same measurement: images/s from the median over every timed epoch of every
+    run; epochs listed per run; the highest peak RSS."""
+    first = results[0]
+    if len(results) == 1:
+        return {**first, "repeats": 1}
+    timed = [s for r in results for s in timed_seconds(r)]
+    return {**first, "repeats": len(results),
+            "epoch_seconds": [r["epoch_seconds"] for r in results],
+            "epoch_images_per_second": [r["epoch_images_per_second"] for r in results],
+            "images_per_second_per_repeat": [r["images_per_second"] for r in results],
+            "images_per_second": first["images_per_epoch"] / statistics.median(timed),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in results)}
+
+
 def _epoch_timer_class():
     import keras
 
@@ -335,11 +358,19 @@ def main(argv=None):
             runs.append(("report_setup", "legacy", "float32", report_setup))
         if args.model == "cnn" and "cached" in args.pipelines and not same_as_b:
             runs.append(("defaults", "cached", "auto", defaults))
+        # --repeats: the whole round (every measurement, each in a fresh process) is run R times, interleaved,
+        # so a slow spell of a shared machine hits all pipelines alike; the median pools every timed epoch.
+        measured = {name: [] for name, *_ in runs}
+        for repeat in range(args.repeats):
+            for name, pipeline, precision, changes in runs:
+                label = f" (round {repeat + 1}/{args.repeats})" if args.repeats > 1 else ""
+                print(f"bench: {name}: {DESCRIPTIONS[pipeline]}, {precision}{label} ...", flush=True)
+                measured[name].append(run_job({**base, **changes, "job": "pipeline", "name": name,
+                                               "pipeline": pipeline, "precision": precision},
+                                              args.in_process, workdir))
         entries = {}
         for name, pipeline, precision, changes in runs:
-            print(f"bench: {name}: {DESCRIPTIONS[pipeline]}, {precision} ...", flush=True)
-            r = run_job({**base, **changes, "job": "pipeline", "name": name, "pipeline": pipeline,
-                         "precision": precision}, args.in_process, workdir)
+            r = pool_repeats(measured[name])
             r["cache_build_images_per_second"] = cache["images_per_second"] if pipeline != "legacy" else None
             r["recipe"] = changes.get("recipe", args.recipe)
             entries[name] = r
@@ -354,6 +385,7 @@ def main(argv=None):
         "default_precision": default, "model": args.model, "recipe": args.recipe if args.model == "cnn" else None,
         "model_overrides": overrides,
         "image_size": args.image_size, "batch_size": args.batch_size, "epochs": args.epochs, "steps": args.steps,
+        "repeats": args.repeats,
         "augmentation": augment, "data": dataset, "argv": ["bench.py", *argv], "in_process": args.in_process,
         "cache_build": {k: cache[k] for k in ("images", "seconds", "images_per_second", "peak_rss_mb",
                                               "rss_before_mb", "workers")},

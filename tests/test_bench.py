@@ -76,7 +76,8 @@ def test_generator_loader_refuses_masked_images(demo_root, cache_dir):
 def test_bench_writes_bench_json_with_every_pipeline_and_ratio(demo_root, tmp_path, cache_dir):
     out = tmp_path / "bench"
     assert bench.main(["--data", str(demo_root), "--image-size", "16", "--batch-size", "8", "--epochs", "2",
-                       "--steps", "2", "--precision", "float32", "--in-process", "--out", str(out)]) == 0
+                       "--steps", "2", "--precision", "float32", "--in-process", "--repeats", "2",
+                       "--out", str(out)]) == 0
     result = json.loads((out / "bench.json").read_text())
     for key in ("machine", "backend", "precision", "pipelines", "ratios", "cache_build", "data"):
         assert key in result
@@ -85,7 +86,8 @@ def test_bench_writes_bench_json_with_every_pipeline_and_ratio(demo_root, tmp_pa
     assert {"legacy", "cached", "arrays"} <= set(pipelines)
     for name, entry in pipelines.items():
         assert entry["images_per_second"] > 0 and entry["peak_rss_mb"] > 0, name
-        assert entry["images_per_epoch"] == 16 and len(entry["epoch_seconds"]) == 2
+        assert entry["images_per_epoch"] == 16 and entry["repeats"] == 2
+        assert [len(e) for e in entry["epoch_seconds"]] == [2, 2]  # two rounds of two epochs
     assert pipelines["legacy"]["cache_build_images_per_second"] is None  # it decodes every epoch instead
     assert pipelines["cached"]["cache_build_images_per_second"] == result["cache_build"]["images_per_second"] > 0
     ratios = result["ratios"]
@@ -100,6 +102,20 @@ def test_bench_writes_bench_json_with_every_pipeline_and_ratio(demo_root, tmp_pa
     assert default_key == "defaults" and pipelines["defaults"]["recipe"] == "default"
     assert pipelines["defaults"]["precision"] == result["default_precision"]
     assert ratios["default_vs_report"] == pytest.approx(ips[default_key] / ips[report_key])
+
+
+def test_repeats_pool_every_timed_epoch_into_one_median():
+    """--repeats R: R runs of one measurement become one entry; images/s from the median of all timed epochs."""
+    runs = [{"images_per_epoch": 100, "epoch_seconds": s, "epoch_images_per_second": [100 / x for x in s],
+             "images_per_second": 100 / sorted(s[1:])[len(s[1:]) // 2], "first_epoch_timed": False,
+             "peak_rss_mb": rss, "pipeline": "cached"}
+            for s, rss in (([9.0, 1.0, 1.0, 1.0], 500.0), ([9.0, 2.0, 2.0, 4.0], 700.0))]
+    pooled = bench.pool_repeats(runs)
+    # timed epochs 1, 1, 1, 2, 2, 4: median 1.5 s -> 66.7 images/s; the first (compiling) epochs are left out
+    assert pooled["images_per_second"] == pytest.approx(100 / 1.5)
+    assert pooled["repeats"] == 2 and pooled["peak_rss_mb"] == 700.0
+    assert pooled["epoch_seconds"] == [runs[0]["epoch_seconds"], runs[1]["epoch_seconds"]]
+    assert bench.pool_repeats(runs[:1])["images_per_second"] == runs[0]["images_per_second"]
 
 
 def test_bench_rejects_bad_pipelines_and_paths_in_one_line(tmp_path, capsys):
