@@ -241,17 +241,17 @@ def job_pipeline(spec: dict) -> dict:
         else:
             x = train.x if spec["steps"] is None else train.x[index]  # memory-mapped, as training.train reads it
         model.fit(x, y, batch_size=batch, shuffle=True, **fit)
-    timed = timer.seconds[1:] or timer.seconds
     ips = [images / s for s in timer.seconds]
     warp = None
     if pipeline == "cached" and augment:
         layer = next(l for l in model.layers if l.__class__.__name__ == "RandomAffine")
         warp = layer._backend_warp()
-    return {"pipeline": pipeline, "precision": precision, "images_per_epoch": images, "batch_size": batch,
-            "epoch_seconds": timer.seconds, "epoch_images_per_second": ips,
-            "images_per_second": images / statistics.median(timed),
-            "first_epoch_timed": len(timer.seconds) == 1, "peak_rss_mb": peak_rss_mb(), "warp": warp,
-            "backend": keras.backend.backend(), "tensorflow_imported": "tensorflow" in sys.modules}
+    entry = {"pipeline": pipeline, "precision": precision, "images_per_epoch": images, "batch_size": batch,
+             "epoch_seconds": timer.seconds, "epoch_images_per_second": ips,
+             "first_epoch_timed": len(timer.seconds) == 1, "peak_rss_mb": peak_rss_mb(), "warp": warp,
+             "backend": keras.backend.backend(), "tensorflow_imported": "tensorflow" in sys.modules}
+    entry["images_per_second"] = images / statistics.median(timed_seconds(entry))
+    return entry
 
 
 def timed_seconds(entry: dict) -> list[float]:

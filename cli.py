@@ -200,6 +200,13 @@ def check_positive(args, *names):
             raise UserError(f"--{name.replace('_', '-')} {value}: expected a positive number")
 
 
+def check_non_negative(args, *names):
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise UserError(f"--{name.replace('_', '-')} {value}: expected a number >= 0")
+
+
 def args_dict(args) -> dict:
     """Parsed arguments as JSON-friendly values, for args.json and the model's metadata."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -9,7 +9,6 @@ Run folder: args.json, history.csv, metrics.json, model.h5, val_predictions.csv,
 """
 import cli
 import recipes
-from data import UserError
 
 
 def add_cnn_script_args(parser):
@@ -27,9 +26,7 @@ def resolve_cnn_script_args(args):
     if args.epochs is None:
         args.epochs = 12 if args.demo else 30
     cli.check_positive(args, "epochs", "batch_size", "lr")
-    if args.class_weight_power < 0:
-        raise UserError(f"--class-weight-power {args.class_weight_power}: expected a number >= 0 "
-                        f"(1 = inverse class frequency, 0.5 = its square root, 0 = equal weights)")
+    cli.check_non_negative(args, "class_weight_power")
     return args
 
 

@@ -67,7 +67,7 @@ class TrainConfig:
     def from_args(cls, args) -> "TrainConfig":
         """Take the fields this config knows from parsed command-line arguments."""
         names = {f.name for f in dataclasses.fields(cls)} - {"augment"}
-        values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+        values = {k: v for k, v in vars(args).items() if k in names}
         return cls(**values, augment=augmentation_from_args(args))
 
 

@@ -249,6 +249,6 @@ def test_jobs_train_runs_at_once_and_share_the_gpu(table, tmp_path, monkeypatch)
     monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
     import sys
     log = tmp_path / "env.log"
-    code = reproduce_table.launch([sys.executable, "-c", "import os; print(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'])"],
-                                  log, jobs=3)
+    show = "import os; print(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'])"
+    code = reproduce_table.launch([sys.executable, "-c", show], log, jobs=3)
     assert code == 0 and "0.300" in log.read_text()
