@@ -230,17 +230,19 @@ def job_pipeline(spec: dict) -> dict:
         model = training.build_training_model(core, augment if pipeline == "cached" else None, spec["seed"])
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", metrics=["accuracy"])
     timer = EpochTimer()
-    fit = dict(epochs=spec["epochs"], callbacks=[timer], verbose=0)
     if pipeline == "legacy":
-        gen = data.legacy_generator([train.paths[i] for i in index], train.y[index], train.classes,
-                                    spec["image_size"], batch, **augment, seed=spec["seed"])
-        model.fit(gen, **fit)
+        batches = data.legacy_generator([train.paths[i] for i in index], train.y[index], train.classes,
+                                        spec["image_size"], batch, **augment, seed=spec["seed"])
     else:
         if pipeline == "arrays":
             x = np.array(train.x[index])  # in memory
         else:
-            x = train.x if spec["steps"] is None else train.x[index]  # memory-mapped, as training.train reads it
-        model.fit(x, y, batch_size=batch, shuffle=True, **fit)
+            x = train.x if spec["steps"] is None else train.x[index]  # the decoded cache's images
+        batches = training.ArrayBatches(x, y, batch, spec["seed"])
+    # Every pipeline feeds fit the way training.train does: one endless stream, one epoch per pass.
+    stream = training.Endless(batches)
+    model.fit(stream, steps_per_epoch=stream.steps_per_epoch, epochs=spec["epochs"], callbacks=[timer], verbose=0,
+              shuffle=False)
     ips = [images / s for s in timer.seconds]
     warp = None
     if pipeline == "cached" and augment:
