@@ -100,6 +100,9 @@ def add_training_args(parser, epochs=None, batch_size=32):
     g.add_argument("--min-steps", type=int, default=None,
                    help="at least this many optimizer steps per epoch: small splits pass over their images "
                         "several times per epoch (0: one pass; from --recipe)")
+    g.add_argument("--bn-recalibrate", type=int, default=None, metavar="N",
+                   help="before each epoch's evaluation, recompute batch-norm statistics from N un-augmented "
+                        "training images (0: keep the training-time moving averages; from --recipe)")
     g.add_argument("--holdout", type=float, default=0.15,
                    help="fraction of each training class held out for model selection (0: train on all, "
                         "select the last epoch); the validation set is never used to select")

@@ -26,7 +26,7 @@ def resolve_cnn_script_args(args):
     if args.epochs is None:
         args.epochs = 12 if args.demo else 30
     cli.check_positive(args, "epochs", "batch_size", "lr")
-    cli.check_non_negative(args, "class_weight_power")
+    cli.check_non_negative(args, "class_weight_power", "bn_recalibrate")
     return args
 
 

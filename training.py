@@ -62,6 +62,9 @@ class TrainConfig:
     # sane number of epochs: an epoch then passes over the (augmented) training images several times, so that
     # it has at least this many steps. 0 = one pass per epoch, as Keras does.
     min_steps: int = 0
+    # Before each epoch's evaluation, recompute batch-norm statistics from this many un-augmented training
+    # images (recalibrate_batchnorm). 0 or None = off, the moving averages collected during training are kept.
+    bn_recalibrate: int | None = 0
 
     @classmethod
     def from_args(cls, args) -> "TrainConfig":
@@ -206,6 +209,45 @@ def predict(model: keras.Model, x, batch_size: int = 64) -> np.ndarray:
         return np.zeros((0, model.output_shape[-1]), np.float32)
     return np.concatenate([np.asarray(model.predict_on_batch(x[start:start + batch_size]), dtype=np.float32)
                            for start in range(0, len(x), batch_size)])
+
+
+def _nested_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _nested_layers(layer)
+
+
+def recalibrate_batchnorm(core: keras.Model, images, n_images: int, batch_size: int, seed: int) -> int:
+    """Recompute the moving mean and variance of every trainable BatchNormalization layer from up to n_images
+    un-augmented images (the average of their full batches' statistics, dropout off); weights are untouched.
+    Returns the number of images used (0 when the model has no such layer or there are too few images).
+
+    Why: the moving averages collected during training describe the augmented images (rotated up to 180°,
+    zoomed and shifted, edges repeated), not the plain ones the model is evaluated on. On PBC WBC_100 at 96 px
+    (default recipe, seed 0) the last epoch's model scored 0.939 validation accuracy with them and 0.985 with
+    statistics recomputed from plain training images; recomputed from augmented images, 0.932.
+    """
+    norms = [l for l in _nested_layers(core) if isinstance(l, keras.layers.BatchNormalization) and l.trainable]
+    count = min(int(n_images or 0), len(images)) // batch_size * batch_size
+    if not norms or count == 0:
+        return 0
+    rows = np.random.default_rng(seed).permutation(len(images))[:count]
+    dropouts = [l for l in _nested_layers(core) if isinstance(l, keras.layers.Dropout)]
+    momenta, rates = [l.momentum for l in norms], [l.rate for l in dropouts]
+    try:
+        for layer in dropouts:
+            layer.rate = 0.0
+        for k, start in enumerate(range(0, count, batch_size), start=1):
+            for layer in norms:  # moving = moving * (k-1)/k + batch / k: the running mean over batches
+                layer.momentum = (k - 1) / k
+            core(images[np.sort(rows[start:start + batch_size])], training=True)
+    finally:
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
+        for layer, rate in zip(dropouts, rates):
+            layer.rate = rate
+    return count
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,10 +461,11 @@ class EpochEvaluator(keras.callbacks.Callback):
     """
 
     def __init__(self, run_dir, core, holdout: ImageSet, val: ImageSet, n_train: int, batch_size: int,
-                 metadata: dict, verbose: int = 1):
+                 metadata: dict, verbose: int = 1, recalibration: tuple | None = None):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.core, self.holdout, self.val = core, holdout, val
+        self.recalibration = recalibration  # (training images, how many, seed) for recalibrate_batchnorm
         self.n_train, self.batch_size = n_train, batch_size
         self.metadata = metadata
         self.verbose = verbose
@@ -466,6 +509,9 @@ class EpochEvaluator(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def _record(self, epoch: int, logs: dict, seconds: float):
+        if self.recalibration:  # here, so that a resumed run recalibrates the restored weights the same way
+            images, n_images, seed = self.recalibration
+            recalibrate_batchnorm(self.core, images, n_images, self.batch_size, seed + epoch)
         row = {"epoch": epoch, "train_loss": float(logs.get("loss", float("nan"))),
                "train_accuracy": float(logs.get("accuracy", float("nan")))}
         for part, images in (("holdout", self.holdout), ("val", self.val)):
@@ -630,7 +676,8 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
                                 loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
                                 metrics=["accuracy"])
     evaluator = EpochEvaluator(run_dir, core, holdout_set, val_set, passes * len(fit_set), config.batch_size,
-                               meta, config.verbose)
+                               meta, config.verbose,
+                               (fit_set.x, config.bn_recalibrate, config.seed) if config.bn_recalibrate else None)
     callbacks = [AtomicBackupAndRestore(str(run_dir / "backup")), evaluator]
     y_onehot = keras.utils.to_categorical(fit_set.y, len(classes)).astype("float32")
     start = time.perf_counter()
