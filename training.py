@@ -221,7 +221,7 @@ def _nested_layers(model):
 def recalibrate_batchnorm(core: keras.Model, images, n_images: int, batch_size: int, seed: int) -> int:
     """Recompute the moving mean and variance of every trainable BatchNormalization layer from up to n_images
     un-augmented images (the average of their full batches' statistics, dropout off); weights are untouched.
-    Returns the number of images used (0 when the model has no such layer or there are too few images).
+    Returns the number of images used (0 when the model has no such layer or there are fewer than 2 images).
 
     Why: the moving averages collected during training describe the augmented images (rotated up to 180°,
     zoomed and shifted, edges repeated), not the plain ones the model is evaluated on. On PBC WBC_100 at 96 px
@@ -229,9 +229,11 @@ def recalibrate_batchnorm(core: keras.Model, images, n_images: int, batch_size: 
     statistics recomputed from plain training images; recomputed from augmented images, 0.932.
     """
     norms = [l for l in _nested_layers(core) if isinstance(l, keras.layers.BatchNormalization) and l.trainable]
-    count = min(int(n_images or 0), len(images)) // batch_size * batch_size
-    if not norms or count == 0:
+    count = min(int(n_images or 0), len(images))
+    batch_size = min(batch_size, count)  # a split smaller than a batch (WBC_1) is one batch
+    if not norms or batch_size < 2:
         return 0
+    count = count // batch_size * batch_size
     rows = np.random.default_rng(seed).permutation(len(images))[:count]
     dropouts = [l for l in _nested_layers(core) if isinstance(l, keras.layers.Dropout)]
     momenta, rates = [l.momentum for l in norms], [l.rate for l in dropouts]

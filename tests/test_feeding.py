@@ -101,3 +101,53 @@ def test_predict_in_batches_matches_keras_predict_including_a_partial_batch_and_
     assert ours.shape == (11, 3) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
     assert training.predict(model, x[:0]).shape == (0, 3)
+
+
+def small_bn_model():
+    f32 = dict(dtype="float32")  # whatever precision policy an earlier test left set: exact statistics here
+    inputs = keras.Input((4, 4, 3))
+    x = keras.layers.Rescaling(1 / 255, **f32)(inputs)
+    x = keras.layers.BatchNormalization(name="bn_input", **f32)(x)
+    x = keras.layers.Dropout(0.5, name="drop", **f32)(x)
+    x = keras.layers.Conv2D(2, 1, name="conv", **f32)(x)
+    x = keras.layers.BatchNormalization(name="bn_conv", **f32)(x)
+    outputs = keras.layers.Dense(2, activation="softmax", **f32)(keras.layers.Flatten()(x))
+    return keras.Model(inputs, outputs)
+
+
+def test_recalibrate_batchnorm_sets_the_average_of_batch_statistics_and_restores_everything_else():
+    model = small_bn_model()
+    images = np.random.default_rng(0).integers(0, 255, (50, 4, 4, 3)).astype(np.uint8)
+    bn = model.get_layer("bn_input")
+    gamma_before = np.asarray(bn.gamma).copy()
+    conv_before = [np.asarray(w).copy() for w in model.get_layer("conv").weights]
+
+    used = training.recalibrate_batchnorm(model, images, n_images=40, batch_size=8, seed=1)
+
+    assert used == 40  # five full batches of 8
+    rows = np.random.default_rng(1).permutation(50)[:40]
+    batches = [images[np.sort(rows[i:i + 8])].astype(np.float64) / 255 for i in range(0, 40, 8)]
+    expected_mean = np.mean([b.mean(axis=(0, 1, 2)) for b in batches], axis=0)
+    expected_var = np.mean([b.var(axis=(0, 1, 2)) for b in batches], axis=0)
+    np.testing.assert_allclose(np.asarray(bn.moving_mean), expected_mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(bn.moving_variance), expected_var, rtol=1e-3, atol=1e-6)
+    assert bn.momentum == 0.99 and model.get_layer("drop").rate == 0.5
+    np.testing.assert_array_equal(np.asarray(bn.gamma), gamma_before)
+    for w, before in zip(model.get_layer("conv").weights, conv_before):
+        np.testing.assert_array_equal(np.asarray(w), before)
+
+
+def test_recalibrate_batchnorm_leaves_models_without_trainable_batchnorm_alone():
+    images = np.zeros((16, 4, 4, 3), np.uint8)
+    inputs = keras.Input((4, 4, 3))
+    plain = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))
+    assert training.recalibrate_batchnorm(plain, images, 16, 8, 0) == 0
+    frozen = small_bn_model()
+    for layer in frozen.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+    before = np.asarray(frozen.get_layer("bn_input").moving_mean).copy()
+    assert training.recalibrate_batchnorm(frozen, images, 16, 8, 0) == 0
+    np.testing.assert_array_equal(np.asarray(frozen.get_layer("bn_input").moving_mean), before)
+    assert training.recalibrate_batchnorm(small_bn_model(), images[:1], 16, 8, 0) == 0  # one image: no statistics
+    assert training.recalibrate_batchnorm(small_bn_model(), images[:5], 16, 8, 0) == 5  # fewer than a batch: one batch
