@@ -662,7 +662,13 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
                           float(np.nansum([float(r["seconds"]) for r in rows])), len(fit_set))
 
     passes = epoch_passes(len(fit_set), config)
-    steps = max(1, math.ceil(passes * len(fit_set) / config.batch_size))
+    y_onehot = keras.utils.to_categorical(fit_set.y, len(classes)).astype("float32")
+    if config.loader == "generator":
+        batches = legacy_training_data(fit_set, config, paired_x)
+    else:
+        fit_x = fit_set.x if paired_x is None else [fit_set.x, np.asarray(paired_x)[train_idx]]
+        batches = ArrayBatches(fit_x, y_onehot, config.batch_size, config.seed, passes)
+    stream = Endless(batches)  # one epoch = one pass of `batches`: stream.steps_per_epoch optimizer steps
     with distribution_scope():
         core = build_core()
         if before_fit:
@@ -670,7 +676,7 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
         train_model = (build_train_model(core, config) if build_train_model
                        else build_training_model(core, None if config.loader == "generator" else config.augment,
                                                  config.seed))
-        optimizer = make_optimizer(config, steps)
+        optimizer = make_optimizer(config, stream.steps_per_epoch)
         if compile_model:
             compile_model(train_model, optimizer, config)
         else:
@@ -681,14 +687,7 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
                                meta, config.verbose,
                                (fit_set.x, config.bn_recalibrate, config.seed) if config.bn_recalibrate else None)
     callbacks = [AtomicBackupAndRestore(str(run_dir / "backup")), evaluator]
-    y_onehot = keras.utils.to_categorical(fit_set.y, len(classes)).astype("float32")
     start = time.perf_counter()
-    if config.loader == "generator":
-        batches = legacy_training_data(fit_set, config, paired_x)
-    else:
-        fit_x = fit_set.x if paired_x is None else [fit_set.x, np.asarray(paired_x)[train_idx]]
-        batches = ArrayBatches(fit_x, y_onehot, config.batch_size, config.seed, passes)
-    stream = Endless(batches)
     train_model.fit(stream, steps_per_epoch=stream.steps_per_epoch, epochs=config.epochs, class_weight=weights,
                     callbacks=callbacks, verbose=_fit_verbosity(config.verbose), shuffle=False)
     seconds = time.perf_counter() - start
