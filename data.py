@@ -681,8 +681,8 @@ def warp_images(images, matrices, method="gather"):
     """Warp uint8 (B, H, W, C) images by (B, 2, 3) output->input matrices; bilinear, edges repeated.
 
     method 'gather': four gathers written with keras.ops. Under TensorFlow that function is compiled with XLA
-    on its own (tf.function(jit_compile=True)), inside the otherwise uncompiled training step: on the 2-core
-    CPU a batch of 32 at 224 px took 6 ms so, against 26 ms through TF's projective-transform kernel ('builtin',
+    on its own (tf.function(jit_compile=True)), inside the otherwise uncompiled training step: timed once on the
+    2-core CPU, a batch of 32 at 224 px took 6 ms so, against 26 ms through TF's projective-transform kernel ('builtin',
     Keras' affine_transform) and 150 ms as plain TF ops. Under JAX the whole training step is compiled anyway.
     """
     if method == "gather" and _keras().backend.backend() == "tensorflow":

@@ -6,13 +6,14 @@ import pytest
 
 import train_cnn
 from data import UserError
-from conftest import run_script
+from conftest import PROJECT, run_script
 
 RUN_FILES = ("args.json", "history.csv", "metrics.json", "model.h5", "val_predictions.csv", "curves.png",
              "confusion.png")
 
 
-def test_short_demo_run_writes_the_run_folder_and_beats_the_majority_baseline(demo_root, cache_dir, tmp_path):
+def test_short_demo_run_writes_the_run_folder_and_beats_the_majority_baseline(demo_root, cache_dir, tmp_path,
+                                                                                capsys):
     out = tmp_path / "run"
     train_cnn.main(["--data", str(demo_root), "--image-size", "32", "--epochs", "6", "--out", str(out),
                     "--quiet"])
@@ -30,6 +31,20 @@ def test_short_demo_run_writes_the_run_folder_and_beats_the_majority_baseline(de
     assert len(history) == 7 and history[0].startswith("epoch,train_loss")
     args = json.loads((out / "args.json").read_text())
     assert args["image_size"] == 32 and args["recipe"] == "default" and "versions" in args
+
+    # tools/bn_recalibration_check.py on this run: three variants, the saved one scoring as metrics.json says.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bn_check", PROJECT / "tools" / "bn_recalibration_check.py")
+    bn_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bn_check)
+    before = (out / "model.h5").read_bytes()
+    capsys.readouterr()  # drop the training run's own summary
+    assert bn_check.main([str(out), "--data", str(demo_root), "--split", "WBC_100", "--images", "64"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if "macro-F1" in l]
+    assert [l.split("  accuracy")[0].strip() for l in lines] == [
+        "as saved", "BN statistics from plain training images", "BN statistics from augmented training images"]
+    assert f"accuracy {m['val_accuracy_selected']:.3f}" in lines[0]
+    assert (out / "model.h5").read_bytes() == before  # nothing written
 
 
 def test_bad_data_paths_end_in_one_line_and_exit_2(tmp_path):
