@@ -33,7 +33,10 @@ import numpy as np
 
 import cli
 import recipes
-from data import UserError
+from runfiles import UserError
+import augment
+import legacy
+import runfiles
 
 PIPELINES = ("legacy", "cached", "arrays")
 ALIASES = {"a": "legacy", "b": "cached", "c": "arrays"}
@@ -135,7 +138,7 @@ def large_demo_copy(demo_root: Path, size: int) -> Path:
             list(pool.map(convert, enumerate(split.train.paths + split.val.paths)))
         (tmp / "done").write_text("ok\n")
 
-    data.build_folder_atomically(target, fill, prefix=".large-")
+    runfiles.build_folder_atomically(target, fill, prefix=".large-")
     return target
 
 
@@ -149,7 +152,7 @@ def peak_rss_mb() -> float:
 
 def machine_info() -> dict:
     import keras
-    import training
+    import devices
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -165,7 +168,7 @@ def machine_info() -> dict:
         info["memory_gb"] = round(psutil.virtual_memory().total / 2 ** 30, 1)
     except ImportError:
         pass
-    if training.has_gpu():
+    if devices.has_gpu():
         if info["backend"] == "jax":
             import jax
             info["gpu"] = ", ".join(sorted({d.device_kind for d in jax.devices() if d.platform == "gpu"}))
@@ -180,9 +183,9 @@ def machine_info() -> dict:
 def job_cache(spec: dict) -> dict:
     """Machine facts, the resolved precisions, and cache building from scratch: images/s and peak RSS."""
     import data
-    import training
+    import devices
     info = machine_info()
-    precision = {p: training.resolve_precision(p) for p in ("auto", spec["precision"])}
+    precision = {p: devices.resolve_precision(p) for p in ("auto", spec["precision"])}
     files = data.find_split(spec["root"], spec["split"])
     rss_before = peak_rss_mb()
     start = time.perf_counter()
@@ -214,38 +217,39 @@ def job_pipeline(spec: dict) -> dict:
     """Train spec['epochs'] epochs fed by one pipeline; time each epoch from its first to its last batch."""
     import keras
     import data
-    import training
+    import devices
+    import feeding
     pipeline, batch = spec["pipeline"], spec["batch_size"]
-    precision = training.set_precision(spec["precision"])
-    training.seed_everything(spec["seed"])
+    precision = devices.set_precision(spec["precision"])
+    devices.seed_everything(spec["seed"])
     files = data.find_split(spec["root"], spec["split"])
     train = data.load_images(files.train, spec["image_size"], cache_dir=spec["cache_dir"], verbose=False)
     n = len(train)
     index = np.resize(np.arange(n), spec["steps"] * batch) if spec["steps"] else np.arange(n)
     images = len(index)
     y = keras.utils.to_categorical(train.y[index], len(train.classes)).astype("float32")
-    augment = spec["augment"]
-    with training.distribution_scope():
+    augmentation = spec["augment"]
+    with devices.distribution_scope():
         core = build_core(spec, len(train.classes))
-        model = training.build_training_model(core, augment if pipeline == "cached" else None, spec["seed"])
+        model = augment.with_augmentation(core, augmentation if pipeline == "cached" else None, spec["seed"])
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", metrics=["accuracy"])
     timer = EpochTimer()
     if pipeline == "legacy":
-        batches = data.legacy_generator([train.paths[i] for i in index], train.y[index], train.classes,
-                                        spec["image_size"], batch, **augment, seed=spec["seed"])
+        batches = legacy.legacy_generator([train.paths[i] for i in index], train.y[index], train.classes,
+                                        spec["image_size"], batch, **augmentation, seed=spec["seed"])
     else:
         if pipeline == "arrays":
             x = np.array(train.x[index])  # in memory
         else:
             x = train.x if spec["steps"] is None else train.x[index]  # the decoded cache's images
-        batches = training.ArrayBatches(x, y, batch, spec["seed"])
+        batches = feeding.ArrayBatches(x, y, batch, spec["seed"])
     # Every pipeline feeds fit the way training.train does: one endless stream, one epoch per pass.
-    stream = training.Endless(batches)
+    stream = feeding.Endless(batches)
     model.fit(stream, steps_per_epoch=stream.steps_per_epoch, epochs=spec["epochs"], callbacks=[timer], verbose=0,
               shuffle=False)
     ips = [images / s for s in timer.seconds]
     warp = None
-    if pipeline == "cached" and augment:
+    if pipeline == "cached" and augmentation:
         layer = next(l for l in model.layers if l.__class__.__name__ == "RandomAffine")
         warp = layer._backend_warp()
     entry = {"pipeline": pipeline, "precision": precision, "images_per_epoch": images, "batch_size": batch,
@@ -334,14 +338,15 @@ def main(argv=None):
     if argv[:1] == ["--worker"]:
         return worker(Path(argv[1]))
     args = parse_args(argv)
+    cli.import_keras_quietly()
     dataset = resolve_bench_data(args)
-    augment = recipe_augmentation(args.recipe)
+    augmentation = recipe_augmentation(args.recipe)
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="wbc-bench-"))
     overrides = {"stem_stride": args.stem_stride} if args.stem_stride else {}
     base = {"root": dataset["root"], "split": args.split, "image_size": args.image_size, "model": args.model,
             "recipe": args.recipe, "batch_size": args.batch_size, "epochs": args.epochs, "steps": args.steps,
-            "seed": args.seed, "augment": augment, "model_overrides": overrides, "cache_dir": str(workdir / "cache")}
+            "seed": args.seed, "augment": augmentation, "model_overrides": overrides, "cache_dir": str(workdir / "cache")}
     try:
         # The cache is built from scratch in a private folder, so its speed is measured every time. Under JAX
         # this process must not grab the GPU's memory before the training processes run.
@@ -388,7 +393,7 @@ def main(argv=None):
         "model_overrides": overrides,
         "image_size": args.image_size, "batch_size": args.batch_size, "epochs": args.epochs, "steps": args.steps,
         "repeats": args.repeats,
-        "augmentation": augment, "data": dataset, "argv": ["bench.py", *argv], "in_process": args.in_process,
+        "augmentation": augmentation, "data": dataset, "argv": ["bench.py", *argv], "in_process": args.in_process,
         "cache_build": {k: cache[k] for k in ("images", "seconds", "images_per_second", "peak_rss_mb",
                                               "rss_before_mb", "workers")},
         "pipelines": entries,

@@ -9,11 +9,15 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from data import MASK_FILLS, MASK_MODES, UserError  # noqa: E402
+import recipes  # noqa: E402
+from data import MASK_FILLS, MASK_MODES  # noqa: E402
+from runfiles import UserError  # noqa: E402
 
 
 def import_keras_quietly():
-    """Import Keras (and TensorFlow, its default backend) with stderr silenced at the file-descriptor level:
+    """Called by a script once its arguments are checked, so that --help and a mistyped option answer at once.
+
+    Import Keras (and TensorFlow, its default backend) with stderr silenced at the file-descriptor level:
     TensorFlow's C++ start-up lines ('oneDNN custom operations are on', absl notices) ignore
     TF_CPP_MIN_LOG_LEVEL, and a user's terminal or an error line should not start with them."""
     if "keras" in sys.modules:
@@ -28,9 +32,6 @@ def import_keras_quietly():
         os.close(saved)
         os.close(devnull)
 
-
-if not {"-h", "--help"} & set(sys.argv[1:]):
-    import_keras_quietly()
 
 EXIT_USER_ERROR = 2
 
@@ -213,3 +214,22 @@ def check_non_negative(args, *names):
 def args_dict(args) -> dict:
     """Parsed arguments as JSON-friendly values, for args.json and the model's metadata."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def add_cnn_training_args(parser):
+    """The options after the data group that every CNN training script shares (train_masked.py too)."""
+    recipes.add_cnn_args(parser)
+    add_training_args(parser)
+    add_augmentation_args(parser)
+    add_output_args(parser)
+
+
+def resolve_cnn_args(args):
+    """Fill recipe defaults, the data root and the epoch budget (12 on the demo data, 30 otherwise); validate."""
+    recipes.apply_recipe(args)
+    resolve_data(args)
+    if args.epochs is None:
+        args.epochs = 12 if args.demo else 30
+    check_positive(args, "epochs", "batch_size", "lr")
+    check_non_negative(args, "class_weight_power", "bn_recalibrate")
+    return args

@@ -1,20 +1,18 @@
-"""Data: find images in the course layout, decode them once into a uint8 cache, augment on the device.
+"""Data: find images in the course layout and decode them once into a uint8 cache (ImageSet).
 
 The flow (docs/ARCHITECTURE.md):
     files --scan--> FileList (+ mask pairs) --decode, RGB, resize, mask mode--> uint8 cache on disk
-          --> ImageSet(x: uint8 N x H x W x 3, y, classes, paths) --> training.fit
+          --> ImageSet(x: uint8 N x H x W x 3, y, classes, paths) --> training.train
 
-Only the legacy ImageDataGenerator loader imports TensorFlow; everything else is numpy, Pillow and keras.ops.
+numpy and Pillow only; Keras is imported for its progress bar while decoding.
 """
 from __future__ import annotations
 
 import dataclasses
 import errno
-import functools
 import hashlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
+
+from runfiles import UserError, atomic_write_text
 
 WBC_CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 WBC_SPLITS = ("WBC_100", "WBC_50", "WBC_10", "WBC_1")
@@ -36,10 +36,6 @@ CACHE_FORMAT = 1  # bump when decoding changes pixels, so old caches are rebuilt
 
 # A 10,000 x 10,000 scan is a legitimate (if silly) input; refuse only real decompression bombs.
 Image.MAX_IMAGE_PIXELS = 400_000_000
-
-
-class UserError(Exception):
-    """A problem the user can fix (path, layout, file). Scripts print it as one line and exit 2."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,36 +528,6 @@ def _ensure_writable(cache_dir: Path) -> bool:
         return False
 
 
-def atomic_write_text(path: Path, text: str):
-    """Write beside, fsync, then rename: a reader sees the old file or the whole new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    # backslashreplace: a file name that is not valid UTF-8 is written escaped, not a crash at the run's end
-    with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def build_folder_atomically(target: Path, fill, prefix: str = ".build-") -> Path:
-    """Create `target` by calling fill(tmp) on a temporary folder beside it, then renaming it into place, so a
-    killed build never leaves a half-written folder under the final name. A concurrent builder may win."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
-    try:
-        fill(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
 def _warn_skipped(images: ImageSet, name: str, mask_mode: str = "replace"):
     if images.skipped:
         shown = ", ".join(Path(p).name for p in images.skipped[:3])
@@ -575,237 +541,3 @@ def _warn_skipped(images: ImageSet, name: str, mask_mode: str = "replace"):
               f"{shown}{more}", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------------------------
-# Augmentation on the device
-# ----------------------------------------------------------------------------------------------
-
-def _keras():
-    import keras
-    return keras
-
-
-def make_augmentation(rotation=30.0, shear=10.0, horizontal_flip=True, vertical_flip=True,
-                      zoom=0.0, shift=0.0, seed=None, warp="auto"):
-    """The random affine layer with the report's kind of augmentation (ImageDataGenerator's meanings:
-    rotation and shear in degrees, zoom and shift as fractions)."""
-    return random_affine_class()(rotation=rotation, shear=shear, horizontal_flip=horizontal_flip,
-                        vertical_flip=vertical_flip, zoom=zoom, shift=shift, seed=seed, warp=warp)
-
-
-@functools.cache
-def random_affine_class():
-    keras = _keras()
-    ops = keras.ops
-
-    @keras.saving.register_keras_serializable(package="wbc")
-    class RandomAffine(keras.layers.Layer):
-        """One fused random affine warp per image: rotation, shear, flips, optional zoom and shift.
-
-        Takes and returns uint8 RGB batches; active only when training=True. The warp is bilinear with
-        edge pixels repeated outside the image (ImageDataGenerator's fill_mode='nearest'): one gather-based
-        warp written with keras.ops (warp_images; XLA-compiled under TensorFlow, nearly free on a GPU under
-        JAX); warp='builtin' uses Keras' affine_transform instead.
-        """
-
-        def __init__(self, rotation=0.0, shear=0.0, horizontal_flip=False, vertical_flip=False,
-                     zoom=0.0, shift=0.0, seed=None, warp="auto", **kwargs):
-            kwargs.setdefault("dtype", "float32")  # geometry in float32 even under mixed precision
-            super().__init__(**kwargs)
-            self.rotation, self.shear, self.zoom, self.shift = float(rotation), float(shear), float(zoom), float(shift)
-            self.horizontal_flip, self.vertical_flip = bool(horizontal_flip), bool(vertical_flip)
-            self.seed = seed
-            self.warp = warp
-            self.seed_generator = keras.random.SeedGenerator(seed)
-
-        @property
-        def is_identity(self):
-            return not (self.rotation or self.shear or self.zoom or self.shift
-                        or self.horizontal_flip or self.vertical_flip)
-
-        def random_matrices(self, batch, height, width):
-            """(B, 2, 3) matrices mapping output (row, col, 1) to input (row, col)."""
-            def uniform(low, high):
-                return keras.random.uniform((batch,), low, high, seed=self.seed_generator)
-
-            def sign(enabled):
-                if not enabled:
-                    return ops.ones((batch,))
-                return ops.where(uniform(0.0, 1.0) < 0.5, -1.0, 1.0)
-
-            deg = np.pi / 180.0
-            theta = uniform(-self.rotation, self.rotation) * deg
-            shear = uniform(-self.shear, self.shear) * deg
-            zy = uniform(1.0 - self.zoom, 1.0 + self.zoom)
-            zx = uniform(1.0 - self.zoom, 1.0 + self.zoom)
-            ty = uniform(-self.shift, self.shift) * height
-            tx = uniform(-self.shift, self.shift) * width
-            fy, fx = sign(self.vertical_flip), sign(self.horizontal_flip)
-            cos, sin = ops.cos(theta), ops.sin(theta)
-            # A = rotation @ shear @ zoom @ flip, in (row, col) coordinates around the centre.
-            # rotation R = [[c, -s], [s, c]] times shear S = [[1, -sin(sh)], [0, cos(sh)]], as in
-            # ImageDataGenerator; zoom and flips scale the columns.
-            r_s00, r_s01 = cos, -cos * ops.sin(shear) - sin * ops.cos(shear)
-            r_s10, r_s11 = sin, -sin * ops.sin(shear) + cos * ops.cos(shear)
-            a00, a01 = r_s00 * zy * fy, r_s01 * zx * fx
-            a10, a11 = r_s10 * zy * fy, r_s11 * zx * fx
-            cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
-            b0 = cy + ty - (a00 * cy + a01 * cx)
-            b1 = cx + tx - (a10 * cy + a11 * cx)
-            rows = [ops.stack([a00, a01, b0], -1), ops.stack([a10, a11, b1], -1)]
-            return ops.stack(rows, 1)
-
-        def call(self, images, training=None):
-            if not training or self.is_identity:
-                return images
-            shape = ops.shape(images)
-            matrices = self.random_matrices(shape[0], images.shape[1], images.shape[2])
-            return warp_images(images, matrices, self._backend_warp())
-
-        def _backend_warp(self):
-            return "gather" if self.warp == "auto" else self.warp
-
-        def compute_output_shape(self, input_shape):
-            return input_shape
-
-        def get_config(self):
-            config = super().get_config()
-            config.update(rotation=self.rotation, shear=self.shear, horizontal_flip=self.horizontal_flip,
-                          vertical_flip=self.vertical_flip, zoom=self.zoom, shift=self.shift,
-                          seed=self.seed, warp=self.warp)
-            return config
-
-    return RandomAffine
-
-
-def warp_images(images, matrices, method="gather"):
-    """Warp uint8 (B, H, W, C) images by (B, 2, 3) output->input matrices; bilinear, edges repeated.
-
-    method 'gather': four gathers written with keras.ops. Under TensorFlow that function is compiled with XLA
-    on its own (tf.function(jit_compile=True)), inside the otherwise uncompiled training step: timed once on the
-    2-core CPU, a batch of 32 at 224 px took 6 ms so, against 26 ms through TF's projective-transform kernel ('builtin',
-    Keras' affine_transform) and 150 ms as plain TF ops. Under JAX the whole training step is compiled anyway.
-    """
-    if method == "gather" and _keras().backend.backend() == "tensorflow":
-        return _xla_gather_warp()(images, matrices)
-    return _warp(images, matrices, method)
-
-
-def _warp(images, matrices, method):
-    ops = _keras().ops
-    height, width = images.shape[1], images.shape[2]
-    x = ops.cast(images, "float32")
-    if method == "builtin":
-        # affine_transform wants [a0 a1 a2 b0 b1 b2 c0 c1] mapping output (x=col, y=row) to input.
-        m = matrices
-        transform = ops.stack([m[:, 1, 1], m[:, 1, 0], m[:, 1, 2], m[:, 0, 1], m[:, 0, 0], m[:, 0, 2],
-                               ops.zeros_like(m[:, 0, 0]), ops.zeros_like(m[:, 0, 0])], -1)
-        out = ops.image.affine_transform(x, transform, interpolation="bilinear", fill_mode="nearest")
-    else:
-        out = _gather_warp(x, matrices, height, width)
-    out = ops.clip(ops.round(out), 0, 255)
-    return ops.cast(out, images.dtype)
-
-
-@functools.cache
-def _xla_gather_warp():
-    import tensorflow as tf  # only reached under the TensorFlow backend, where it is already imported
-    return tf.function(functools.partial(_warp, method="gather"), jit_compile=True)
-
-
-def _gather_warp(x, matrices, height, width):
-    ops = _keras().ops
-    batch, channels = ops.shape(x)[0], x.shape[3]
-    rows, cols = np.meshgrid(np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32),
-                             indexing="ij")
-    grid = ops.convert_to_tensor(np.stack([rows.ravel(), cols.ravel(), np.ones(height * width, np.float32)]))
-    src = ops.einsum("bij,jp->bip", matrices, grid)  # (B, 2, H*W)
-    sy = ops.clip(src[:, 0], 0.0, height - 1.0)
-    sx = ops.clip(src[:, 1], 0.0, width - 1.0)
-    y0, x0 = ops.floor(sy), ops.floor(sx)
-    wy, wx = sy - y0, sx - x0
-    y0, x0 = ops.cast(y0, "int32"), ops.cast(x0, "int32")
-    y1, x1 = ops.minimum(y0 + 1, height - 1), ops.minimum(x0 + 1, width - 1)
-    flat = ops.reshape(x, (batch, height * width, channels))
-
-    def gather(yi, xi):
-        return ops.take_along_axis(flat, ops.expand_dims(yi * width + xi, -1), axis=1)
-
-    wy, wx = ops.expand_dims(wy, -1), ops.expand_dims(wx, -1)
-    top = gather(y0, x0) * (1 - wx) + gather(y0, x1) * wx
-    bottom = gather(y1, x0) * (1 - wx) + gather(y1, x1) * wx
-    return ops.reshape(top * (1 - wy) + bottom * wy, (batch, height, width, channels))
-
-
-def __getattr__(name):
-    # The Keras layer class is built on first use, so that importing data.py does not import Keras.
-    if name == "RandomAffine":
-        return random_affine_class()
-    raise AttributeError(name)
-
-
-# ----------------------------------------------------------------------------------------------
-# The legacy loader: the original report's ImageDataGenerator pipeline (the benchmark's baseline)
-# ----------------------------------------------------------------------------------------------
-
-def _legacy_image_module():
-    """Keras' legacy ImageDataGenerator module: Keras 3 keeps it under keras.src.legacy (numpy + scipy, any
-    backend); tf.keras re-exports the same classes and is the fallback where that private path moves."""
-    try:
-        from keras.src.legacy.preprocessing import image
-    except ImportError:  # pragma: no cover - depends on the Keras version
-        from tensorflow.keras.preprocessing import image  # noqa: F811
-    return image
-
-
-def legacy_generator(paths, labels, classes, image_size: int, batch_size: int = 32, rotation: float = 0.0,
-                     shear: float = 0.0, horizontal_flip: bool = False, vertical_flip: bool = False,
-                     zoom: float = 0.0, shift: float = 0.0, seed: int | None = None, shuffle: bool = True,
-                     interpolation: str = "nearest", workers: int = 1):
-    """The report's input pipeline: keras' legacy ImageDataGenerator reading every file from disk on every
-    epoch. Returns a keras PyDataset of (uint8 RGB batch (B, S, S, 3), one-hot float32 labels).
-
-    Per image it does exactly what ImageDataGenerator.flow_from_directory does (load_img at full size,
-    resize to `image_size` with `interpolation`, the report's 'nearest' by default; then a random
-    transform with scipy on the CPU), but over an explicit file list, so a training script's hold-out
-    images stay out of training. The augmentation parameters mean what they mean for make_augmentation:
-    rotation and shear in degrees, zoom and shift as fractions, flips, edge pixels repeated
-    (fill_mode='nearest'). No rescaling: the core model takes uint8-range RGB and rescales inside, so the
-    batches are rounded to uint8 like the cached pipeline's.
-    """
-    image = _legacy_image_module()
-    generator = image.ImageDataGenerator(
-        rotation_range=rotation, shear_range=shear, zoom_range=zoom, width_shift_range=shift,
-        height_shift_range=shift, horizontal_flip=horizontal_flip, vertical_flip=vertical_flip,
-        fill_mode="nearest", dtype="float32")
-
-    class FileListIterator(image.BatchFromFilesMixin, image.Iterator):
-        """flow_from_directory's iterator (DirectoryIterator) with the file list given, not scanned."""
-
-        def __init__(self):
-            self.set_processing_attrs(generator, (image_size, image_size), "rgb", "channels_last", None, "",
-                                      "png", None, interpolation, False)
-            self._filepaths = [str(p) for p in paths]
-            self.classes = np.asarray(labels, dtype=np.int32)
-            self.class_indices = {c: i for i, c in enumerate(classes)}
-            self.class_mode, self.dtype, self.samples = "categorical", "float32", len(self._filepaths)
-            super().__init__(self.samples, batch_size, shuffle, seed, workers=workers)
-
-        @property
-        def filepaths(self):
-            return self._filepaths
-
-        @property
-        def labels(self):
-            return self.classes
-
-        @property
-        def sample_weight(self):
-            return None
-
-        def _get_batches_of_transformed_samples(self, index_array):
-            x, y = super()._get_batches_of_transformed_samples(index_array)
-            return np.clip(np.round(x), 0, 255).astype(np.uint8), y
-
-    if not len(paths):
-        raise UserError("the legacy loader got no training images")
-    return FileListIterator()

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from data import WBC_CLASSES, build_folder_atomically, default_cache_dir
+from data import WBC_CLASSES, default_cache_dir
+from runfiles import build_folder_atomically
 
 DEMO_VERSION = 2
 FOLDER_NAMES = {"basophil": "Basophil", "eosinophil": "Eosinophil", "lymphocyte": "Lymphocyte",

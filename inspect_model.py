@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cli
-from data import UserError
+from runfiles import UserError
+import runfiles
 
 COMMANDS = ("summary", "evaluate", "predict", "gradcam")
 CONV_LAYERS = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose")
@@ -88,6 +89,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.import_keras_quietly()
     loaded = load(args.model, args.classes)
     return {"summary": cmd_summary, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "gradcam": cmd_gradcam}[args.command](loaded, args)
@@ -106,10 +108,9 @@ class Loaded:
 
 
 def load(path: Path, classes_arg: str | None = None) -> Loaded:
-    import training
-    model = training.load_core_model(path)
+    model = runfiles.load_core_model(path)
     try:
-        metadata = training.read_h5_metadata(path) if Path(path).suffix.lower() != ".keras" else {}
+        metadata = runfiles.read_h5_metadata(path) if Path(path).suffix.lower() != ".keras" else {}
     except (OSError, ValueError):
         metadata = {}  # a plain Keras file, or metadata that is not JSON: the model itself still works
     if len(model.inputs) != 1 or len(model.outputs) != 1:
@@ -271,6 +272,7 @@ def eval_files(folder: Path, classes: list[str], split: str):
 
 def cmd_evaluate(loaded: Loaded, args):
     import data
+    import feeding
     import metrics
     import report
     import training
@@ -282,7 +284,7 @@ def cmd_evaluate(loaded: Loaded, args):
     if len(images) == 0:
         raise UserError(f"{args.dir}: none of the images could be decoded")
     start = time.perf_counter()
-    probs = training.predict(loaded.model, images.x, args.batch_size)
+    probs = feeding.predict(loaded.model, images.x, args.batch_size)
     seconds = time.perf_counter() - start
     m = metrics.classification_metrics(images.y, probs, loaded.classes)
     args.resume = False
@@ -294,9 +296,9 @@ def cmd_evaluate(loaded: Loaded, args):
     result = {"model": str(loaded.path), "data": str(args.dir), "images": len(images), "counts": images.counts(),
               "skipped_images": images.skipped, "image_size": loaded.image_size, **m,
               "seconds_predict": seconds}
-    training.write_json(out / "metrics.json", result)
+    runfiles.write_json(out / "metrics.json", result)
     training.write_predictions(out / "predictions.csv", images, probs, loaded.classes)
-    training.atomic_write_text(out / "report.txt", text)
+    runfiles.atomic_write_text(out / "report.txt", text)
     report.plot_confusion(m["confusion_matrix"], loaded.classes, out / "confusion.png",
                           title=f"{loaded.path.name} on {Path(args.dir).name} ({len(images)} images)")
     print(text)
@@ -621,10 +623,9 @@ def cmd_gradcam(loaded: Loaded, args):
         raise UserError(f"{', '.join(map(str, args.paths))}: none of the {len(files)} files is a readable image")
     warn_skipped(skipped)
     import io
-    import training
     buf = io.StringIO()
     csv.writer(buf).writerows([["file", "heatmap", "explained_class", "probability", "predicted"]] + rows)
-    training.atomic_write_text(args.out / "gradcam.csv", buf.getvalue())
+    runfiles.atomic_write_text(args.out / "gradcam.csv", buf.getvalue())
     print(f"wrote {len(rows)} heatmaps ({size}x{size} PNG) and gradcam.csv to {args.out}/")
     return 0
 

@@ -18,8 +18,9 @@ import json
 from pathlib import Path
 
 import cli
-from data import UserError
+from runfiles import UserError
 from recipes import RECIPES
+import runfiles
 
 # Keras' own download of the ImageNet ResNet50 weights without the top (keras.applications.resnet).
 IMAGENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
@@ -153,16 +154,16 @@ def pretrain_cam16(args, run_dir: Path, weights, init_name: str) -> dict:
 def evaluate_cam16(run_dir: Path, test) -> dict:
     """The selected model, once, on CAM16 test: accuracy and ROC AUC of the tumor probability."""
     import metrics
-    import training
+    import feeding
     from sklearn.metrics import roc_auc_score
-    core = training.load_core_model(run_dir / "model.h5")
-    probs = training.predict(core, test.x)
+    core = runfiles.load_core_model(run_dir / "model.h5")
+    probs = feeding.predict(core, test.x)
     m = metrics.classification_metrics(test.y, probs, test.classes)
     tumor = list(test.classes).index("tumor")
     auc = float(roc_auc_score(test.y == tumor, probs[:, tumor])) if len(set(test.y)) == 2 else float("nan")
     out = {"accuracy": m["accuracy"], "roc_auc": auc, "balanced_accuracy": m["balanced_accuracy"],
            "confusion_matrix": m["confusion_matrix"], "images": len(test), "counts": test.counts()}
-    training.write_json(run_dir / "cam16_test.json", out)
+    runfiles.write_json(run_dir / "cam16_test.json", out)
     return out
 
 
@@ -175,7 +176,7 @@ def finetune(args, out: Path, start, train_set, val_set, arm: str) -> dict:
 
     def new_head():
         if isinstance(start, Path):
-            return models.replace_head(training.load_core_model(start), n, name="resnet50_wbc")
+            return models.replace_head(runfiles.load_core_model(start), n, name="resnet50_wbc")
         return build_from_init(start, n, args.image_size, args.bn_momentum)
 
     build = new_head
@@ -188,7 +189,7 @@ def finetune(args, out: Path, start, train_set, val_set, arm: str) -> dict:
                        extra_metadata={**meta, "stage": "finetune_frozen"})
 
         def build():  # noqa: F811 - continue from the selected frozen-phase model
-            return training.load_core_model(frozen / "model.h5")
+            return runfiles.load_core_model(frozen / "model.h5")
     return training.train(out / "finetune", build, train_set, val_set, config_for(args, args.epochs, args.lr),
                           args=cli.args_dict(args), resume=args.resume,
                           before_fit=lambda core: models.set_backbone_trainable(core, True),
@@ -228,11 +229,10 @@ def arm_path(args, weights, out: Path, train_set, val_set, init_name: str, skip:
 
 def reuse_pretrained(args, out: Path, train_set, val_set) -> dict:
     """The main arm from an earlier stage-1 model (--pretrained), with that run's CAM16 figures."""
-    import training
     model = args.pretrained / "model.h5" if args.pretrained.is_dir() else args.pretrained
     run = model.parent
-    training.load_core_model(model)  # one clear line when it is not a model
-    meta = training.read_h5_metadata(model)
+    runfiles.load_core_model(model)  # one clear line when it is not a model
+    meta = runfiles.read_h5_metadata(model)
     test = run / "cam16_test.json"
     test = json.loads(test.read_text()) if test.exists() else None
     val = run / "metrics.json"
@@ -257,7 +257,6 @@ def comparison_rows(arms: list[dict]) -> list[dict]:
 def write_comparison(out: Path, rows: list[dict], split: str) -> str:
     import csv
     import io
-    import training
 
     def fmt(v):
         return f"{v:.4f}" if isinstance(v, float) else ("-" if v == "" else str(v))
@@ -265,19 +264,20 @@ def write_comparison(out: Path, rows: list[dict], split: str) -> str:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    training.atomic_write_text(out / "comparison.csv", buf.getvalue())
+    runfiles.atomic_write_text(out / "comparison.csv", buf.getvalue())
     cols = ["arm", "wbc_val_accuracy", "wbc_balanced_accuracy", "wbc_macro_f1", "majority_baseline",
             "collapsed", "cam16_test_accuracy", "cam16_test_roc_auc"]
     lines = [f"WBC {split} validation (epoch selected on the training hold-out)", "",
              "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
     text = "\n".join(lines) + "\n"
-    training.atomic_write_text(out / "comparison.md", text)
+    runfiles.atomic_write_text(out / "comparison.md", text)
     return text
 
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.import_keras_quietly()
     out = cli.resolve_run_dir(args, f"resnet_{args.split}_seed{args.seed}")
     args.out_root = out
     init_name = args.init if args.init in ("scratch", "imagenet") else "file"

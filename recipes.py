@@ -12,7 +12,7 @@ RECIPES = {
     # stem_stride 'auto': a stride-2 first convolution from 160 px up (models.build_cnn): at 224 px it kept the
     # accuracy of the plain CNN on PBC at a quarter of the operations.
     # bn_recalibrate: batch-norm statistics recomputed from plain training images before each evaluation (the
-    # moving averages describe the heavily augmented images; training.recalibrate_batchnorm).
+    # moving averages describe the heavily augmented images; feeding.recalibrate_batchnorm).
     # Square-root class weights: full inverse frequency (basophil ~30x neutrophil on course proportions) made
     # the PBC models call neutrophils basophils; the root kept balanced accuracy and raised macro-F1 (README).
     "default": dict(width=32, depth=4, dropout=0.05, dropout_step=0.05, dense=128, pooling="avg",

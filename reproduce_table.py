@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import cli
-from data import UserError
+from runfiles import UserError
+import runfiles
 
 PROJECT = Path(__file__).resolve().parent
 SPLIT_ORDER = ("WBC_1", "WBC_10", "WBC_50", "WBC_100")  # the report's order, fewest labels first
@@ -218,9 +219,8 @@ def metrics_folder(out: Path, row: Row, seed: int) -> Path:
 
 
 def is_complete(out: Path, row: Row, seed: int) -> bool:
-    import training
     folder = metrics_folder(out, row, seed)
-    return training.run_is_complete(folder) and (folder / "val_predictions.csv").exists()
+    return runfiles.run_is_complete(folder) and (folder / "val_predictions.csv").exists()
 
 
 def command(row: Row, seed: int, args, out: Path) -> list[str]:
@@ -521,7 +521,7 @@ def _verdict(c: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 
 def write_results(out: Path, rows: list[Row], config: dict, failures: list[dict], n_resamples: int) -> list[dict]:
-    from training import atomic_write_text
+    from runfiles import atomic_write_text
     records = collect(out, rows)
     if not records:
         raise UserError(f"{out}/runs: no finished runs to report (train some first: reproduce_table.py "
@@ -552,9 +552,8 @@ def main(argv=None):
         data.find_split(args.data, split)
     config = check_config(out, args)
     if not args.dry_run:
-        import training
         out.mkdir(parents=True, exist_ok=True)
-        training.write_json(out / "table_config.json", config)
+        runfiles.write_json(out / "table_config.json", config)
     failures = []
     try:
         failures = train_rows(rows, args, out)

@@ -11,34 +11,16 @@ import cli
 import recipes
 
 
-def add_cnn_script_args(parser):
-    """The options after the data group that every CNN training script shares (train_masked.py too)."""
-    recipes.add_cnn_args(parser)
-    cli.add_training_args(parser)
-    cli.add_augmentation_args(parser)
-    cli.add_output_args(parser)
-
-
-def resolve_cnn_script_args(args):
-    """Fill recipe defaults, the data root and the epoch budget (12 on the demo data, 30 otherwise); validate."""
-    recipes.apply_recipe(args)
-    cli.resolve_data(args)
-    if args.epochs is None:
-        args.epochs = 12 if args.demo else 30
-    cli.check_positive(args, "epochs", "batch_size", "lr")
-    cli.check_non_negative(args, "class_weight_power", "bn_recalibrate")
-    return args
-
-
 def parse_args(argv=None):
     parser = cli.make_parser(__doc__.split("\n")[0], prog="train_cnn.py")
     cli.add_data_args(parser)
-    add_cnn_script_args(parser)
-    return resolve_cnn_script_args(parser.parse_args(argv))
+    cli.add_cnn_training_args(parser)
+    return cli.resolve_cnn_args(parser.parse_args(argv))
 
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.import_keras_quietly()
     import models
     import training
 

@@ -16,7 +16,6 @@ import sys
 
 import cli
 import recipes
-from train_cnn import add_cnn_script_args, resolve_cnn_script_args
 
 
 def parse_args(argv=None):
@@ -25,8 +24,8 @@ def parse_args(argv=None):
     g.add_argument("--consistency", type=float, default=0.0, metavar="WEIGHT",
                    help="> 0: train on raw images and penalise WEIGHT x the symmetric KL divergence between the "
                         "predictions for each image and its masked copy (--masks is then not used)")
-    add_cnn_script_args(parser)
-    args = resolve_cnn_script_args(parser.parse_args(argv))
+    cli.add_cnn_training_args(parser)
+    args = cli.resolve_cnn_args(parser.parse_args(argv))
     if args.consistency < 0:
         raise cli.UserError(f"--consistency {args.consistency}: expected a weight >= 0")
     args.mask_mode = "consistency" if args.consistency > 0 else args.masks
@@ -55,49 +54,6 @@ def print_counts(mode: str, counts: dict):
               f"{'it' if len(empty) == 1 else 'them'}", file=sys.stderr)
 
 
-def consistency_model(core, augment: dict | None, weight: float, seed: int):
-    """Training-only wrapper: [raw, masked] uint8 -> the raw image's probabilities, with the penalty added.
-
-    Both copies get the SAME random affine (warped once as one 6-channel image, then split) and go through the
-    core model as one batch of 2B, so their predictions differ only by the mask (and dropout)."""
-    import keras
-    from keras import ops
-
-    import data
-
-    class MaskConsistency(keras.layers.Layer):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.core = core
-            self.augment = data.make_augmentation(**augment, seed=seed) if augment else None
-
-        def call(self, inputs, training=None):
-            raw, masked = inputs
-            # Images without a mask arrive twice unchanged: their penalty is zero by construction, not just
-            # small (dropout alone would otherwise make the two predictions differ).
-            has_mask = ops.cast(ops.any(ops.not_equal(raw, masked), axis=(1, 2, 3)), "float32")
-            if self.augment is not None:
-                both = self.augment(ops.concatenate([raw, masked], axis=-1), training=training)
-                raw, masked = both[..., :3], both[..., 3:]
-            n = ops.shape(raw)[0]
-            probs = ops.cast(self.core(ops.concatenate([raw, masked], axis=0), training=training), "float32")
-            p, q = probs[:n], probs[n:]
-            log_p = ops.log(ops.clip(p, 1e-7, 1.0))
-            log_q = ops.log(ops.clip(q, 1e-7, 1.0))
-            sym_kl = 0.5 * ops.sum((p - q) * (log_p - log_q), axis=-1)
-            self.add_loss(weight * ops.mean(has_mask * sym_kl))
-            return p
-
-        def compute_output_shape(self, input_shapes):
-            return core.output_shape
-
-    size = core.input_shape[1]
-    raw = keras.Input((size, size, 3), dtype="uint8", name="image")
-    masked = keras.Input((size, size, 3), dtype="uint8", name="masked_image")
-    return keras.Model([raw, masked], MaskConsistency(name="mask_consistency", dtype="float32")([raw, masked]),
-                       name=f"{core.name}_consistency")
-
-
 def load_data(args):
     """(training set, paired masked copies or None, validation set) for the chosen mode."""
     verbose = not args.quiet
@@ -115,6 +71,8 @@ def load_data(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.import_keras_quietly()
+    import consistency
     import models
     import training
 
@@ -130,7 +88,7 @@ def main(argv=None):
 
     hooks = {}
     if paired is not None:
-        hooks = dict(paired_x=paired.x, build_train_model=lambda core, cfg: consistency_model(
+        hooks = dict(paired_x=paired.x, build_train_model=lambda core, cfg: consistency.consistency_model(
             core, cfg.augment, args.consistency, cfg.seed))
     meta = {"model": "dropout_cnn", "recipe": args.recipe, "split": args.split, "demo_data": args.demo,
             "mask_mode": args.mask_mode, "mask_fill": args.mask_fill, "consistency_weight": args.consistency,

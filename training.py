@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import sys
 import time
@@ -27,13 +26,17 @@ import keras
 # Keras warns on every .h5 save that the format is legacy; .h5 is what the users asked for.
 logging.getLogger("absl").setLevel(logging.ERROR)
 
-import metrics as wbc_metrics
-import report
-from data import ImageSet, UserError, atomic_write_text, make_augmentation
+import augment  # noqa: E402
+import metrics as wbc_metrics  # noqa: E402
+import report  # noqa: E402
+from data import ImageSet  # noqa: E402
+from devices import distribution_scope, set_precision, seed_everything, versions  # noqa: E402
+from feeding import ArrayBatches, Endless, predict, recalibrate_batchnorm  # noqa: E402
+from runfiles import (UserError, atomic_write_text, load_core_model, read_h5_metadata, read_history,  # noqa: E402
+                      run_is_complete, save_model_h5, update_h5_metadata, write_history, write_json)
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_accuracy", "holdout_loss", "holdout_accuracy", "val_loss",
                   "val_accuracy", "val_balanced_accuracy", "lr", "seconds", "images_per_second"]
-METADATA_ATTR = "wbc_metadata"  # JSON stored in the .h5 file's root attributes
 
 
 class TrainingDiverged(UserError):
@@ -55,9 +58,9 @@ class TrainConfig:
     # inverse frequency makes a 2% class weigh ~30x and pulls majority-class images into it), 0 = none.
     class_weight_power: float = 1.0
     precision: str = "auto"
-    augment: dict | None = None  # make_augmentation keywords; None = no augmentation
+    augment: dict | None = None  # augment.make_augmentation keywords; None = no augmentation
     verbose: int = 1
-    loader: str = "cached"  # or 'generator': the report's ImageDataGenerator pipeline (legacy_training_data)
+    loader: str = "cached"  # or 'generator': the report's ImageDataGenerator pipeline (legacy.legacy_training_data)
     # Small splits (WBC_1: ~20 images, one step per epoch) get too few optimizer steps to learn anything in a
     # sane number of epochs: an epoch then passes over the (augmented) training images several times, so that
     # it has at least this many steps. 0 = one pass per epoch, as Keras does.
@@ -71,103 +74,11 @@ class TrainConfig:
         """Take the fields this config knows from parsed command-line arguments."""
         names = {f.name for f in dataclasses.fields(cls)} - {"augment"}
         values = {k: v for k, v in vars(args).items() if k in names}
-        return cls(**values, augment=augmentation_from_args(args))
-
-
-def augmentation_from_args(args) -> dict | None:
-    if getattr(args, "no_augment", False):
-        return None
-    return dict(rotation=args.rotation, shear=args.shear, horizontal_flip=not args.no_hflip,
-                vertical_flip=not args.no_vflip, zoom=getattr(args, "zoom", None) or 0.0,
-                shift=getattr(args, "shift", None) or 0.0)
+        return cls(**values, augment=augment.from_args(args))
 
 
 # ----------------------------------------------------------------------------------------------
-# Environment: precision, seeds, devices
-# ----------------------------------------------------------------------------------------------
-
-def has_gpu() -> bool:
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-        return any(d.platform == "gpu" for d in jax.devices())
-    if backend == "tensorflow":
-        import tensorflow as tf
-        return bool(tf.config.list_physical_devices("GPU"))
-    if backend == "torch":
-        import torch
-        return torch.cuda.is_available()
-    return False
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str) -> str:
-    """'auto' picks by measurement (README, Performance): bfloat16 mixed precision on GPUs and on CPUs with
-    native bf16 (about 2.5x faster than float32 on this project's 2-core CPU), float32 elsewhere."""
-    if precision != "auto":
-        return precision
-    if has_gpu():
-        return "mixed_bfloat16"
-    if keras.backend.backend() == "tensorflow" and cpu_has_bf16():
-        return "mixed_bfloat16"
-    return "float32"
-
-
-def set_precision(precision: str) -> str:
-    precision = resolve_precision(precision)
-    keras.mixed_precision.set_global_policy(precision)
-    return precision
-
-
-def seed_everything(seed: int):
-    """Python, numpy and backend seeds; deterministic TF kernels so a CPU rerun gives the same numbers."""
-    keras.utils.set_random_seed(seed)
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-        with contextlib.suppress(Exception):
-            tf.config.experimental.enable_op_determinism()
-
-
-@contextlib.contextmanager
-def distribution_scope():
-    """Build and compile inside this: data-parallel over every local GPU when there are several."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-        gpus = tf.config.list_logical_devices("GPU")
-        strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
-        with strategy.scope():
-            yield
-    elif backend == "jax":
-        import jax
-        if len([d for d in jax.devices() if d.platform == "gpu"]) > 1:
-            keras.distribution.set_distribution(keras.distribution.DataParallel())
-        yield
-    else:
-        yield
-
-
-def versions() -> dict:
-    import PIL
-    import sklearn
-    out = {"python": platform.python_version(), "keras": keras.__version__, "numpy": np.__version__,
-           "pillow": PIL.__version__, "scikit-learn": sklearn.__version__, "backend": keras.backend.backend()}
-    backend_module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(keras.backend.backend())
-    if backend_module:
-        with contextlib.suppress(Exception):
-            out[backend_module] = __import__(backend_module).__version__
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Data helpers
+# Which images train, which select, how much each class weighs
 # ----------------------------------------------------------------------------------------------
 
 def stratified_holdout(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -199,243 +110,10 @@ def class_weights(labels, num_classes: int, power: float = 1.0) -> dict[int, flo
     return out
 
 
-def predict(model: keras.Model, x, batch_size: int = 64) -> np.ndarray:
-    """Class probabilities for uint8 images x (N, H, W, 3), read batch by batch (x may be memory-mapped).
-
-    predict_on_batch, not model.predict: under TensorFlow, model.predict builds a tf.data iterator per call
-    and tearing it down waits for tf.data's autotuning thread; timed once on the 2-core CPU, that halved the speed of the
-    per-epoch hold-out and validation passes (about 500 against 990 images/s at 224 px)."""
-    if len(x) == 0:
-        return np.zeros((0, model.output_shape[-1]), np.float32)
-    return np.concatenate([np.asarray(model.predict_on_batch(x[start:start + batch_size]), dtype=np.float32)
-                           for start in range(0, len(x), batch_size)])
-
-
-def _nested_layers(model):
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from _nested_layers(layer)
-
-
-def recalibrate_batchnorm(core: keras.Model, images, n_images: int, batch_size: int, seed: int) -> int:
-    """Recompute the moving mean and variance of every trainable BatchNormalization layer from up to n_images
-    un-augmented images (the average of their full batches' statistics, dropout off); weights are untouched.
-    Returns the number of images used (0 when the model has no such layer or there are fewer than 2 images).
-
-    Why: the moving averages collected during training describe the augmented images (rotated up to 180°,
-    zoomed and shifted, edges repeated), not the plain ones the model is evaluated on. On PBC WBC_100 at 96 px
-    (default recipe, seed 0) the last epoch's model scored 0.939 validation accuracy with them and 0.985 with
-    statistics recomputed from plain training images; recomputed from augmented images, 0.908
-    (tools/bn_recalibration_check.py, README).
-    """
-    norms = [l for l in _nested_layers(core) if isinstance(l, keras.layers.BatchNormalization) and l.trainable]
-    count = min(int(n_images or 0), len(images))
-    batch_size = min(batch_size, count)  # a split smaller than a batch (WBC_1) is one batch
-    if not norms or batch_size < 2:
-        return 0
-    count = count // batch_size * batch_size
-    rows = np.random.default_rng(seed).permutation(len(images))[:count]
-    dropouts = [l for l in _nested_layers(core) if isinstance(l, keras.layers.Dropout)]
-    momenta, rates = [l.momentum for l in norms], [l.rate for l in dropouts]
-    try:
-        for layer in dropouts:
-            layer.rate = 0.0
-        for k, start in enumerate(range(0, count, batch_size), start=1):
-            for layer in norms:  # moving = moving * (k-1)/k + batch / k: the running mean over batches
-                layer.momentum = (k - 1) / k
-            core(images[np.sort(rows[start:start + batch_size])], training=True)
-    finally:
-        for layer, momentum in zip(norms, momenta):
-            layer.momentum = momentum
-        for layer, rate in zip(dropouts, rates):
-            layer.rate = rate
-    return count
-
 
 # ----------------------------------------------------------------------------------------------
-# Feeding model.fit: one endless stream of batches per fit
+# Callbacks: an atomic backup for --resume, and the per-epoch evaluator
 # ----------------------------------------------------------------------------------------------
-
-class ArrayBatches(keras.utils.PyDataset):
-    """One epoch of shuffled batches from aligned arrays, each batch gathering only its own rows, so x may be a
-    memory-mapped cache (or a list of aligned arrays, e.g. each image and its masked copy). An epoch is
-    `passes` shuffled passes over the images, each image `passes` times; on_epoch_end draws the next order."""
-
-    def __init__(self, x, y, batch_size: int, seed: int = 0, passes: int = 1):
-        super().__init__()
-        self.x, self.y = x, y
-        self.batch_size, self.passes = int(batch_size), int(passes)
-        self._rng = np.random.default_rng(seed)
-        self.on_epoch_end()
-
-    def on_epoch_end(self):
-        self.order = np.concatenate([self._rng.permutation(len(self.y)) for _ in range(self.passes)])
-
-    def __len__(self):
-        return math.ceil(len(self.order) / self.batch_size)
-
-    def __getitem__(self, step):
-        # Sorted rows read a memory map front to back; the order within a batch does not matter to training.
-        rows = np.sort(self.order[step * self.batch_size:(step + 1) * self.batch_size])
-        x = tuple(a[rows] for a in self.x) if isinstance(self.x, (list, tuple)) else self.x[rows]
-        return x, self.y[rows]
-
-
-class Endless(keras.utils.PyDataset):
-    """A finite PyDataset (one epoch of batches) as an endless stream: fit(Endless(b),
-    steps_per_epoch=len(b)) reads one pass per epoch, calling b.on_epoch_end() between passes.
-
-    Why: for a finite dataset Keras builds a fresh tf.data iterator every epoch under TensorFlow, and tearing
-    the old one down waits for tf.data's autotuning thread, on the 2-core CPU about as long as the epoch
-    itself in roughly half the epochs (100 instead of 190 images/s for the default CNN at 224 px). One
-    iterator for the whole fit has no such pause. Batch `index` is always step index % len(b) of pass
-    index // len(b), however far a prefetching reader runs ahead of the epoch callbacks."""
-
-    def __init__(self, batches):
-        super().__init__()
-        self.batches = batches
-        self.steps_per_epoch = len(batches)
-        self._pass = 0
-
-    @property
-    def num_batches(self):
-        return None  # endless
-
-    def __getitem__(self, index):
-        epoch, step = divmod(int(index), self.steps_per_epoch)
-        while self._pass < epoch:
-            self.batches.on_epoch_end()
-            self._pass += 1
-        return self.batches[step]
-
-
-# ----------------------------------------------------------------------------------------------
-# Run folder I/O: every write goes beside, then renames, so nothing half-written is ever read
-# ----------------------------------------------------------------------------------------------
-
-def write_json(path: Path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
-
-
-def read_history(path: Path) -> list[dict]:
-    if not Path(path).exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_history(path: Path, rows: list[dict]):
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
-
-
-def save_model_h5(model: keras.Model, path: Path, metadata: dict):
-    """Save the core model as legacy .h5 with the training metadata inside it; atomic."""
-    import h5py
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.h5")
-    model.save(tmp)
-    with h5py.File(tmp, "a") as f:
-        f.attrs[METADATA_ATTR] = json.dumps(metadata, default=_json_default)
-    os.replace(tmp, path)
-
-
-def update_h5_metadata(path: Path, **fields):
-    """Merge `fields` into the metadata stored in an .h5, atomically (copy, edit, rename)."""
-    import h5py
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.h5")
-    shutil.copyfile(path, tmp)
-    with h5py.File(tmp, "a") as f:
-        meta = json.loads(f.attrs.get(METADATA_ATTR, "{}"))
-        meta.update(fields)
-        f.attrs[METADATA_ATTR] = json.dumps(meta, default=_json_default)
-    os.replace(tmp, path)
-
-
-def read_h5_metadata(path: Path) -> dict:
-    import h5py
-    with h5py.File(path, "r") as f:
-        raw = f.attrs.get(METADATA_ATTR)
-    return json.loads(raw) if raw else {}
-
-
-def load_core_model(path: Path) -> keras.Model:
-    """Load a saved core model in Keras' safe mode: a model file can never run code here."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: a folder, not a model file (expected a .h5 saved by this project or Keras)")
-    if not path.is_file():
-        raise UserError(f"{path}: no such model file (expected a .h5 saved by this project or Keras)")
-    problem = model_file_problem(path)
-    if problem:
-        raise UserError(f"{path}: {problem}")
-    try:
-        return keras.models.load_model(path, compile=False, safe_mode=True)
-    except Exception as e:  # noqa: BLE001 - every failure here is a bad file, reported in one line
-        if "safe_mode" in str(e) or "arbitrary code" in str(e):  # e.g. a Lambda layer: Python code in the file
-            raise UserError(f"{path}: refused: the file holds Python code (a Lambda layer or a pickled function) "
-                            "that would run on loading; safe mode loads only built-in Keras layers") from None
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a loadable Keras model ({reason[:200]})") from None
-
-
-# Leading bytes of formats a model file is often confused with, for a message that says what the file is.
-_FILE_SIGNATURES = {b"PK\x03\x04": "a zip archive (a Keras 3 .keras model? then name it .keras)",
-                    b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
-                    b"%PDF": "a PDF document", b"\x1f\x8b": "a gzip archive"}
-
-
-def model_file_problem(path: Path) -> str | None:
-    """Why `path` cannot be a Keras model file, in words, or None when it looks like one. Checks the bytes,
-    not the name: an .h5 must be HDF5 with a model_config (not weights only), a .keras file a zip."""
-    import h5py
-    import zipfile
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError as e:
-        return f"cannot be read ({e.strerror or e})"
-    if not head:
-        return "an empty file (expected a Keras model: .h5 or .keras)"
-    if path.suffix.lower() == ".keras":
-        return None if zipfile.is_zipfile(path) else "not a .keras archive (not a zip file; truncated?)"
-    if not h5py.is_hdf5(path):
-        kind = next((what for sig, what in _FILE_SIGNATURES.items() if head.startswith(sig)), None)
-        return (f"{kind}, not an HDF5 model file" if kind
-                else "not an HDF5 file (expected a Keras .h5 model; is it another format?)")
-    try:
-        with h5py.File(path, "r") as f:
-            if "model_config" not in f.attrs:
-                return ("an HDF5 file without a Keras model in it (weights only, or other data); "
-                        "expected a model saved with model.save(...h5)")
-    except Exception as e:  # noqa: BLE001 - h5py reports truncation and corruption as assorted errors
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"a truncated or corrupt HDF5 file ({reason[:160]})"
-    return None
-
-
-def run_is_complete(run_dir: Path) -> bool:
-    return all((Path(run_dir) / f).exists() for f in ("metrics.json", "model.h5", "history.csv", "args.json"))
-
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     """Keras' BackupAndRestore, but each backup file is written beside and renamed into place: Keras overwrites
@@ -450,10 +128,6 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         atomic_write_text(Path(self._training_metadata_path),
                           json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
 
-
-# ----------------------------------------------------------------------------------------------
-# The per-epoch evaluator
-# ----------------------------------------------------------------------------------------------
 
 class EpochEvaluator(keras.callbacks.Callback):
     """After each epoch: evaluate hold-out and validation sets with the core model, append a history row,
@@ -530,7 +204,7 @@ class EpochEvaluator(keras.callbacks.Callback):
         row["seconds"] = seconds
         row["images_per_second"] = self.n_train / seconds if seconds and math.isfinite(seconds) else float("nan")
         self.rows.append(row)
-        write_history(self.run_dir / "history.csv", self.rows)
+        write_history(self.run_dir / "history.csv", self.rows, HISTORY_FIELDS)
         if self._improved(row):
             self.selected_epoch = epoch
             save_model_h5(self.core, self.run_dir / "model.h5", {**self.metadata, "epoch": epoch})
@@ -576,28 +250,6 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int):
     if config.weight_decay:
         return keras.optimizers.AdamW(lr, weight_decay=config.weight_decay)
     return keras.optimizers.Adam(lr)
-
-
-def build_training_model(core: keras.Model, augment: dict | None, seed: int) -> keras.Model:
-    """[augmentation] -> core. The augmentation layer exists only in this training wrapper, never in model.h5."""
-    if not augment:
-        return core
-    size = core.input_shape[1]
-    inputs = keras.Input((size, size, 3), dtype="uint8", name="image")
-    x = make_augmentation(**augment, seed=seed)(inputs)
-    return keras.Model(inputs, core(x), name=f"{core.name}_train")
-
-
-def legacy_training_data(fit_set: ImageSet, config: TrainConfig, paired_x=None):
-    """--loader generator: the report's ImageDataGenerator pipeline over the training images (hold-out
-    excluded), decoding from disk every epoch and augmenting on the CPU; it replaces the augmentation layer.
-    Hold-out and validation are still evaluated from the decoded cache by the EpochEvaluator."""
-    from data import legacy_generator
-    if fit_set.masked.any() or paired_x is not None:
-        raise UserError("--loader generator reads the raw image files from disk and cannot apply masks; "
-                        "use --loader cached (the default) or --masks none")
-    return legacy_generator(fit_set.paths, fit_set.y, fit_set.classes, int(fit_set.x.shape[1]), config.batch_size,
-                            **(config.augment or {}), seed=config.seed)
 
 
 def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, config: TrainConfig,
@@ -665,6 +317,7 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
     passes = epoch_passes(len(fit_set), config)
     y_onehot = keras.utils.to_categorical(fit_set.y, len(classes)).astype("float32")
     if config.loader == "generator":
+        from legacy import legacy_training_data
         batches = legacy_training_data(fit_set, config, paired_x)
     else:
         fit_x = fit_set.x if paired_x is None else [fit_set.x, np.asarray(paired_x)[train_idx]]
@@ -675,8 +328,8 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
         if before_fit:
             before_fit(core)
         train_model = (build_train_model(core, config) if build_train_model
-                       else build_training_model(core, None if config.loader == "generator" else config.augment,
-                                                 config.seed))
+                       else augment.with_augmentation(core, None if config.loader == "generator" else config.augment,
+                                                      config.seed))
         optimizer = make_optimizer(config, stream.steps_per_epoch)
         if compile_model:
             compile_model(train_model, optimizer, config)

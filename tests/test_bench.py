@@ -14,6 +14,8 @@ from conftest import PROJECT
 
 import bench
 import data
+import legacy
+import runfiles
 
 
 def _split(demo_root):
@@ -23,7 +25,7 @@ def _split(demo_root):
 def test_legacy_generator_yields_uint8_batches_like_flow_from_directory(demo_root):
     files = _split(demo_root).train
     paths, labels = files.paths[:10], files.labels[:10]
-    gen = data.legacy_generator(paths, labels, files.classes, 16, batch_size=4, shuffle=False)
+    gen = legacy.legacy_generator(paths, labels, files.classes, 16, batch_size=4, shuffle=False)
     assert len(gen) == 3
     x, y = gen[0]
     assert x.shape == (4, 16, 16, 3) and x.dtype == np.uint8
@@ -39,15 +41,15 @@ def test_legacy_generator_yields_uint8_batches_like_flow_from_directory(demo_roo
 
 def test_legacy_generator_flips_mean_what_they_mean_in_the_default_pipeline(demo_root):
     files = _split(demo_root).train
-    plain = data.legacy_generator(files.paths[:8], files.labels[:8], files.classes, 16, batch_size=8,
+    plain = legacy.legacy_generator(files.paths[:8], files.labels[:8], files.classes, 16, batch_size=8,
                                   shuffle=False)[0][0]
-    flipped = data.legacy_generator(files.paths[:8], files.labels[:8], files.classes, 16, batch_size=8,
+    flipped = legacy.legacy_generator(files.paths[:8], files.labels[:8], files.classes, 16, batch_size=8,
                                     shuffle=False, vertical_flip=True, seed=3)[0][0]
     same = [np.array_equal(f, p) for f, p in zip(flipped, plain)]
     upside_down = [np.array_equal(f, p[::-1]) for f, p in zip(flipped, plain)]
     assert all(s or u for s, u in zip(same, upside_down)) and any(upside_down) and any(same)
     # A 90-degree rotation range leaves values in range and changes the images.
-    rotated = data.legacy_generator(files.paths[:8], files.labels[:8], files.classes, 16, batch_size=8,
+    rotated = legacy.legacy_generator(files.paths[:8], files.labels[:8], files.classes, 16, batch_size=8,
                                     shuffle=False, rotation=90, shear=10, seed=1)[0][0]
     assert rotated.dtype == np.uint8 and not np.array_equal(rotated, plain)
 
@@ -69,8 +71,8 @@ def test_generator_loader_refuses_masked_images(demo_root, cache_dir):
     import training
     train = data.load_images(_split(demo_root).train, 16, mask_mode="replace", verbose=False)
     assert train.masked.any()
-    with pytest.raises(data.UserError, match="cannot apply masks"):
-        training.legacy_training_data(train, training.TrainConfig())
+    with pytest.raises(runfiles.UserError, match="cannot apply masks"):
+        legacy.legacy_training_data(train, training.TrainConfig())
 
 
 def test_bench_writes_bench_json_with_every_pipeline_and_ratio(demo_root, tmp_path, cache_dir):

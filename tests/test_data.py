@@ -8,6 +8,8 @@ from PIL import Image
 
 import data
 from conftest import shared_data
+import augment
+import runfiles
 
 
 def write_image(path, color=(200, 100, 50), size=(40, 30), mode="RGB"):
@@ -74,14 +76,14 @@ def test_folder_per_class_with_junk_and_other_spellings(tmp_path):
 ])
 def test_bad_layouts_raise_user_errors_naming_the_path(tmp_path, make, fragment):
     root = make(tmp_path)
-    with pytest.raises(data.UserError) as e:
+    with pytest.raises(runfiles.UserError) as e:
         data.find_split(root, "WBC_100")
     assert fragment in str(e.value) and str(tmp_path) in str(e.value)
 
 
 def test_empty_class_folders_are_a_user_error(tmp_path):
     (tmp_path / "neutrophil").mkdir()
-    with pytest.raises(data.UserError, match="hold no images"):
+    with pytest.raises(runfiles.UserError, match="hold no images"):
         data.scan_class_folders(tmp_path)
 
 
@@ -168,8 +170,8 @@ def _batch(n=4, size=24, seed=0):
 @pytest.mark.parametrize("warp", ["builtin", "gather"])
 def test_augmentation_shapes_dtype_and_seeded_determinism(warp):
     x = _batch()
-    a = data.make_augmentation(rotation=30, shear=10, seed=3, warp=warp)
-    b = data.make_augmentation(rotation=30, shear=10, seed=3, warp=warp)
+    a = augment.make_augmentation(rotation=30, shear=10, seed=3, warp=warp)
+    b = augment.make_augmentation(rotation=30, shear=10, seed=3, warp=warp)
     out_a = np.asarray(a(x, training=True))
     out_b = np.asarray(b(x, training=True))
     assert out_a.shape == x.shape and out_a.dtype == np.uint8
@@ -183,22 +185,22 @@ def test_identity_at_zero_strength_and_exact_flip(warp):
     x = _batch()
     keras = pytest.importorskip("keras")
     identity = np.tile(np.array([[1.0, 0, 0], [0, 1.0, 0]], np.float32), (len(x), 1, 1))
-    np.testing.assert_array_equal(np.asarray(data.warp_images(x, keras.ops.convert_to_tensor(identity), warp)), x)
+    np.testing.assert_array_equal(np.asarray(augment.warp_images(x, keras.ops.convert_to_tensor(identity), warp)), x)
     flip = identity.copy()
     flip[:, 1, 1], flip[:, 1, 2] = -1.0, x.shape[2] - 1.0  # col -> W-1-col
-    np.testing.assert_array_equal(np.asarray(data.warp_images(x, keras.ops.convert_to_tensor(flip), warp)),
+    np.testing.assert_array_equal(np.asarray(augment.warp_images(x, keras.ops.convert_to_tensor(flip), warp)),
                                   x[:, :, ::-1])
-    layer = data.make_augmentation(rotation=0, shear=0, horizontal_flip=False, vertical_flip=False)
+    layer = augment.make_augmentation(rotation=0, shear=0, horizontal_flip=False, vertical_flip=False)
     np.testing.assert_array_equal(np.asarray(layer(x, training=True)), x)
 
 
 def test_builtin_and_gather_warps_agree():
     pytest.importorskip("keras")
     x = _batch(size=32)
-    layer = data.make_augmentation(rotation=40, shear=15, zoom=0.1, shift=0.1, seed=1)
+    layer = augment.make_augmentation(rotation=40, shear=15, zoom=0.1, shift=0.1, seed=1)
     m = layer.random_matrices(len(x), 32, 32)
-    a = np.asarray(data.warp_images(x, m, "builtin")).astype(int)
-    b = np.asarray(data.warp_images(x, m, "gather")).astype(int)
+    a = np.asarray(augment.warp_images(x, m, "builtin")).astype(int)
+    b = np.asarray(augment.warp_images(x, m, "gather")).astype(int)
     assert np.abs(a - b).mean() < 1.0  # same geometry; rounding differs by at most a grey level or so
 
 
@@ -207,20 +209,19 @@ def test_augmentation_keeps_each_image_with_its_label(warp):
     """Image i of a batch stays image i: a flat image whose colour encodes its label keeps that colour."""
     labels = np.arange(8) % 5
     x = np.repeat((labels * 50 + 5).astype(np.uint8)[:, None, None, None], 16, 1).repeat(16, 2).repeat(3, 3)
-    out = np.asarray(data.make_augmentation(rotation=90, shear=20, zoom=0.2, shift=0.2, seed=0, warp=warp)(
+    out = np.asarray(augment.make_augmentation(rotation=90, shear=20, zoom=0.2, shift=0.2, seed=0, warp=warp)(
         x, training=True))
     np.testing.assert_array_equal(out, x)
 
 
 def test_training_model_wraps_core_and_saved_core_has_no_augmentation():
     import models
-    import training
     core = models.build_cnn(5, 16, width=4, depth=1, dense=0)
-    train_model = training.build_training_model(core, dict(rotation=30, shear=10, horizontal_flip=True,
+    train_model = augment.with_augmentation(core, dict(rotation=30, shear=10, horizontal_flip=True,
                                                            vertical_flip=True, zoom=0, shift=0), seed=0)
     assert any(type(l).__name__ == "RandomAffine" for l in train_model.layers)
     assert not any(type(l).__name__ == "RandomAffine" for l in core.layers)
-    assert training.build_training_model(core, None, seed=0) is core
+    assert augment.with_augmentation(core, None, seed=0) is core
 
 
 # ---------------------------------------------------------------- real images

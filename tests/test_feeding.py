@@ -2,7 +2,7 @@
 import numpy as np
 
 import keras
-import training
+import feeding
 
 
 def ids_of(batch_x):
@@ -13,7 +13,7 @@ def test_array_batches_show_every_image_passes_times_per_epoch_with_its_label():
     n, batch = 10, 4
     x = np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1) * np.ones((1, 2, 2, 3), np.uint8)
     y = np.arange(n) * 10
-    batches = training.ArrayBatches(x, y, batch, seed=3, passes=2)
+    batches = feeding.ArrayBatches(x, y, batch, seed=3, passes=2)
     assert len(batches) == 5  # 20 images in batches of 4
 
     def one_epoch():
@@ -30,7 +30,7 @@ def test_array_batches_show_every_image_passes_times_per_epoch_with_its_label():
     batches.on_epoch_end()
     second = one_epoch()
     assert sorted(second) == sorted(first) and second != first  # a new order, the same images
-    same_seed = training.ArrayBatches(x, y, batch, seed=3, passes=2)
+    same_seed = feeding.ArrayBatches(x, y, batch, seed=3, passes=2)
     assert sum((ids_of(same_seed[s][0]) for s in range(len(same_seed))), []) == first
 
 
@@ -38,7 +38,7 @@ def test_array_batches_keep_paired_arrays_aligned():
     n = 7
     x = np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1) * np.ones((1, 2, 2, 3), np.uint8)
     paired = 100 + x
-    (bx, bp), by = training.ArrayBatches([x, paired], np.arange(n), 3, seed=0)[1]
+    (bx, bp), by = feeding.ArrayBatches([x, paired], np.arange(n), 3, seed=0)[1]
     assert (bp == bx + 100).all() and ids_of(bx) == by.tolist()
 
 
@@ -59,7 +59,7 @@ class CountingBatches(keras.utils.PyDataset):
 
 def test_endless_maps_every_index_to_its_pass_and_step_however_far_a_reader_runs_ahead():
     inner = CountingBatches(3)
-    stream = training.Endless(inner)
+    stream = feeding.Endless(inner)
     assert stream.num_batches is None and stream.steps_per_epoch == 3
     assert stream[0] == (0, 0) and stream[1] == (0, 1)
     assert stream[7] == (2, 1)  # read ahead two passes: on_epoch_end ran once per pass
@@ -85,7 +85,7 @@ def test_fit_on_an_endless_stream_runs_steps_per_epoch_and_learns(tmp_path):
         def on_train_batch_end(self, batch, logs=None):
             steps[-1] += 1
 
-    stream = training.Endless(training.ArrayBatches(x, keras.utils.to_categorical(y, 2), 8, seed=0))
+    stream = feeding.Endless(feeding.ArrayBatches(x, keras.utils.to_categorical(y, 2), 8, seed=0))
     history = model.fit(stream, steps_per_epoch=stream.steps_per_epoch, epochs=4, verbose=0, shuffle=False,
                         callbacks=[CountSteps()])
     assert steps == [5, 5, 5, 5]
@@ -97,10 +97,10 @@ def test_predict_in_batches_matches_keras_predict_including_a_partial_batch_and_
     outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(inputs))
     model = keras.Model(inputs, outputs)
     x = np.random.default_rng(1).integers(0, 255, (11, 4, 4, 3)).astype(np.uint8)
-    ours = training.predict(model, x, batch_size=4)
+    ours = feeding.predict(model, x, batch_size=4)
     assert ours.shape == (11, 3) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
-    assert training.predict(model, x[:0]).shape == (0, 3)
+    assert feeding.predict(model, x[:0]).shape == (0, 3)
 
 
 def small_bn_model():
@@ -122,7 +122,7 @@ def test_recalibrate_batchnorm_sets_the_average_of_batch_statistics_and_restores
     gamma_before = np.asarray(bn.gamma).copy()
     conv_before = [np.asarray(w).copy() for w in model.get_layer("conv").weights]
 
-    used = training.recalibrate_batchnorm(model, images, n_images=40, batch_size=8, seed=1)
+    used = feeding.recalibrate_batchnorm(model, images, n_images=40, batch_size=8, seed=1)
 
     assert used == 40  # five full batches of 8
     rows = np.random.default_rng(1).permutation(50)[:40]
@@ -141,13 +141,13 @@ def test_recalibrate_batchnorm_leaves_models_without_trainable_batchnorm_alone()
     images = np.zeros((16, 4, 4, 3), np.uint8)
     inputs = keras.Input((4, 4, 3))
     plain = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))
-    assert training.recalibrate_batchnorm(plain, images, 16, 8, 0) == 0
+    assert feeding.recalibrate_batchnorm(plain, images, 16, 8, 0) == 0
     frozen = small_bn_model()
     for layer in frozen.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
     before = np.asarray(frozen.get_layer("bn_input").moving_mean).copy()
-    assert training.recalibrate_batchnorm(frozen, images, 16, 8, 0) == 0
+    assert feeding.recalibrate_batchnorm(frozen, images, 16, 8, 0) == 0
     np.testing.assert_array_equal(np.asarray(frozen.get_layer("bn_input").moving_mean), before)
-    assert training.recalibrate_batchnorm(small_bn_model(), images[:1], 16, 8, 0) == 0  # one image: no statistics
-    assert training.recalibrate_batchnorm(small_bn_model(), images[:5], 16, 8, 0) == 5  # fewer than a batch: one batch
+    assert feeding.recalibrate_batchnorm(small_bn_model(), images[:1], 16, 8, 0) == 0  # one image: no statistics
+    assert feeding.recalibrate_batchnorm(small_bn_model(), images[:5], 16, 8, 0) == 5  # fewer than a batch: one batch

@@ -15,8 +15,8 @@ from keras import layers
 import cli
 import inspect_model
 import models
-import training
 from conftest import run_script
+import runfiles
 
 CLASSES = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 
@@ -58,7 +58,7 @@ def test_summary_describes_the_model_and_its_training(run, capsys):
 
     assert call([run_dir / "model.h5", "summary", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    model = training.load_core_model(run_dir / "model.h5")
+    model = runfiles.load_core_model(run_dir / "model.h5")
     assert info["parameters"]["total"] == model.count_params()
     assert info["training"]["epoch"] == metrics["selected_epoch"]
     assert info["args"]["image_size"] == 32 and info["args"]["width"] == 8
@@ -134,7 +134,7 @@ def test_gradcam_writes_heatmaps_of_the_right_size_and_range(run, demo_root, tmp
             assert im.size == (40, 40) and im.mode == "RGB"
     assert "block2_relu" in capsys.readouterr().err
 
-    cam = inspect_model.GradCam(training.load_core_model(run_dir / "model.h5"))
+    cam = inspect_model.GradCam(runfiles.load_core_model(run_dir / "model.h5"))
     x = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32))) for p in images])
     heat, probs, ids = cam(x)
     assert heat.shape == (3, 16, 16) and heat.dtype == np.float32
@@ -183,7 +183,7 @@ def test_gradcam_inside_a_nested_backbone_points_at_the_evidence(tmp_path, capsy
 
     # The whole command line on the saved nested model: summary, predict, gradcam.
     path = tmp_path / "toy.h5"
-    training.save_model_h5(model, path, {"classes": ["red", "blue"], "image_size": 16, "model": "toy_resnet"})
+    runfiles.save_model_h5(model, path, {"classes": ["red", "blue"], "image_size": 16, "model": "toy_resnet"})
     Image.fromarray(image).save(tmp_path / "red.png")
     assert call([path, "summary", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

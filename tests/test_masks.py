@@ -7,6 +7,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 import data
+import runfiles
 
 SIZE = 16
 
@@ -176,13 +177,13 @@ def test_cache_key_includes_mode_and_fill(tiny_layout):
 def test_consistency_penalty_zero_without_mask_positive_with():
     import keras
 
+    import consistency
     import models
-    import train_masked
 
     keras.utils.set_random_seed(0)
     core = models.build_cnn(5, SIZE, width=4, depth=2, dense=8, dropout=0.0, dropout_step=0.0)
     aug = dict(rotation=30.0, shear=5.0, horizontal_flip=True, vertical_flip=True, zoom=0.0, shift=0.0)
-    model = train_masked.consistency_model(core, aug, weight=2.0, seed=0)
+    model = consistency.consistency_model(core, aug, weight=2.0, seed=0)
     rng = np.random.default_rng(3)
     raw = rng.integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
     masked = raw.copy()
@@ -247,10 +248,10 @@ def test_tiny_masked_subset_runs_to_the_end_and_collapse_is_visible(demo_root, c
 def test_bad_options_are_one_line_errors(tmp_path, cache_dir, tiny_layout, capsys):
     import cli
     import train_masked
-    with pytest.raises(data.UserError, match="--consistency -1"):
+    with pytest.raises(runfiles.UserError, match="--consistency -1"):
         train_masked.main(["--data", str(tiny_layout), "--consistency", "-1"])
     (tiny_layout / "WBC_100" / "train" / "mask").rename(tmp_path / "gone")
-    with pytest.raises(data.UserError, match="no image has a mask"):
+    with pytest.raises(runfiles.UserError, match="no image has a mask"):
         train_masked.main(["--data", str(tiny_layout), "--masks", "only", "--image-size", str(SIZE),
                            "--out", str(tmp_path / "run")])
     with pytest.raises(SystemExit) as e:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import models
-import training
+import runfiles
 
 
 def test_cnn_shape_dropout_rising_and_uint8_input():
@@ -41,7 +41,7 @@ def test_h5_round_trip_in_a_fresh_process_without_the_project(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (6, 24, 24, 3), dtype=np.uint8)
     expected = np.asarray(model.predict(x, verbose=0))
     path = tmp_path / "model.h5"
-    training.save_model_h5(model, path, {"classes": ["a", "b", "c", "d", "e"], "epoch": 1})
+    runfiles.save_model_h5(model, path, {"classes": ["a", "b", "c", "d", "e"], "epoch": 1})
     np.save(tmp_path / "x.npy", x)
     script = (
         "import sys, json, numpy as np\n"
@@ -54,4 +54,4 @@ def test_h5_round_trip_in_a_fresh_process_without_the_project(tmp_path):
                           env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-2000:]
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
-    assert training.read_h5_metadata(path)["epoch"] == 1
+    assert runfiles.read_h5_metadata(path)["epoch"] == 1

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import PROJECT, run_script
+import runfiles
 
 CLASS_FOLDERS = ("Basophil", "Eosinophil", "Lymphocyte", "Monocyte", "Neutrophil")
 TIMING_FIELDS = {"seconds", "train_seconds", "images_per_second"}
@@ -330,8 +331,7 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tmp_path, capsys, int
         if (run / name).exists():
             json.loads((run / name).read_text())
     if (run / "model.h5").exists():
-        import training
-        training.load_core_model(run / "model.h5")
+        runfiles.load_core_model(run / "model.h5")
     if point == "finish":
         history_before = (run / "history.csv").read_text()
 
@@ -361,7 +361,7 @@ def test_model_with_a_lambda_layer_is_refused_without_running_it(tmp_path):
     outputs = keras.layers.Lambda(lambda x: (open(mark, "w").close(), x)[1] * 2)(inputs)
     keras.Model(inputs, outputs).save(tmp_path / "crafted.h5")
     marker.unlink()  # building the model above ran the lambda once; loading must not run it again
-    script = "import sys, cli, training; cli.run_main(lambda: training.load_core_model(sys.argv[1]))"
+    script = "import sys, cli, runfiles; cli.run_main(lambda: runfiles.load_core_model(sys.argv[1]))"
     r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "crafted.h5")], cwd=PROJECT, text=True,
                        capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=120)
     assert_one_line_error(r.returncode, r.stderr, "crafted.h5", "lambda", "safe mode")
@@ -370,10 +370,9 @@ def test_model_with_a_lambda_layer_is_refused_without_running_it(tmp_path):
 
 def test_a_file_that_is_not_a_model_is_refused_in_one_line(tmp_path, capsys):
     import cli
-    import training
     (tmp_path / "text.h5").write_text("not a model")
     with pytest.raises(SystemExit) as stop:
-        cli.run_main(lambda: training.load_core_model(tmp_path / "text.h5"))
+        cli.run_main(lambda: runfiles.load_core_model(tmp_path / "text.h5"))
     assert_one_line_error(stop.value.code, capsys.readouterr().err, "text.h5", "HDF5")
 
 
@@ -415,8 +414,8 @@ def test_nan_loss_keeps_the_last_good_model(tmp_path):
                        config, compile_model=compile_poisoned)
     message = str(diverged.value)
     assert "epoch 2" in message and "model.h5 keeps epoch 1" in message and "--lr" in message
-    assert training.read_h5_metadata(run / "model.h5")["epoch"] == 1
-    training.load_core_model(run / "model.h5")
+    assert runfiles.read_h5_metadata(run / "model.h5")["epoch"] == 1
+    runfiles.load_core_model(run / "model.h5")
     assert history_epochs(run) == [1]
     assert not (run / "backup").exists()  # a resume must never start from NaN weights
 

@@ -13,7 +13,7 @@ import keras
 
 import models
 import pretrain_resnet
-from data import UserError
+from runfiles import UserError
 
 SIZE = 32
 

@@ -163,7 +163,7 @@ def test_rerun_trains_nothing_and_report_only_rebuilds(table, monkeypatch):
 def test_user_errors_are_one_line(table, tmp_path, capsys):
     import cli
     import reproduce_table
-    from data import UserError
+    from runfiles import UserError
     out, argv = table
     with pytest.raises(UserError, match="--rows WBC_2_raw: matches no row"):
         reproduce_table.main(argv + ["--rows", "WBC_2_raw"])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import train_cnn
-from data import UserError
+from runfiles import UserError
 from conftest import PROJECT, run_script
 
 RUN_FILES = ("args.json", "history.csv", "metrics.json", "model.h5", "val_predictions.csv", "curves.png",

@@ -42,6 +42,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.import_keras_quietly()
     if not (args.source / "data").is_dir() or not (args.source / "mask").is_dir():
         raise cli.UserError(f"--source {args.source}: expected data/<Class>/ and mask/<Class>/ folders")
     layout = args.out / f"layout_masks{args.mask_fraction:g}"

@@ -1,5 +1,5 @@
 """Validation metrics of a saved model as saved, and with its batch-norm statistics recomputed from plain or augmented
-training images (training.recalibrate_batchnorm): does a recipe's validation swing live in the BN statistics?
+training images (feeding.recalibrate_batchnorm): does a recipe's validation swing live in the BN statistics?
 
     python tools/bn_recalibration_check.py RUN_DIR --data /tmp/pbc_course --split WBC_100
 
@@ -15,7 +15,9 @@ import numpy as np
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 import cli  # noqa: E402
-from data import UserError  # noqa: E402
+from runfiles import UserError  # noqa: E402
+import augment
+import runfiles
 
 
 def parse_args(argv=None):
@@ -29,27 +31,28 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.import_keras_quietly()
     args_file = args.run_dir / "args.json"
     if not args_file.is_file():
         raise UserError(f"{args.run_dir}: no args.json (expected a run folder of train_cnn.py)")
     run_args = json.loads(args_file.read_text())
     cli.import_keras_quietly()
     import data
+    import feeding
     import metrics
-    import training
-    core = training.load_core_model(args.run_dir / "model.h5")
+    core = runfiles.load_core_model(args.run_dir / "model.h5")
     saved = [[w.numpy().copy() for w in layer.weights] for layer in core.layers]
     size = core.input_shape[1]
     files = data.find_split(args.data, args.split)
     train = data.load_images(files.train, size, verbose=False)
     val = data.load_images(files.val, size, verbose=False)
     config = run_args["resolved_config"]
-    augment = data.make_augmentation(**config["augment"], seed=config["seed"])
-    augmented = np.concatenate([np.asarray(augment(train.x[start:start + 64], training=True))
+    layer = augment.make_augmentation(**config["augment"], seed=config["seed"])
+    augmented = np.concatenate([np.asarray(layer(train.x[start:start + 64], training=True))
                                 for start in range(0, len(train), 64)])  # the same rows, warped as in training
 
     def score(label):
-        m = metrics.classification_metrics(val.y, training.predict(core, val.x), val.classes)
+        m = metrics.classification_metrics(val.y, feeding.predict(core, val.x), val.classes)
         print(f"{label:46s} accuracy {m['accuracy']:.3f}  balanced {m['balanced_accuracy']:.3f}  "
               f"macro-F1 {m['macro_f1']:.3f}", flush=True)
 
@@ -58,7 +61,7 @@ def main(argv=None):
                           ("BN statistics from augmented training images", augmented)):
         for layer, weights in zip(core.layers, saved):
             layer.set_weights(weights)
-        training.recalibrate_batchnorm(core, images, args.images, config["batch_size"], config["seed"])
+        feeding.recalibrate_batchnorm(core, images, args.images, config["batch_size"], config["seed"])
         score(label)
     return 0
 
