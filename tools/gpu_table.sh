@@ -1,33 +1,25 @@
 #!/usr/bin/env bash
-# The PBC benchmark (README, "Results on real images (PBC)") on the device machine: one H100/H200, JAX, no
-# TensorFlow. reproduce_table.py's '*_raw_*' rows (the report's recipe and the default recipe, 4 fractions,
-# 3 seeds) at each size in SIZES, several runs sharing the GPU at once (--jobs). For each size, $OUT/tableSIZE.tgz
-# holds the results folder without the .h5 models (unpack it and run `reproduce_table.py --out DIR --report-only`
-# to rebuild every file); $OUT/gpu_table.log has the output.
+# The PBC benchmark (docs/results.md) on a GPU: reproduce_table.py's '*_raw_*' rows (the report's recipe and the
+# default recipe, four label fractions, 3 seeds) at each image size in SIZES, JOBS runs sharing the GPU at once.
 #
-#   run(command="bash tools/gpu_table.sh", carry=[".whl", ".device_data"], timeout_s=540)
+#   pip install -r requirements.txt "jax[cuda12]"
+#   python prepare_splits.py PBC_FOLDER ROOT --proportions course
+#   DATA=ROOT bash tools/gpu_table.sh [OUT]          # OUT defaults to runs/gpu_table
 #
-# .device_data/pbc_course is `prepare_splits.py ../shared/data/pbc /tmp/pbc_course --proportions course` with the
-# 2,474 images it uses copied into pbc_course/files/<class>/ and every split entry a relative link to them (45 MB;
-# ../shared does not travel to that machine, and --copy would duplicate the nested subsets past the 64 MiB
-# limit); list .device_data in .git/info/exclude and delete it afterwards. .whl: keras 3.15.1, namex, optree for
-# Python 3.12 (see tools/gpu_bench.sh). BUDGET_S stops the last size early so the files
-# still come back inside the call's limit.
-set -uo pipefail
+# Writes one results folder per size, OUT/table<SIZE> (table.md, comparisons.md, results.csv,
+# label_efficiency.png, runs/), and OUT/gpu_table.log. Rerunning continues where a stopped run left off.
+set -euo pipefail
 cd "$(dirname "$0")/.."
-source tools/device_env.sh gpu_table
-DATA=${DATA:-.device_data/pbc_course}
-SIZES=${SIZES:-"96 128"} EPOCHS=${EPOCHS:-30} SEEDS=${SEEDS:-3} JOBS=${JOBS:-8} ROWS=${ROWS:-'*_raw_*'}
-BUDGET_S=${BUDGET_S:-420}
-python3 -c "import keras; print('backend', keras.backend.backend(), 'keras', keras.__version__)"
-start=$(date +%s)
+: "${DATA:?set DATA to a course-layout root, e.g. DATA=ROOT (see prepare_splits.py)}"
+OUT=${1:-runs/gpu_table}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_table.log") 2>&1
+export KERAS_BACKEND=${KERAS_BACKEND:-jax} PYTHONUNBUFFERED=1
+SIZES=${SIZES:-96} EPOCHS=${EPOCHS:-30} SEEDS=${SEEDS:-3} JOBS=${JOBS:-8} ROWS=${ROWS:-'*_raw_*'}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import keras; print('keras', keras.__version__, 'backend', keras.backend.backend())"
 for size in $SIZES; do
-    left=$(( BUDGET_S - ($(date +%s) - start) ))
-    [ "$left" -gt 30 ] || { echo "no time left for size $size"; break; }
-    echo "== size $size, $left s left"
-    timeout "$left" python3 reproduce_table.py --data "$DATA" --rows "$ROWS" --seeds "$SEEDS" --epochs "$EPOCHS" \
-        --image-size "$size" --holdout 0 --jobs "$JOBS" --out "/tmp/table$size"
-    echo "size $size ended (exit $?) after $(( $(date +%s) - start )) s"
-    tar czf "$OUT/table$size.tgz" -C /tmp --exclude='*.h5' "table$size" || true
+    python3 reproduce_table.py --data "$DATA" --rows "$ROWS" --seeds "$SEEDS" --epochs "$EPOCHS" \
+        --image-size "$size" --holdout 0 --jobs "$JOBS" --out "$OUT/table$size" \
+        || echo "size $size: some runs failed (listed above, logs in $OUT/table$size/runs/); rerun to retry them"
 done
-grep -h "^error\|Error" /tmp/table*/runs/*.log | sort | uniq -c | head -20 || true
