@@ -11,11 +11,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _save(fig, path: Path):
+def _save(fig, path: Path, dpi: int = 110, tight: bool = True):
     """Write beside, then rename: a reader never sees half a PNG."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight" if tight else None)
     plt.close(fig)
     os.replace(tmp, path)
 
@@ -87,6 +87,31 @@ def plot_label_efficiency(series: dict, path: Path, metrics: dict, title: str = 
     if title:
         fig.suptitle(title)
     _save(fig, path)
+
+
+def plot_heatmap(picture, text: str, path: Path, cmap: str = "jet") -> tuple[int, int]:
+    """A heatmap overlay (uint8 RGB) at its own pixel size, its caption above and a colour bar beside it
+    (0: the class score does not depend on that place; 1: it depends on it most). Returns the picture's top-left
+    corner in the PNG, in pixels (x, y)."""
+    import textwrap
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    h, w = picture.shape[:2]
+    dpi, font, margin, bar = 100, 8, 6, 60  # bar: pixels right of the picture for the bar and its labels
+    width = w + bar
+    lines = textwrap.wrap(text, max(16, int(width / 5.0))) or [""]
+    top = 13 * len(lines) + 2 * margin
+    height = h + top + margin
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    ax = fig.add_axes((0, margin / height, w / width, h / height))
+    ax.imshow(picture, interpolation="nearest")
+    ax.set_axis_off()
+    fig.text(margin / width, 1 - margin / height, "\n".join(lines), va="top", ha="left", fontsize=font)
+    cax = fig.add_axes(((w + 8) / width, margin / height, 10 / width, h / height))
+    fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), cax=cax, ticks=[0, 0.5, 1])
+    cax.tick_params(labelsize=font - 1)
+    _save(fig, path, dpi=dpi, tight=False)
+    return 0, top
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
