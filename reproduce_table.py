@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import cli
+from devices import PRECISIONS
 from runfiles import UserError
 import runfiles
 
@@ -127,7 +128,7 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=32, help="images per step")
     g.add_argument("--holdout", type=float, default=0.15,
                    help="fraction of each training class held out for model selection")
-    g.add_argument("--precision", choices=("auto", "float32", "mixed_bfloat16", "mixed_float16"), default="auto",
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="passed to every run")
     g.add_argument("--imagenet-weights", default=None, metavar="PATH",
                    help="Keras ResNet50 ImageNet weights without top (.h5 file, or 'imagenet' to let Keras "
