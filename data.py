@@ -1,4 +1,4 @@
-"""Data: find images in the course layout and decode them once into a uint8 cache (ImageSet).
+"""Data: find images in the course layout, decode them once into a uint8 cache (ImageSet), or stream them by batch.
 
 The flow (docs/ARCHITECTURE.md):
     files --scan--> FileList (+ mask pairs) --decode, RGB, resize, mask mode--> uint8 cache on disk

@@ -112,7 +112,7 @@ def pretrain_cam16(args, run_dir: Path, weights, init_name: str) -> dict:
     config = config_for(args, args.pretrain_epochs, args.pretrain_lr, label_smoothing=0.0, class_weight=False)
     result = training.train(run_dir, lambda: models.build_from_init(weights, 2, args.image_size, args.bn_momentum),
                             train, val, config, args=cli.args_dict(args), resume=args.resume,
-                            selection_set=val,
+                            hooks=training.Hooks(selection_set=val),
                             extra_metadata={"model": "resnet50", "stage": "pretrain_cam16", "init": init_name,
                                             "demo_data": args.demo,
                                             "selection": "CAM16 val (hold-out and validation are both CAM16 val)"})
@@ -154,14 +154,14 @@ def finetune(args, out: Path, start, train_set, val_set, arm: str) -> dict:
         training.train(frozen, new_head, train_set, val_set,
                        config_for(args, args.head_epochs, args.head_lr, lr_schedule="constant"),
                        args=cli.args_dict(args), resume=args.resume,
-                       before_fit=lambda core: models.set_backbone_trainable(core, False),
+                       hooks=training.Hooks(before_fit=lambda core: models.set_backbone_trainable(core, False)),
                        extra_metadata={**meta, "stage": "finetune_frozen"})
 
         def build():  # noqa: F811 - continue from the selected frozen-phase model
             return runfiles.load_core_model(frozen / "model.h5")
     return training.train(out / "finetune", build, train_set, val_set, config_for(args, args.epochs, args.lr),
                           args=cli.args_dict(args), resume=args.resume,
-                          before_fit=lambda core: models.set_backbone_trainable(core, True),
+                          hooks=training.Hooks(before_fit=lambda core: models.set_backbone_trainable(core, True)),
                           extra_metadata={**meta, "stage": "finetune"})
 
 
@@ -169,9 +169,10 @@ def scratch_baseline(args, out: Path, train_set, val_set) -> dict:
     """WBC only, random init, whole network trained for the same stage-2 budget (--head-epochs + --epochs)."""
     import models
     import training
-    return training.train(out / "finetune", lambda: models.build_from_init(None, len(train_set.classes), args.image_size,
-                                                                     args.bn_momentum),
-                          train_set, val_set, config_for(args, args.head_epochs + args.epochs, args.scratch_lr),
+
+    def build():
+        return models.build_from_init(None, len(train_set.classes), args.image_size, args.bn_momentum)
+    return training.train(out / "finetune", build, train_set, val_set, config_for(args, args.head_epochs + args.epochs, args.scratch_lr),
                           args=cli.args_dict(args), resume=args.resume,
                           extra_metadata={"model": "resnet50", "arm": "scratch", "stage": "finetune",
                                           "split": args.split, "demo_data": args.demo})
