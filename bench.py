@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import cli
+from devices import PRECISIONS
 import recipes
 from runfiles import UserError
 import augment
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=int, default=None,
                    help="batches per epoch (the training images repeated or cut to steps x batch size); "
                         "default: one pass over the training split")
-    g.add_argument("--precision", choices=("auto", "float32", "mixed_bfloat16", "mixed_float16"), default="auto",
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="precision of (a), (b) and (c); the report's setup (legacy, float32) and the project's "
                         "defaults (cached, auto) are measured too when they differ")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation")
@@ -198,19 +199,24 @@ def job_cache(spec: dict) -> dict:
             "workers": min(8, os.cpu_count() or 1)}
 
 
+def recipe_args(name: str, **settings):
+    """A recipe's options, as parsed arguments that leave everything to --recipe (flips on), plus `settings`."""
+    import argparse
+    args = argparse.Namespace(recipe=name, no_augment=False, no_hflip=False, no_vflip=False, **settings)
+    return recipes.apply_recipe(args)
+
+
 def recipe_augmentation(name: str) -> dict:
     """The augmentation a recipe trains with (make_augmentation keywords)."""
-    recipe = recipes.RECIPES[name]
-    return dict(rotation=recipe["rotation"], shear=recipe["shear"], horizontal_flip=True, vertical_flip=True,
-                zoom=recipe["zoom"], shift=recipe["shift"])
+    return augment.from_args(recipe_args(name))
 
 
 def build_core(spec: dict, num_classes: int):
     import models
     if spec["model"] == "resnet50":
         return models.build_resnet50(num_classes, spec["image_size"], weights=None)
-    shape = {k: v for k, v in recipes.RECIPES[spec["recipe"]].items() if k in recipes.MODEL_KEYS}
-    return models.build_cnn(num_classes, spec["image_size"], **{**shape, **spec.get("model_overrides", {})})
+    shape = recipes.model_kwargs(recipe_args(spec["recipe"], **spec.get("model_overrides", {})))
+    return models.build_cnn(num_classes, spec["image_size"], **shape)
 
 
 def job_pipeline(spec: dict) -> dict:

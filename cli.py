@@ -10,6 +10,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import recipes  # noqa: E402
+from devices import PRECISIONS  # noqa: E402
 from data import MASK_FILLS, MASK_MODES  # noqa: E402
 from runfiles import UserError  # noqa: E402
 
@@ -114,7 +115,7 @@ def add_training_args(parser, epochs=None, batch_size=32):
     g.add_argument("--class-weight-power", type=float, default=None,
                    help="exponent on the inverse-frequency weights: 1 = fully balanced, 0.5 = square root "
                         "(from --recipe)")
-    g.add_argument("--precision", choices=("auto", "float32", "mixed_bfloat16", "mixed_float16"), default="auto",
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: mixed_bfloat16 on GPUs and bf16-capable CPUs, else float32")
     g.add_argument("--loader", choices=("cached", "generator"), default="cached",
                    help="cached: decode once, augment on the device; generator: the report's "

@@ -1,4 +1,4 @@
-"""Data: find images in the course layout and decode them once into a uint8 cache (ImageSet).
+"""Data: find images in the course layout, decode them once into a uint8 cache (ImageSet), or stream them by batch.
 
 The flow (docs/ARCHITECTURE.md):
     files --scan--> FileList (+ mask pairs) --decode, RGB, resize, mask mode--> uint8 cache on disk
@@ -8,6 +8,7 @@ numpy and Pillow only; Keras is imported for its progress bar while decoding.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -421,7 +422,6 @@ def load_images(files: FileList, size: int = 224, mask_mode: str = "none", mask_
 
 def _decode_into(x, entries, size, mask_fill, verbose, name):
     """Decode entries into x with a thread pool (Pillow releases the GIL), a chunk at a time."""
-    import keras  # only for its progress bar
     n = len(entries)
     ok = np.zeros(n, bool)
     problems = set()
@@ -442,12 +442,12 @@ def _decode_into(x, entries, size, mask_fill, verbose, name):
                 return i, img, False
         return i, img, True
 
-    bar = keras.utils.Progbar(n, unit_name="image") if verbose and sys.stdout.isatty() else None
     if verbose:
         print(f"{name}: decoding {n} images to {size}x{size} (once; cached afterwards)")
-    workers = max(1, min(8, os.cpu_count() or 1))
+    workers = decode_threads()
     chunk = 64  # at most a chunk of full-size originals is held at a time
-    with ThreadPoolExecutor(workers) as pool:
+    quiet = contextlib.nullcontext(lambda done: None)
+    with ThreadPoolExecutor(workers) as pool, (progress(n) if verbose else quiet) as update:
         for start in range(0, n, chunk):
             for i, img, mask_ok in pool.map(work, range(start, min(n, start + chunk))):
                 if img is not None:
@@ -455,8 +455,7 @@ def _decode_into(x, entries, size, mask_fill, verbose, name):
                     ok[i] = True
                     if not mask_ok:
                         problems.add(i)
-            if bar:
-                bar.update(min(n, start + chunk))
+            update(min(n, start + chunk))
     return ok, problems
 
 
@@ -529,10 +528,7 @@ def _ensure_writable(cache_dir: Path) -> bool:
 
 
 def _warn_skipped(images: ImageSet, name: str, mask_mode: str = "replace"):
-    if images.skipped:
-        shown = ", ".join(Path(p).name for p in images.skipped[:3])
-        more = f" and {len(images.skipped) - 3} more" if len(images.skipped) > 3 else ""
-        print(f"warning: {name}: skipped {len(images.skipped)} unreadable image(s): {shown}{more}", file=sys.stderr)
+    warn_unreadable(images.skipped, name)
     if images.mask_problems:
         shown = ", ".join(Path(p).name for p in images.mask_problems[:3])
         more = f" and {len(images.mask_problems) - 3} more" if len(images.mask_problems) > 3 else ""
@@ -541,3 +537,76 @@ def _warn_skipped(images: ImageSet, name: str, mask_mode: str = "replace"):
               f"{shown}{more}", file=sys.stderr)
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming images without labels (inspect_model.py predict and gradcam): a batch at a time, so thousands of
+# images never sit in memory at once; decoded exactly as for training
+# ----------------------------------------------------------------------------------------------
+
+def decode_threads() -> int:
+    """Decoding threads: Pillow releases the GIL, so one per core, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def images_in(paths) -> list[Path]:
+    """The image files named by `paths`: files as given, folders searched recursively (list_images)."""
+    found = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += list_images(p)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise UserError(f"{p}: no such file or folder")
+    if not found:
+        raise UserError(f"{', '.join(map(str, paths))}: no images found "
+                        f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return found
+
+
+def decode_batches(files: list[Path], size: int, batch_size: int, skipped: list[str]):
+    """Yield (paths, uint8 array) per batch, decoded by a thread pool (decode_image); unreadable files are
+    appended to `skipped` and left out."""
+    def decode(path):
+        try:
+            return decode_image(path, size)
+        except Exception:  # noqa: BLE001 - any decoding failure means: not a readable image
+            return None
+
+    with ThreadPoolExecutor(decode_threads()) as pool:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            decoded = list(pool.map(decode, chunk))
+            keep = [i for i, img in enumerate(decoded) if img is not None]
+            skipped += [str(chunk[i]) for i in range(len(chunk)) if decoded[i] is None]
+            if keep:
+                yield [chunk[i] for i in keep], np.stack([decoded[i] for i in keep])
+
+
+@contextlib.contextmanager
+def progress(total: int, unit: str = "image", stream=None):
+    """Keras' progress bar on `stream` (default stdout; stderr where stdout carries a CSV), as an update(done)
+    function; a no-op when the stream is not a terminal (logs, CI)."""
+    stream = stream or sys.stdout
+    if not stream.isatty():
+        yield lambda done: None
+        return
+    import keras  # only for its progress bar
+    with contextlib.redirect_stdout(stream):
+        bar = keras.utils.Progbar(total, unit_name=unit)
+
+    def update(done):
+        with contextlib.redirect_stdout(stream):
+            bar.update(done)
+    yield update
+
+
+def warn_unreadable(paths: list[str], name: str | None = None, what: str = "unreadable image"):
+    """One warning line on stderr naming the first three of `paths` that could not be read."""
+    if not paths:
+        return
+    shown = ", ".join(Path(p).name for p in paths[:3])
+    more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+    print(f"warning: {name + ': ' if name else ''}skipped {len(paths)} {what}{'s' if len(paths) != 1 else ''}: "
+          f"{shown}{more}", file=sys.stderr)

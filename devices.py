@@ -1,17 +1,17 @@
-"""Devices: numeric precision, seeds, the distribution scope a model is built in, and library versions."""
+"""Devices: numeric precision, seeds, the distribution scope a model is built in, and library versions.
+
+Keras is imported by the functions that use it, so that the argument parser can read PRECISIONS cheaply."""
 from __future__ import annotations
 
 import contextlib
 import platform
 from pathlib import Path
 
-import keras
-import numpy as np
-
-PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")  # --precision's choices, in every script
 
 
 def has_gpu() -> bool:
+    import keras
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
@@ -35,7 +35,8 @@ def cpu_has_bf16() -> bool:
 
 def resolve_precision(precision: str) -> str:
     """'auto' picks by measurement (README, Performance): bfloat16 mixed precision on GPUs and on CPUs with
-    native bf16 (about 2.5x faster than float32 on this project's 2-core CPU), float32 elsewhere."""
+    native bf16 (about 2.5x faster than float32 in a one-off timing on a 2-core x86-64 CPU), float32 elsewhere."""
+    import keras
     if precision != "auto":
         return precision
     if has_gpu():
@@ -46,6 +47,7 @@ def resolve_precision(precision: str) -> str:
 
 
 def set_precision(precision: str) -> str:
+    import keras
     precision = resolve_precision(precision)
     keras.mixed_precision.set_global_policy(precision)
     return precision
@@ -53,6 +55,7 @@ def set_precision(precision: str) -> str:
 
 def seed_everything(seed: int):
     """Python, numpy and backend seeds; deterministic TF kernels so a CPU rerun gives the same numbers."""
+    import keras
     keras.utils.set_random_seed(seed)
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
@@ -63,6 +66,7 @@ def seed_everything(seed: int):
 @contextlib.contextmanager
 def distribution_scope():
     """Build and compile inside this: data-parallel over every local GPU when there are several."""
+    import keras
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
@@ -80,6 +84,8 @@ def distribution_scope():
 
 
 def versions() -> dict:
+    import keras
+    import numpy as np
     import PIL
     import sklearn
     out = {"python": platform.python_version(), "keras": keras.__version__, "numpy": np.__version__,

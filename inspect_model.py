@@ -10,22 +10,22 @@ models that take (N, H, W, 3) images. Models load in Keras' safe mode: nothing i
 """
 from __future__ import annotations
 
-import contextlib
 import csv
+import io
 import json
 import math
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cli
+import data
+import gradcam
 from runfiles import UserError
 import runfiles
 
 COMMANDS = ("summary", "evaluate", "predict", "gradcam")
-CONV_LAYERS = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -41,17 +41,18 @@ def parse_args(argv=None):
                         help="comma-separated class names, in the model's output order (default: the names "
                              "stored in the model)")
     common.add_argument("--batch-size", type=int, default=64, help="images per prediction step")
+    images = cli.Parser(add_help=False)  # what predict and gradcam read
+    images.add_argument("paths", type=Path, nargs="+", help="images and/or folders (searched recursively)")
     sub = parser.add_subparsers(dest="command", metavar="command")
 
-    p = sub.add_parser("summary", parents=[common],
-                       help="architecture, parameters, input, classes, preprocessing, training metadata (default)",
-                       formatter_class=parser.formatter_class)
+    def command(name, help, *parents):
+        return sub.add_parser(name, parents=[common, *parents], help=help, formatter_class=parser.formatter_class)
+
+    p = command("summary", "architecture, parameters, input, classes, preprocessing, training metadata (default)")
     p.add_argument("--json", dest="as_json", action="store_true", help="print the summary as JSON")
     p.add_argument("--expand", action="store_true", help="list the layers inside nested models (a backbone)")
 
-    p = sub.add_parser("evaluate", parents=[common],
-                       help="accuracy, balanced accuracy, macro-F1, per-class report and confusion matrix",
-                       formatter_class=parser.formatter_class)
+    p = command("evaluate", "accuracy, balanced accuracy, macro-F1, per-class report and confusion matrix")
     p.add_argument("dir", type=Path, help="a folder with one sub-folder per class, or a course-layout root "
                                           "(then the validation set of --split)")
     p.add_argument("--split", default="WBC_100", help="with a course-layout root: the split whose val/ to use")
@@ -62,22 +63,19 @@ def parse_args(argv=None):
                    help="where decoded images are cached (default $WBC_CACHE_DIR or ~/.cache/wbc_keras)")
     p.add_argument("--no-cache", action="store_true", help="decode into memory only, write no cache")
 
-    p = sub.add_parser("predict", parents=[common],
-                       help="a CSV of file, predicted class and one probability per class",
-                       formatter_class=parser.formatter_class)
-    p.add_argument("paths", type=Path, nargs="+", help="images and/or folders (searched recursively)")
+    p = command("predict", "a CSV of file, predicted class and one probability per class", images)
     p.add_argument("--out", type=Path, default=None, help="CSV file to write (default: standard output)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
-    p = sub.add_parser("gradcam", parents=[common],
-                       help="Grad-CAM heatmaps over the input images, as PNGs",
-                       formatter_class=parser.formatter_class)
-    p.add_argument("paths", type=Path, nargs="+", help="images and/or folders (searched recursively)")
+    p = command("gradcam", "Grad-CAM heatmaps over the input images, as labelled PNGs (true class when the "
+                           "image's folder names one, predicted class, probability, colour bar) and gradcam.csv",
+                images)
     p.add_argument("--out", type=Path, required=True, help="folder for the PNGs (created if needed)")
     p.add_argument("--class", dest="target", default=None,
                    help="explain this class for every image (default: each image's predicted class)")
     p.add_argument("--display-size", type=int, default=None,
-                   help="side of the written PNGs in pixels (default: the model's input size, at least 224)")
+                   help="side of the heatmap picture in pixels, caption and colour bar around it (default: the "
+                        "model's input size, at least 224)")
     p.add_argument("--overwrite", action="store_true", help="replace existing PNGs of the same name")
     args = parser.parse_args(argv)
     args.command = args.command or "summary"
@@ -140,7 +138,7 @@ def describe(loaded: Loaded) -> dict:
     trainable = sum(math.prod(w.shape) for w in model.trainable_weights)
     total = model.count_params()
     try:
-        features = feature_layer(model)
+        features = gradcam.feature_layer(model)
         feature_map = {"layer": "/".join([m.name for m in features[0]] + [features[1].name]),
                        "shape": list(features[1].output.shape[1:])}
     except UserError as e:
@@ -181,7 +179,7 @@ def preprocessing(model) -> list[str]:
         elif kind == "Normalization":
             steps.append(f"{layer.name}: (x - mean) / sqrt(variance), mean {cfg.get('mean')}, "
                          f"variance {cfg.get('variance')}")
-        elif kind in CONV_LAYERS:
+        elif kind in gradcam.CONV_LAYERS:
             k = layer.get_weights()
             bias = k[1].round(3).tolist() if len(k) > 1 else []
             steps.append(f"{layer.name}: fixed {cfg['kernel_size'][0]}x{cfg['kernel_size'][1]} {kind} "
@@ -246,7 +244,6 @@ def cmd_summary(loaded: Loaded, args):
 def eval_files(folder: Path, classes: list[str], split: str):
     """The labelled files to evaluate: a course root's validation set, or a folder-per-class directory
     (also one holding data/<class>/, like WBC_100/val)."""
-    import data
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder (expected one sub-folder per class, or a course-layout root)")
@@ -271,7 +268,6 @@ def eval_files(folder: Path, classes: list[str], split: str):
 
 
 def cmd_evaluate(loaded: Loaded, args):
-    import data
     import feeding
     import metrics
     import report
@@ -311,68 +307,6 @@ def cmd_evaluate(loaded: Loaded, args):
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-# Streaming images: decode a batch at a time, so thousands of images never sit in memory at once
-# ----------------------------------------------------------------------------------------------
-
-def collect_images(paths) -> list[Path]:
-    import data
-    found = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found += data.list_images(p)
-        elif p.is_file():
-            found.append(p)
-        else:
-            raise UserError(f"{p}: no such file or folder")
-    if not found:
-        raise UserError(f"{', '.join(map(str, paths))}: no images found (.jpg, .png, .bmp, .tif, .gif, .webp)")
-    return found
-
-
-def image_batches(files: list[Path], size: int, batch_size: int, skipped: list[str]):
-    """Yield (paths, uint8 array) per batch, decoded exactly as in training (data.decode_image) by a thread
-    pool; unreadable files are appended to `skipped` and left out."""
-    import numpy as np
-    import data
-
-    def decode(path):
-        try:
-            return data.decode_image(path, size)
-        except Exception:  # noqa: BLE001 - any decoding failure means: not a readable image
-            return None
-
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        for start in range(0, len(files), batch_size):
-            chunk = files[start:start + batch_size]
-            decoded = list(pool.map(decode, chunk))
-            keep = [i for i, img in enumerate(decoded) if img is not None]
-            skipped += [str(chunk[i]) for i in range(len(chunk)) if decoded[i] is None]
-            if keep:
-                yield [chunk[i] for i in keep], np.stack([decoded[i] for i in keep])
-
-
-@contextlib.contextmanager
-def progress(total: int, unit: str):
-    """Keras' progress bar on stderr (stdout may carry the CSV); nothing when stderr is not a terminal."""
-    import keras
-    if not sys.stderr.isatty():
-        yield lambda done: None
-        return
-    with contextlib.redirect_stdout(sys.stderr):
-        bar = keras.utils.Progbar(total, unit_name=unit)
-
-    def update(done):
-        with contextlib.redirect_stdout(sys.stderr):
-            bar.update(done)
-    yield update
-
-
-def warn_skipped(skipped: list[str]):
-    if skipped:
-        print(f"warning: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}", file=sys.stderr)
-
-
 def check_writable_file(path: Path, overwrite: bool):
     if path.exists() and not overwrite:
         raise UserError(f"--out {path}: already exists; pass --overwrite to replace it")
@@ -388,7 +322,7 @@ def check_writable_file(path: Path, overwrite: bool):
 
 def cmd_predict(loaded: Loaded, args):
     import numpy as np
-    files = collect_images(args.paths)
+    files = data.images_in(args.paths)
     if args.out is not None:
         check_writable_file(args.out, args.overwrite)
         # Rows go to a file beside the target, renamed into place at the end: never half a CSV.
@@ -400,8 +334,8 @@ def cmd_predict(loaded: Loaded, args):
     try:
         writer = csv.writer(stream)
         writer.writerow(["file", "predicted"] + [f"p_{c}" for c in loaded.classes])
-        with progress(len(files), "image") as update:
-            for paths, x in image_batches(files, loaded.image_size, args.batch_size, skipped):
+        with data.progress(len(files), stream=sys.stderr) as update:
+            for paths, x in data.decode_batches(files, loaded.image_size, args.batch_size, skipped):
                 probs = np.asarray(loaded.model.predict_on_batch(x), dtype=np.float64)
                 # Low-precision softmax sums to 1 only within rounding: renormalise what we report.
                 probs /= np.maximum(probs.sum(1, keepdims=True), 1e-12)
@@ -426,174 +360,18 @@ def cmd_predict(loaded: Loaded, args):
     if tmp:
         os.replace(tmp, args.out)
     seconds = time.perf_counter() - start
-    warn_skipped(skipped)
-    print(f"predicted {n} images in {seconds:.1f}s ({n / seconds:.0f} images/s)"
+    data.warn_unreadable(skipped)
+    print(f"predicted {n} image{'s' if n != 1 else ''} in {seconds:.1f}s ({n / seconds:.0f} images/s)"
           + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
     return 0
 
 
 # ----------------------------------------------------------------------------------------------
-# Grad-CAM: find the last convolutional feature map (also inside a nested backbone), split the model there
-# into a feature extractor and a head, and weigh each feature channel by the class score's gradient.
+# gradcam
 # ----------------------------------------------------------------------------------------------
 
-def _flat_layers(model, chain=()):
-    """(chain of nested models, layer) for every layer, in order, descending into nested models."""
-    for layer in model.layers:
-        if hasattr(layer, "layers") and hasattr(layer, "inputs"):
-            yield from _flat_layers(layer, chain + (layer,))
-        else:
-            yield chain, layer
-
-
-def feature_layer(model):
-    """The last convolutional feature map: the last conv layer, followed forward through the layers of the
-    same model that keep its spatial shape (batch norm, activation, residual add), so the map is the block's
-    output. Returns (chain of nested models, layer)."""
-    flat = list(_flat_layers(model))
-    convs = [i for i, (_, layer) in enumerate(flat) if type(layer).__name__ in CONV_LAYERS and layer.trainable]
-    if not convs:
-        convs = [i for i, (_, layer) in enumerate(flat) if type(layer).__name__ in CONV_LAYERS]
-    if not convs:
-        raise UserError(f"{model.name}: no convolutional layer, so no feature map for Grad-CAM")
-    i = convs[-1]
-    chain, layer = flat[i]
-    shape = tuple(layer.output.shape)
-    for next_chain, nxt in flat[i + 1:]:
-        try:
-            same = next_chain == chain and len(nxt.output.shape) == 4 and tuple(nxt.output.shape)[1:3] == shape[1:3]
-        except (AttributeError, ValueError):
-            same = False
-        if not same:
-            break
-        layer = nxt
-    return chain, layer
-
-
-def _call_node(model, inner):
-    """The node where `model` calls its nested model `inner`: its outer input and output tensors."""
-    for nodes in getattr(model, "_nodes_by_depth", {}).values():
-        for node in nodes:
-            if node.operation is inner:
-                return node.input_tensors[0], node.output_tensors[0]
-    raise UserError(f"{model.name}: cannot find where the nested model {inner.name} is called")
-
-
-def _split(model, chain, layer):
-    """(feature model: image -> feature map, head: feature map -> probabilities or None) for `layer`, which is
-    inside the nested models `chain` of `model`. Keras builds the sub-models from the graph's own tensors."""
-    import keras
-    x_in, y_out = model.inputs[0], model.outputs[0]
-    if not chain:
-        t = layer.output
-        return keras.Model(x_in, t), (None if t is y_out else keras.Model(t, y_out))
-    inner_features, inner_head = _split(chain[0], chain[1:], layer)
-    t_in, t_out = _call_node(model, chain[0])
-    pre = None if t_in is x_in else keras.Model(x_in, t_in)
-    post = None if t_out is y_out else keras.Model(t_out, y_out)
-    image = keras.Input(batch_shape=x_in.shape, dtype=x_in.dtype)
-    features = inner_features(pre(image) if pre else image)
-    feature_in = keras.Input(batch_shape=features.shape, dtype=features.dtype)
-    y = inner_head(feature_in) if inner_head else feature_in
-    y = post(y) if post else y
-    return keras.Model(image, features), keras.Model(feature_in, y)
-
-
-class GradCam:
-    """Grad-CAM (Selvaraju et al. 2017) for a core model, under any Keras backend."""
-
-    def __init__(self, model):
-        self.model = model
-        self.chain, self.layer = feature_layer(model)
-        try:
-            self.features, self.head = _split(model, self.chain, self.layer)
-        except UserError:
-            raise  # already one clear line
-        except Exception as e:  # noqa: BLE001 - a graph Keras cannot cut at that layer
-            raise UserError(f"{model.name}: cannot split the model at {self.layer.name} for Grad-CAM "
-                            f"({str(e).splitlines()[0][:160]})") from None
-        self._checked = False
-
-    @property
-    def layer_name(self) -> str:
-        return "/".join([m.name for m in self.chain] + [self.layer.name])
-
-    def __call__(self, x, class_ids=None):
-        """Heatmaps in [0, 1] at the feature map's resolution (N, h, w), the probabilities (N, classes),
-        and the explained class of each image (its predicted class unless class_ids is given)."""
-        import numpy as np
-        import keras
-        features = self.features(x, training=False)
-        probs = keras.ops.convert_to_numpy(keras.ops.cast(self.head(features, training=False), "float32"))
-        if not self._checked:
-            # The split must compute exactly what the model computes; otherwise the heatmap explains nothing.
-            direct = np.asarray(self.model.predict_on_batch(x), np.float32)
-            if not np.allclose(direct, probs, atol=2e-2):
-                raise UserError(f"{self.model.name}: feature extractor + head at {self.layer_name} do not "
-                                f"reproduce the model's output (max difference {np.abs(direct - probs).max():.3g})")
-            self._checked = True
-        class_ids = probs.argmax(1) if class_ids is None else np.asarray(class_ids)
-        onehot = np.eye(probs.shape[1], dtype=np.float32)[class_ids]
-        grads = np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(
-            class_score_gradients(self.head, features, onehot), "float32")))
-        fmap = np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(features, "float32")))
-        weights = grads.mean(axis=(1, 2))  # one weight per channel: its gradient averaged over the map
-        cam = np.maximum(np.einsum("nhwc,nc->nhw", fmap, weights), 0.0)
-        top = cam.max(axis=(1, 2), keepdims=True)
-        cam = np.where(top > 0, cam / np.where(top > 0, top, 1.0), 0.0)
-        return cam.astype(np.float32), probs, class_ids
-
-
-def class_score_gradients(head, features, onehot):
-    """d log p(class) / d features for each image. Gradients are backend-specific, so one branch per backend.
-    The log-probability, not the probability: its gradient does not vanish when the softmax saturates.
-    Summing the scores over the batch gives each image its own gradient (inference mode: images independent)."""
-    import keras
-    backend = keras.backend.backend()
-
-    def score(probs):
-        probs = keras.ops.cast(probs, "float32")
-        return keras.ops.sum(keras.ops.log(keras.ops.clip(probs, 1e-7, 1.0)) * onehot)
-
-    if backend == "tensorflow":
-        import tensorflow as tf
-        f = tf.convert_to_tensor(features)
-        with tf.GradientTape() as tape:
-            tape.watch(f)
-            s = score(head(f, training=False))
-        return tape.gradient(s, f)
-    if backend == "jax":
-        import jax
-        trainable = [v.value for v in head.trainable_variables]
-        fixed = [v.value for v in head.non_trainable_variables]
-
-        def fn(f):
-            probs, _ = head.stateless_call(trainable, fixed, f, training=False)
-            return score(probs)
-        return jax.grad(fn)(features)
-    if backend == "torch":
-        f = features.detach().requires_grad_(True)
-        score(head(f, training=False)).backward()
-        return f.grad
-    raise UserError(f"Grad-CAM needs gradients: the {backend} backend is not supported "
-                    "(use tensorflow, jax or torch)")
-
-
-def overlay(image, cam, size: int):
-    """The image (uint8, size x size) under the heatmap in matplotlib's 'jet' colours, as uint8 RGB."""
-    import numpy as np
-    from matplotlib import colormaps
-    from PIL import Image
-    heat = np.asarray(Image.fromarray(cam.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
-    colored = colormaps["jet"](np.clip(heat, 0.0, 1.0))[..., :3] * 255.0
-    alpha = 0.45 * np.clip(heat, 0.0, 1.0)[..., None] + 0.15  # where the model looks, the colour dominates
-    return np.clip(image * (1 - alpha) + colored * alpha, 0, 255).astype(np.uint8)
-
-
 def cmd_gradcam(loaded: Loaded, args):
-    import data
-    from PIL import Image
-    files = collect_images(args.paths)
+    files = data.images_in(args.paths)
     target = None
     if args.target is not None:
         names = [c.lower() for c in loaded.classes]
@@ -604,29 +382,33 @@ def cmd_gradcam(loaded: Loaded, args):
         raise UserError(f"--out {args.out}: a file (expected a folder for the PNGs)")
     args.out.mkdir(parents=True, exist_ok=True)
     size = args.display_size or max(loaded.image_size, 224)
-    cam = GradCam(loaded.model)
+    cam = gradcam.GradCam(loaded.model)
     print(f"Grad-CAM at {cam.layer_name} {tuple(cam.layer.output.shape[1:])}", file=sys.stderr)
     names, skipped, rows = set(), [], []
-    with progress(len(files), "image") as update:
-        for paths, x in image_batches(files, loaded.image_size, args.batch_size, skipped):
+    with data.progress(len(files), stream=sys.stderr) as update:
+        for paths, x in data.decode_batches(files, loaded.image_size, args.batch_size, skipped):
             heat, probs, ids = cam(x, None if target is None else [target] * len(x))
             for path, h, p, c in zip(paths, heat, probs, ids):
                 out = _unique_name(args.out, f"{path.stem}_gradcam_{loaded.classes[c]}.png", names)
                 if out.exists() and not args.overwrite:
                     raise UserError(f"{out}: already exists; pass --overwrite to replace it")
+                true = data.canonical_class(path.parent.name, tuple(loaded.classes))  # a class folder, if any
                 # The picture under the heatmap is decoded like the model's input, only larger.
-                Image.fromarray(overlay(data.decode_image(path, size), h, size)).save(out)
-                rows.append([str(path), str(out), loaded.classes[c], f"{p[c]:.6f}",
-                             loaded.classes[int(p.argmax())]])
+                gradcam.save_labelled(data.decode_image(path, size), h, size,
+                                      gradcam.caption(loaded.classes, p, int(c), true), out)
+                rows.append([str(path), str(out), true or "", loaded.classes[c], f"{p[c]:.6f}",
+                             loaded.classes[int(p.argmax())], f"{p.max():.6f}"])
             update(len(rows) + len(skipped))
     if not rows:
         raise UserError(f"{', '.join(map(str, args.paths))}: none of the {len(files)} files is a readable image")
-    warn_skipped(skipped)
-    import io
+    data.warn_unreadable(skipped)
     buf = io.StringIO()
-    csv.writer(buf).writerows([["file", "heatmap", "explained_class", "probability", "predicted"]] + rows)
+    csv.writer(buf).writerows([["file", "heatmap", "true", "explained_class", "probability", "predicted",
+                                "predicted_probability"]] + rows)
     runfiles.atomic_write_text(args.out / "gradcam.csv", buf.getvalue())
-    print(f"wrote {len(rows)} heatmaps ({size}x{size} PNG) and gradcam.csv to {args.out}/")
+    n = len(rows)
+    print(f"wrote {n} heatmap{'s' if n != 1 else ''} ({size}x{size} pictures with caption and colour bar, PNG) "
+          f"and gradcam.csv to {args.out}/")
     return 0
 
 

@@ -115,3 +115,73 @@ def adjust_p_values(p_values) -> list[float]:
     from scipy.stats import false_discovery_control
     p = np.asarray(p_values, dtype=np.float64)
     return false_discovery_control(p).tolist() if p.size else []
+
+
+# ----------------------------------------------------------------------------------------------
+# The accuracy table's statistics (reproduce_table.py). A record is one finished run: {"row": its table row
+# (.name, .split), "seed": int, "dir": the folder of its metrics.json and val_predictions.csv, "metrics": dict}
+# ----------------------------------------------------------------------------------------------
+
+def flatten(values: dict) -> dict:
+    """metrics.json as CSV columns: dicts become key_subkey columns, lists become JSON text."""
+    import json
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}_{k}": v for k, v in value.items()})
+        elif isinstance(value, list):
+            flat[key] = json.dumps(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1) across seeds; the deviation is NaN for a single seed."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
+
+
+def read_correctness(run_dir) -> dict[str, int]:
+    """{image path: 1 if the run's selected model got it right, else 0} from its val_predictions.csv."""
+    import csv
+    from pathlib import Path
+    with open(Path(run_dir) / "val_predictions.csv", newline="") as f:
+        return {r["path"]: int(r["correct"]) for r in csv.DictReader(f)}
+
+
+def paired_comparisons(records: list[dict], pairs, splits, n_resamples: int) -> list[dict]:
+    """For each split and pair (a suffix, b suffix) of row names: a McNemar test and a paired bootstrap per shared
+    seed, and a bootstrap on each image's correctness averaged over the seeds; p-values Benjamini-Hochberg
+    adjusted over every test returned. Runs on different validation images get a note instead."""
+    runs = {(r["row"].name, r["seed"]): r for r in records}
+    out = []
+    for split in splits:
+        for a_suffix, b_suffix in pairs:
+            a_name, b_name = f"{split}_{a_suffix}", f"{split}_{b_suffix}"
+            seeds = sorted(s for (n, s) in runs if n == a_name and (b_name, s) in runs)
+            if not seeds:
+                continue
+            per_seed_a, per_seed_b = [], []
+            for seed in seeds:
+                ca, cb = read_correctness(runs[a_name, seed]["dir"]), read_correctness(runs[b_name, seed]["dir"])
+                if ca.keys() != cb.keys():
+                    out.append({"split": split, "a": a_name, "b": b_name, "seed": seed,
+                                "note": "different validation images; not compared"})
+                    continue
+                images = sorted(ca)
+                a = np.array([ca[p] for p in images])
+                b = np.array([cb[p] for p in images])
+                per_seed_a.append(a)
+                per_seed_b.append(b)
+                out.append({"split": split, "a": a_name, "b": b_name, "seed": seed, **mcnemar_exact(a, b),
+                            **paired_bootstrap_difference(a, b, n_resamples, seed=seed)})
+            if len(per_seed_a) > 1:
+                # Each image's correctness averaged over seeds, then the paired bootstrap over images.
+                a, b = np.mean(per_seed_a, 0), np.mean(per_seed_b, 0)
+                out.append({"split": split, "a": a_name, "b": b_name, "seed": "mean",
+                            "images": len(a), **paired_bootstrap_difference(a, b, n_resamples, seed=0)})
+    tested = [c for c in out if "p_value" in c]
+    for c, p in zip(tested, adjust_p_values([c["p_value"] for c in tested])):
+        c["p_adjusted"] = p
+    return out

@@ -6,6 +6,8 @@ import keras
 import numpy as np
 from keras import layers
 
+from runfiles import UserError
+
 
 def image_input(image_size: int) -> keras.KerasTensor:
     return keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
@@ -74,6 +76,9 @@ def build_cnn(num_classes: int = 5, image_size: int = 224, width: int = 32, dept
 # subtracted, no scaling (keras.applications.resnet50.preprocess_input).
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
 IMAGENET_NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+# Keras' own download of the ImageNet ResNet50 weights without the top (keras.applications.resnet).
+IMAGENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
+IMAGENET_NOTOP_HASH = "4d473c1dd8becc155b73f8504c6f6626"
 BACKBONE_NAME = "resnet50_backbone"
 FEATURES_NAME = "features"
 # Keras' ResNet50 uses batch-norm momentum 0.99: its moving statistics need ~500 steps to forget their start.
@@ -129,6 +134,31 @@ def build_resnet50(num_classes: int = 5, image_size: int = 224, weights=None, he
         x = layers.Dropout(head_dropout, name="head_dropout")(x)
     outputs = classifier_head(x, num_classes, dense=0)
     return keras.Model(inputs, outputs, name=name)
+
+
+def resolve_init(init: str):
+    """--init (scratch, imagenet or a weights file) as build_resnet50's `weights`: None, or a local file
+    (ImageNet's is downloaded once into Keras' cache)."""
+    if init == "scratch":
+        return None
+    if init != "imagenet":
+        return str(init)
+    try:
+        return keras.utils.get_file(IMAGENET_NOTOP_FILE, IMAGENET_URL + IMAGENET_NOTOP_FILE, cache_subdir="models",
+                                    file_hash=IMAGENET_NOTOP_HASH)
+    except Exception as e:  # noqa: BLE001 - offline, proxy, bad download: all the same advice
+        raise UserError(f"--init imagenet: could not download Keras' ImageNet weights ({type(e).__name__}); "
+                        f"offline, download {IMAGENET_NOTOP_FILE} from {IMAGENET_URL} elsewhere and pass "
+                        f"--init PATH/TO/{IMAGENET_NOTOP_FILE}") from None
+
+
+def build_from_init(weights, num_classes: int, image_size: int, bn_momentum: float | None = None):
+    """build_resnet50 from resolve_init's weights; a file that is not ResNet50 weights is one UserError line."""
+    try:
+        return build_resnet50(num_classes, image_size, weights=weights, bn_momentum=bn_momentum or RESNET_BN_MOMENTUM)
+    except (ValueError, OSError, KeyError) as e:
+        raise UserError(f"--init {weights}: not a Keras ResNet50 weights file without top "
+                        f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
 
 
 def replace_head(core: keras.Model, num_classes: int, head_dropout: float = 0.0, name: str | None = None):

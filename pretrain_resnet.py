@@ -19,20 +19,22 @@ from pathlib import Path
 
 import cli
 from runfiles import UserError
-from recipes import RECIPES
+import recipes
 import runfiles
 
-# Keras' own download of the ImageNet ResNet50 weights without the top (keras.applications.resnet).
-IMAGENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
-IMAGENET_NOTOP_HASH = "4d473c1dd8becc155b73f8504c6f6626"
-# Stage-2 defaults for a backbone that is already trained, and for one trained from scratch.
-FINETUNE_LR, HEAD_LR, SCRATCH_LR = 1e-4, 1e-3, 1e-3
+# Stage-2 learning rates with the backbone frozen and for the from-scratch baseline (--lr, the fine-tuning
+# rate of an unfrozen pre-trained backbone, comes from --recipe).
+HEAD_LR, SCRATCH_LR = 1e-3, 1e-3
 
 
 def parse_args(argv=None):
     parser = cli.make_parser(__doc__.split("\n")[0], prog="pretrain_resnet.py")
     cli.add_data_args(parser)
     g = parser.add_argument_group("ResNet50 and pre-training")
+    g.add_argument("--recipe", choices=sorted(recipes.RESNET_RECIPES), default="default",
+                   help=f"fills every option marked 'from --recipe': default is the project's CNN recipe's loss, "
+                        "class weights, schedule, rotation and shear at the fine-tuning rate --lr "
+                        f"{recipes.RESNET_RECIPES['default']['lr']:g}")
     g.add_argument("--init", default="scratch",
                    help="scratch (random), imagenet (Keras' download; needs the internet once) or the PATH of a "
                         "local Keras ResNet50 weights file without top, e.g. "
@@ -59,14 +61,7 @@ def parse_args(argv=None):
     cli.add_augmentation_args(parser)
     cli.add_output_args(parser)
     args = parser.parse_args(argv)
-    # The project's WBC recipe (recipes.RECIPES['default']) for what the user left unset; --lr is the
-    # fine-tuning rate of an unfrozen pre-trained backbone, so lower.
-    defaults = {key: RECIPES["default"][key] for key in ("lr_schedule", "label_smoothing", "class_weight",
-                                                        "class_weight_power", "rotation", "shear")}
-    defaults["lr"] = FINETUNE_LR
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    recipes.apply_recipe(args, table=recipes.RESNET_RECIPES)
     cli.resolve_data(args)
     if args.epochs is None:
         args.epochs = 3 if args.demo else 10
@@ -89,33 +84,6 @@ def parse_args(argv=None):
     return args
 
 
-def resolve_init(init: str):
-    """The `weights` argument for models.build_resnet50: None, or a local file (ImageNet's, downloaded once)."""
-    if init == "scratch":
-        return None
-    if init != "imagenet":
-        return str(init)
-    import keras
-    import models
-    try:
-        return keras.utils.get_file(models.IMAGENET_NOTOP_FILE, IMAGENET_URL + models.IMAGENET_NOTOP_FILE,
-                                    cache_subdir="models", file_hash=IMAGENET_NOTOP_HASH)
-    except Exception as e:  # noqa: BLE001 - offline, proxy, bad download: all the same advice
-        raise UserError(f"--init imagenet: could not download Keras' ImageNet weights ({type(e).__name__}); "
-                        f"offline, download {models.IMAGENET_NOTOP_FILE} from {IMAGENET_URL} elsewhere and pass "
-                        f"--init PATH/TO/{models.IMAGENET_NOTOP_FILE}") from None
-
-
-def build_from_init(weights, num_classes: int, image_size: int, bn_momentum: float | None = None):
-    import models
-    try:
-        return models.build_resnet50(num_classes, image_size, weights=weights,
-                                     bn_momentum=bn_momentum or models.RESNET_BN_MOMENTUM)
-    except (ValueError, OSError, KeyError) as e:
-        raise UserError(f"--init {weights}: not a Keras ResNet50 weights file without top "
-                        f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
-
-
 def config_for(args, epochs: int, lr: float, **changes):
     import training
     config = training.TrainConfig.from_args(args)
@@ -128,6 +96,7 @@ def config_for(args, epochs: int, lr: float, **changes):
 def pretrain_cam16(args, run_dir: Path, weights, init_name: str) -> dict:
     """Stage 1: CAM16 train -> epoch selected on CAM16 val -> CAM16 test accuracy and ROC AUC."""
     import data
+    import models
     import training
     files = data.find_cam16(args.data)
     kw = dict(size=args.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache, verbose=not args.quiet)
@@ -141,9 +110,9 @@ def pretrain_cam16(args, run_dir: Path, weights, init_name: str) -> dict:
         print(f"CAM16 train {train.counts()}  val {val.counts()}  test {test.counts() if test else 'absent'}")
     # No label smoothing or class weights on the balanced two-class task; tissue has no orientation.
     config = config_for(args, args.pretrain_epochs, args.pretrain_lr, label_smoothing=0.0, class_weight=False)
-    result = training.train(run_dir, lambda: build_from_init(weights, 2, args.image_size, args.bn_momentum),
+    result = training.train(run_dir, lambda: models.build_from_init(weights, 2, args.image_size, args.bn_momentum),
                             train, val, config, args=cli.args_dict(args), resume=args.resume,
-                            selection_set=val,
+                            hooks=training.Hooks(selection_set=val),
                             extra_metadata={"model": "resnet50", "stage": "pretrain_cam16", "init": init_name,
                                             "demo_data": args.demo,
                                             "selection": "CAM16 val (hold-out and validation are both CAM16 val)"})
@@ -177,7 +146,7 @@ def finetune(args, out: Path, start, train_set, val_set, arm: str) -> dict:
     def new_head():
         if isinstance(start, Path):
             return models.replace_head(runfiles.load_core_model(start), n, name="resnet50_wbc")
-        return build_from_init(start, n, args.image_size, args.bn_momentum)
+        return models.build_from_init(start, n, args.image_size, args.bn_momentum)
 
     build = new_head
     if args.head_epochs:
@@ -185,23 +154,25 @@ def finetune(args, out: Path, start, train_set, val_set, arm: str) -> dict:
         training.train(frozen, new_head, train_set, val_set,
                        config_for(args, args.head_epochs, args.head_lr, lr_schedule="constant"),
                        args=cli.args_dict(args), resume=args.resume,
-                       before_fit=lambda core: models.set_backbone_trainable(core, False),
+                       hooks=training.Hooks(before_fit=lambda core: models.set_backbone_trainable(core, False)),
                        extra_metadata={**meta, "stage": "finetune_frozen"})
 
         def build():  # noqa: F811 - continue from the selected frozen-phase model
             return runfiles.load_core_model(frozen / "model.h5")
     return training.train(out / "finetune", build, train_set, val_set, config_for(args, args.epochs, args.lr),
                           args=cli.args_dict(args), resume=args.resume,
-                          before_fit=lambda core: models.set_backbone_trainable(core, True),
+                          hooks=training.Hooks(before_fit=lambda core: models.set_backbone_trainable(core, True)),
                           extra_metadata={**meta, "stage": "finetune"})
 
 
 def scratch_baseline(args, out: Path, train_set, val_set) -> dict:
     """WBC only, random init, whole network trained for the same stage-2 budget (--head-epochs + --epochs)."""
+    import models
     import training
-    return training.train(out / "finetune", lambda: build_from_init(None, len(train_set.classes), args.image_size,
-                                                                     args.bn_momentum),
-                          train_set, val_set, config_for(args, args.head_epochs + args.epochs, args.scratch_lr),
+
+    def build():
+        return models.build_from_init(None, len(train_set.classes), args.image_size, args.bn_momentum)
+    return training.train(out / "finetune", build, train_set, val_set, config_for(args, args.head_epochs + args.epochs, args.scratch_lr),
                           args=cli.args_dict(args), resume=args.resume,
                           extra_metadata={"model": "resnet50", "arm": "scratch", "stage": "finetune",
                                           "split": args.split, "demo_data": args.demo})
@@ -281,7 +252,8 @@ def main(argv=None):
     out = cli.resolve_run_dir(args, f"resnet_{args.split}_seed{args.seed}")
     args.out_root = out
     init_name = args.init if args.init in ("scratch", "imagenet") else "file"
-    weights = resolve_init(args.init)
+    import models
+    weights = models.resolve_init(args.init)
     train_set, val_set = cli.load_wbc_split(args, verbose=not args.quiet)
 
     arms = [arm_path(args, weights, out, train_set, val_set, init_name, args.skip_pretrain)]

@@ -1,7 +1,8 @@
 """Named training recipes: a recipe fills in every option the user did not set on the command line.
 
-'report' reproduces the original course report (its dropout CNN with a flatten head, its augmentation,
-no class weights). 'default' is the project's recipe, chosen by measurement (README, Results)."""
+RECIPES (train_cnn.py, train_masked.py, bench.py): 'report' reproduces the original course report (its dropout CNN
+with a flatten head, its augmentation, no class weights); 'default' is the project's recipe, chosen by measurement
+(README, Results). RESNET_RECIPES: pretrain_resnet.py's."""
 from __future__ import annotations
 
 RECIPES = {
@@ -20,12 +21,20 @@ RECIPES = {
                     label_smoothing=0.1, lr=2e-3, lr_schedule="cosine", zoom=0.1, shift=0.05, min_steps=20,
                     stem_stride="auto", bn_recalibrate=512),
 }
+# pretrain_resnet.py's recipes: the default recipe's loss, class weights, schedule and rotation/shear; --lr is the
+# fine-tuning rate of an unfrozen pre-trained backbone, so lower. The CNN's small-split levers (zoom, shift,
+# min_steps, BN recalibration) are off: they were chosen on the CNN, not measured on ResNet50.
+RESNET_RECIPES = {
+    "default": {**{k: RECIPES["default"][k] for k in ("lr_schedule", "label_smoothing", "class_weight",
+                                                      "class_weight_power", "rotation", "shear")},
+                "lr": 1e-4, "zoom": 0.0, "shift": 0.0, "min_steps": 0, "bn_recalibrate": 0},
+}
 MODEL_KEYS = ("width", "depth", "dropout", "dropout_step", "dense", "pooling", "batchnorm", "stem_stride")
 
 
-def apply_recipe(args, name: str | None = None):
-    """Set each option still None on `args` from the recipe `name` (default: args.recipe)."""
-    recipe = RECIPES[name or args.recipe]
+def apply_recipe(args, name: str | None = None, table: dict = RECIPES):
+    """Set each option still None on `args` from the recipe `name` (default: args.recipe) of `table`."""
+    recipe = table[name or args.recipe]
     for key, value in recipe.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

@@ -22,21 +22,18 @@ McNemar tests and bootstrap intervals on the same validation images), label_effi
 """
 from __future__ import annotations
 
-import csv
 import fnmatch
-import io
 import json
-import math
 import os
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cli
+from devices import PRECISIONS
 from runfiles import UserError
 import runfiles
 
@@ -56,14 +53,9 @@ PAIRS += [("resnet-cam16", "resnet-scratch"), ("resnet-imagenet-cam16", "resnet-
           ("resnet-scratch", "raw_report"), ("resnet-cam16", "raw_report")]
 # Settings that change what a finished run means: a results folder keeps one value of each.
 CONFIG_KEYS = ("data", "image_size", "epochs", "pretrain_epochs", "batch_size", "holdout", "imagenet_weights")
-TABLE_METRICS = [("val_accuracy_best", "Best"), ("val_accuracy_mean", "Mean"), ("val_accuracy_last", "Last"),
-                 ("val_accuracy_selected", "Selected epoch"), ("balanced_accuracy", "Balanced acc."),
-                 ("macro_f1", "Macro-F1"), ("majority_baseline", "Majority baseline")]
 # The no-argument demo: the report's 12 rows (Table 1) and the project recipe's raw rows; the ResNet50 rows are
 # one --rows away ('WBC_100_resnet-*'): on a 2-core CPU each costs minutes.
 DEMO_ROWS = "*_report,*_raw_default"
-PLOT_METRICS = {"val_accuracy_selected": "val accuracy (hold-out-selected epoch)",
-                "balanced_accuracy": "val balanced accuracy"}
 
 
 @dataclass
@@ -79,6 +71,10 @@ class Row:
     @property
     def label(self) -> str:
         return self.method if self.recipe == "resnet" else f"{self.method} ({self.recipe})"
+
+    @property
+    def percent(self) -> int:
+        return PERCENT[self.split]
 
 
 def all_rows(imagenet_weights: Path | None = None, include_imagenet: bool = False) -> list[Row]:
@@ -132,7 +128,7 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=32, help="images per step")
     g.add_argument("--holdout", type=float, default=0.15,
                    help="fraction of each training class held out for model selection")
-    g.add_argument("--precision", choices=("auto", "float32", "mixed_bfloat16", "mixed_float16"), default="auto",
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="passed to every run")
     g.add_argument("--imagenet-weights", default=None, metavar="PATH",
                    help="Keras ResNet50 ImageNet weights without top (.h5 file, or 'imagenet' to let Keras "
@@ -325,211 +321,24 @@ def collect(out: Path, rows: list[Row]) -> list[dict]:
     return records
 
 
-def flatten(metrics: dict) -> dict:
-    """metrics.json as CSV columns: dicts become key_subkey columns, lists become JSON text."""
-    flat = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}_{k}": v for k, v in value.items()})
-        elif isinstance(value, list):
-            flat[key] = json.dumps(value)
-        else:
-            flat[key] = value
-    return flat
-
-
-def results_csv(records: list[dict]) -> str:
-    ids = ["row", "split", "label_percent", "method", "recipe", "seed"]
-    flats = [flatten(r["metrics"]) for r in records]
-    columns = []
-    for flat in flats:
-        columns += [k for k in flat if k not in columns]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=ids + columns + ["run_dir"], restval="")
-    w.writeheader()
-    for rec, flat in zip(records, flats):
-        row = rec["row"]
-        w.writerow({"row": row.name, "split": row.split, "label_percent": PERCENT[row.split], "method": row.method,
-                    "recipe": row.recipe, "seed": rec["seed"], **flat, "run_dir": str(rec["dir"])})
-    return buf.getvalue()
-
-
-def _mean_std(values) -> tuple[float, float]:
-    import numpy as np
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
-
-
-def _fmt(values) -> str:
-    mean, std = _mean_std(values)
-    return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
-
-
-# ----------------------------------------------------------------------------------------------
-# table.md, label_efficiency.png
-# ----------------------------------------------------------------------------------------------
-
-SECTIONS = [("report", "The report's recipe (its CNN with a flatten head, its augmentation, no class weights)"),
-            ("default", "The project's default recipe (README, Results)"),
-            ("resnet", "ResNet50 (pretrain_resnet.py)")]
-
-
-def table_md(records: list[dict], config: dict, failures: list[dict]) -> str:
-    import report
-    by_row = defaultdict(list)
-    for rec in records:
-        by_row[rec["row"].name].append(rec)
-    lines = ["# Validation accuracy table", ""]
-    if config.get("demo"):
-        lines += ["**Synthetic demo data** (drawn cells): these numbers show that the code runs, nothing about "
-                  "real blood cells.", ""]
-    lines += [f"Settings: {', '.join(f'{k} {config.get(k)}' for k in CONFIG_KEYS if config.get(k) is not None)}.",
-              "", "Best / Mean / Last: the report's columns, over the epochs of a run (Best and Mean look at the "
-              "validation set, so they are optimistic). Selected epoch: validation accuracy of the epoch chosen on "
-              "a hold-out of the training split, the honest number. Each cell: mean ± standard deviation across "
-              "seeds. ⚠ marks rows where a run predicted one class for ≥ 95% of the images (it collapsed, usually to "
-              "the majority class); compare those with the majority baseline.", ""]
-    for recipe, title in SECTIONS:
-        section = [r for r in _row_order(by_row) if by_row[r][0]["row"].recipe == recipe]
-        if not section:
-            continue
-        body = []
-        for name in section:
-            recs = sorted(by_row[name], key=lambda r: r["seed"])
-            row = recs[0]["row"]
-            collapsed = sum(bool(r["metrics"].get("collapsed_to_majority")) for r in recs)
-            body.append([row.split, row.method + (" ⚠" if collapsed else ""),
-                         *[_fmt([r["metrics"][k] for r in recs]) for k, _ in TABLE_METRICS],
-                         len(recs), f"{collapsed}/{len(recs)}"])
-        headers = ["Split", "Method", *[h for _, h in TABLE_METRICS], "Seeds", "Collapsed"]
-        lines += [f"## {title}", "", report.markdown_table(headers, body)]
-    if failures:
-        lines += ["## Runs that failed", "", report.markdown_table(
-            ["Row", "Seed", "Exit", "Reason", "Log"],
-            [[f["row"], f["seed"], f["exit"], f["reason"], f["log"]] for f in failures])]
-    return "\n".join(lines)
-
-
-def _row_order(by_row) -> list[str]:
-    order = {r.name: i for i, r in enumerate(all_rows(include_imagenet=True))}
-    return sorted(by_row, key=lambda n: (SPLIT_ORDER.index(by_row[n][0]["row"].split), order.get(n, 0)))
-
-
-def plot_label_efficiency(records: list[dict], path: Path, demo: bool):
-    import report
-    values = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # label -> metric -> percent -> [v]
-    for rec in records:
-        for key in PLOT_METRICS:
-            values[rec["row"].label][key][PERCENT[rec["row"].split]].append(rec["metrics"][key])
-    series = {label: {key: [(p, *_mean_std(v)) for p, v in by_pct.items()] for key, by_pct in by_metric.items()}
-              for label, by_metric in values.items()}
-    # What a model that always answers the majority class scores: accuracy = its share, balanced = 1 / classes.
-    first = records[0]["metrics"]
-    references = {"val_accuracy_selected": (first["majority_baseline"], "majority-class baseline"),
-                  "balanced_accuracy": (1 / len(first["classes"]), "one-class baseline")}
-    report.plot_label_efficiency(series, path, PLOT_METRICS, references=references,
-                                 title=("synthetic demo data; " if demo else "") + "mean ± std across seeds")
-
-
-# ----------------------------------------------------------------------------------------------
-# comparisons.md: paired tests on the same validation images
-# ----------------------------------------------------------------------------------------------
-
-def read_correctness(run_dir: Path) -> dict[str, int]:
-    with open(run_dir / "val_predictions.csv", newline="") as f:
-        return {r["path"]: int(r["correct"]) for r in csv.DictReader(f)}
-
-
-def comparisons(records: list[dict], n_resamples: int) -> list[dict]:
-    """Per split and pair of rows: one comparison per shared seed, and one on correctness averaged over seeds."""
-    import numpy as np
-    import metrics
-    runs = {(r["row"].name, r["seed"]): r for r in records}
-    out = []
-    for split in SPLIT_ORDER:
-        for a_suffix, b_suffix in PAIRS:
-            a_name, b_name = f"{split}_{a_suffix}", f"{split}_{b_suffix}"
-            seeds = sorted(s for (n, s) in runs if n == a_name and (b_name, s) in runs)
-            if not seeds:
-                continue
-            per_seed_a, per_seed_b = [], []
-            for seed in seeds:
-                ca, cb = read_correctness(runs[a_name, seed]["dir"]), read_correctness(runs[b_name, seed]["dir"])
-                if ca.keys() != cb.keys():
-                    out.append({"split": split, "a": a_name, "b": b_name, "seed": seed,
-                                "note": "different validation images; not compared"})
-                    continue
-                images = sorted(ca)
-                a = np.array([ca[p] for p in images]); b = np.array([cb[p] for p in images])
-                per_seed_a.append(a); per_seed_b.append(b)
-                out.append({"split": split, "a": a_name, "b": b_name, "seed": seed,
-                            **metrics.mcnemar_exact(a, b),
-                            **metrics.paired_bootstrap_difference(a, b, n_resamples, seed=seed)})
-            if len(per_seed_a) > 1:
-                # Each image's correctness averaged over seeds, then the paired bootstrap over images.
-                a, b = np.mean(per_seed_a, 0), np.mean(per_seed_b, 0)
-                out.append({"split": split, "a": a_name, "b": b_name, "seed": "mean",
-                            "images": len(a), **metrics.paired_bootstrap_difference(a, b, n_resamples, seed=0)})
-    tested = [c for c in out if "p_value" in c]
-    for c, p in zip(tested, metrics.adjust_p_values([c["p_value"] for c in tested])):
-        c["p_adjusted"] = p
-    return out
-
-
-def comparisons_md(results: list[dict], config: dict, n_resamples: int) -> str:
-    import report
-    lines = ["# Paired comparisons on the same validation images", ""]
-    if config.get("demo"):
-        lines += ["**Synthetic demo data**: these numbers show that the code runs, nothing about real cells.", ""]
-    lines += ["A − B: accuracy of A minus accuracy of B at each run's hold-out-selected epoch, with a paired "
-              f"bootstrap 95% interval ({n_resamples} resamples of the validation images, seeded). "
-              "Only A / only B: images one model gets right and the other wrong; McNemar's exact test asks whether "
-              "that split is lopsided beyond chance (two-sided). BH p: Benjamini-Hochberg adjusted over every test "
-              "in this file. Seed 'mean': each image's correctness averaged over the seeds, then bootstrapped, so "
-              "the interval reflects the validation images, not the spread between training runs "
-              "(see table.md for that).", ""]
-    if not results:
-        return "\n".join(lines + ["No pair of rows has finished runs with a shared seed yet.", ""])
-    for split in SPLIT_ORDER:
-        body = []
-        for c in (c for c in results if c["split"] == split):
-            if "note" in c:
-                body.append([c["a"], c["b"], c["seed"], "", "", "", "", "", "", "", c["note"]])
-                continue
-            tested = "p_value" in c
-            body.append([c["a"].removeprefix(split + "_"), c["b"].removeprefix(split + "_"), c["seed"], c["images"],
-                         f"{c['accuracy_a']:.3f}", f"{c['accuracy_b']:.3f}",
-                         f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]",
-                         f"{c['only_a']} / {c['only_b']}" if tested else "",
-                         f"{c['p_value']:.3g}" if tested else "", f"{c['p_adjusted']:.3g}" if tested else "",
-                         _verdict(c)])
-        if body:
-            lines += [f"## {split}", "", report.markdown_table(
-                ["A", "B", "Seed", "Images", "Acc. A", "Acc. B", "A − B [95% CI]", "Only A / only B",
-                 "McNemar p", "BH p", "Reading"], body)]
-    return "\n".join(lines)
-
-
-def _verdict(c: dict) -> str:
-    if "p_value" in c:
-        return "differ (BH p < 0.05)" if c["p_adjusted"] < 0.05 else "no clear difference"
-    return "interval excludes 0" if c["low"] > 0 or c["high"] < 0 else "interval includes 0"
-
-
 # ----------------------------------------------------------------------------------------------
 # Writing the results folder
 # ----------------------------------------------------------------------------------------------
 
 def write_results(out: Path, rows: list[Row], config: dict, failures: list[dict], n_resamples: int) -> list[dict]:
+    """results.csv, table.md, comparisons.md and label_efficiency.png from the finished runs of `rows`."""
+    import metrics
+    import report
     from runfiles import atomic_write_text
     records = collect(out, rows)
     if not records:
         raise UserError(f"{out}/runs: no finished runs to report (train some first: reproduce_table.py "
                         f"--out {out} ...)")
-    atomic_write_text(out / "results.csv", results_csv(records))
-    atomic_write_text(out / "table.md", table_md(records, config, failures))
-    atomic_write_text(out / "comparisons.md", comparisons_md(comparisons(records, n_resamples), config, n_resamples))
-    plot_label_efficiency(records, out / "label_efficiency.png", config.get("demo", False))
+    atomic_write_text(out / "results.csv", report.results_csv(records))
+    atomic_write_text(out / "table.md", report.table_md(records, config, failures, CONFIG_KEYS, SPLIT_ORDER))
+    comparisons = metrics.paired_comparisons(records, PAIRS, SPLIT_ORDER, n_resamples)
+    atomic_write_text(out / "comparisons.md", report.comparisons_md(comparisons, config, n_resamples, SPLIT_ORDER))
+    report.plot_table_label_efficiency(records, out / "label_efficiency.png", config.get("demo", False))
     return records
 
 

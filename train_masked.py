@@ -86,15 +86,15 @@ def main(argv=None):
     def build():
         return models.build_cnn(len(train_set.classes), args.image_size, **recipes.model_kwargs(args))
 
-    hooks = {}
+    hooks = training.Hooks()
     if paired is not None:
-        hooks = dict(paired_x=paired.x, build_train_model=lambda core, cfg: consistency.consistency_model(
+        hooks = training.Hooks(paired_x=paired.x, build_train_model=lambda core, cfg: consistency.consistency_model(
             core, cfg.augment, args.consistency, cfg.seed))
     meta = {"model": "dropout_cnn", "recipe": args.recipe, "split": args.split, "demo_data": args.demo,
             "mask_mode": args.mask_mode, "mask_fill": args.mask_fill, "consistency_weight": args.consistency,
             "mask_counts": counts}
     result = training.train(run_dir, build, train_set, val_set, config, args=cli.args_dict(args),
-                            resume=args.resume, extra_metadata=meta, **hooks)
+                            resume=args.resume, extra_metadata=meta, hooks=hooks)
     training.print_summary(run_dir, result)
 
 

@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -252,19 +253,30 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int):
     return keras.optimizers.Adam(lr)
 
 
+@dataclasses.dataclass
+class Hooks:
+    """What a script changes about the standard fit; every field is optional."""
+    # before_fit(core): adjust the built core model before compiling (e.g. freeze a backbone).
+    before_fit: Callable | None = None
+    # build_train_model(core, config) -> the training model, instead of [augmentation] -> core.
+    build_train_model: Callable | None = None
+    # An array aligned with train_set.x: the training model is fed [x, paired_x] (each image and its masked copy).
+    paired_x: np.ndarray | None = None
+    # compile_model(train_model, optimizer, config): instead of the standard compile (e.g. extra losses).
+    compile_model: Callable | None = None
+    # Select the epoch on this set instead of a hold-out of train_set, which is then trained on whole (CAM16 val).
+    selection_set: ImageSet | None = None
+
+
 def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, config: TrainConfig,
           args: dict | None = None, resume: bool = False, extra_metadata: dict | None = None,
-          compile_model=None, before_fit=None, build_train_model=None, paired_x=None,
-          selection_set: ImageSet | None = None) -> dict:
+          hooks: Hooks | None = None) -> dict:
     """Train one model and write its run folder. Returns metrics.json's content.
 
-    build_core() -> keras.Model is called inside the distribution scope. compile_model(train_model, optimizer,
-    config) may replace the standard compile (e.g. extra losses); before_fit(core) may adjust layers
-    (e.g. freezing) after building and before compiling. build_train_model(core, config) may replace the
-    training wrapper; with paired_x (an array aligned with train_set.x) the wrapper is fed [x, paired_x]
-    (e.g. each image and its masked copy). Hold-out and validation always use the core model on train_set.x.
-    selection_set, when given, is the hold-out (e.g. CAM16's own val/): all of train_set is trained on.
+    build_core() -> keras.Model is called inside the distribution scope. Hold-out and validation always use the
+    core model on un-augmented images; `hooks` changes the rest (Hooks).
     """
+    hooks = hooks or Hooks()
     run_dir = Path(run_dir)
     if resume and run_is_complete(run_dir):
         print(f"{run_dir}: run already complete; nothing to do")
@@ -281,16 +293,9 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
         raise UserError(f"the validation set holds no readable images ({len(val_set.skipped)} skipped as unreadable)")
     for stale in run_dir.glob(".*.tmp-*"):  # left by a killed run's atomic writes (write beside, then rename)
         stale.unlink(missing_ok=True)
-    train_idx, holdout_idx = stratified_holdout(train_set.y, 0.0 if selection_set is not None else config.holdout,
-                                                config.seed)
-    if len(holdout_idx) and len(set(train_set.paths)) < len(train_set.paths):
-        # Several copies of one file (e.g. raw + masked): a held-out image takes its copies along.
-        held = {train_set.paths[i] for i in holdout_idx}
-        moved = np.asarray([i for i in train_idx if train_set.paths[i] in held], dtype=np.int64)
-        train_idx, holdout_idx = np.setdiff1d(train_idx, moved), np.union1d(holdout_idx, moved)
-    fit_set, holdout_set = train_set.subset(train_idx), train_set.subset(holdout_idx)
-    if selection_set is not None:
-        holdout_set = selection_set
+    train_idx, holdout_idx = holdout_split(train_set, config, hooks.selection_set)
+    fit_set = train_set.subset(train_idx)
+    holdout_set = train_set.subset(holdout_idx) if hooks.selection_set is None else hooks.selection_set
     weights = (class_weights(fit_set.y, len(classes), config.class_weight_power)
                if config.class_weight else None)
 
@@ -315,28 +320,9 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
                           float(np.nansum([float(r["seconds"]) for r in rows])), len(fit_set))
 
     passes = epoch_passes(len(fit_set), config)
-    y_onehot = keras.utils.to_categorical(fit_set.y, len(classes)).astype("float32")
-    if config.loader == "generator":
-        from legacy import legacy_training_data
-        batches = legacy_training_data(fit_set, config, paired_x)
-    else:
-        fit_x = fit_set.x if paired_x is None else [fit_set.x, np.asarray(paired_x)[train_idx]]
-        batches = ArrayBatches(fit_x, y_onehot, config.batch_size, config.seed, passes)
-    stream = Endless(batches)  # one epoch = one pass of `batches`: stream.steps_per_epoch optimizer steps
-    with distribution_scope():
-        core = build_core()
-        if before_fit:
-            before_fit(core)
-        train_model = (build_train_model(core, config) if build_train_model
-                       else augment.with_augmentation(core, None if config.loader == "generator" else config.augment,
-                                                      config.seed))
-        optimizer = make_optimizer(config, stream.steps_per_epoch)
-        if compile_model:
-            compile_model(train_model, optimizer, config)
-        else:
-            train_model.compile(optimizer=optimizer,
-                                loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-                                metrics=["accuracy"])
+    paired = None if hooks.paired_x is None else np.asarray(hooks.paired_x)[train_idx]
+    stream = Endless(training_batches(fit_set, config, passes, paired))  # one epoch = one pass of the batches
+    core, train_model = build_and_compile(build_core, config, hooks, stream.steps_per_epoch)
     evaluator = EpochEvaluator(run_dir, core, holdout_set, val_set, passes * len(fit_set), config.batch_size,
                                meta, config.verbose,
                                (fit_set.x, config.bn_recalibrate, config.seed) if config.bn_recalibrate else None)
@@ -351,6 +337,48 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
         raise TrainingDiverged(f"loss became NaN in epoch {evaluator.diverged_epoch}; {kept}; "
                                f"try a lower --lr (now {config.lr:g})")
     return finish_run(run_dir, evaluator.rows, val_set, classes, config, meta, seconds, len(fit_set))
+
+
+def holdout_split(train_set: ImageSet, config: TrainConfig, selection_set=None) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, hold-out indices) into train_set: a stratified hold-out (none with a selection set).
+    Several copies of one file (e.g. raw + masked) stay together: a held-out image takes its copies along."""
+    train_idx, holdout_idx = stratified_holdout(train_set.y, 0.0 if selection_set is not None else config.holdout,
+                                                config.seed)
+    if len(holdout_idx) and len(set(train_set.paths)) < len(train_set.paths):
+        held = {train_set.paths[i] for i in holdout_idx}
+        moved = np.asarray([i for i in train_idx if train_set.paths[i] in held], dtype=np.int64)
+        train_idx, holdout_idx = np.setdiff1d(train_idx, moved), np.union1d(holdout_idx, moved)
+    return train_idx, holdout_idx
+
+
+def training_batches(fit_set: ImageSet, config: TrainConfig, passes: int, paired_x=None):
+    """One epoch of training batches: the uint8 images (with their paired copies) in `passes` shuffled passes,
+    or with --loader generator the report's ImageDataGenerator pipeline."""
+    if config.loader == "generator":
+        from legacy import legacy_training_data
+        return legacy_training_data(fit_set, config, paired_x)
+    y_onehot = keras.utils.to_categorical(fit_set.y, len(fit_set.classes)).astype("float32")
+    fit_x = fit_set.x if paired_x is None else [fit_set.x, paired_x]
+    return ArrayBatches(fit_x, y_onehot, config.batch_size, config.seed, passes)
+
+
+def build_and_compile(build_core, config: TrainConfig, hooks: Hooks, steps_per_epoch: int):
+    """(core model, compiled training model), built inside the distribution scope."""
+    with distribution_scope():
+        core = build_core()
+        if hooks.before_fit:
+            hooks.before_fit(core)
+        train_model = (hooks.build_train_model(core, config) if hooks.build_train_model
+                       else augment.with_augmentation(core, None if config.loader == "generator" else config.augment,
+                                                      config.seed))
+        optimizer = make_optimizer(config, steps_per_epoch)
+        if hooks.compile_model:
+            hooks.compile_model(train_model, optimizer, config)
+        else:
+            train_model.compile(optimizer=optimizer,
+                                loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+                                metrics=["accuracy"])
+    return core, train_model
 
 
 def epoch_passes(n_images: int, config: TrainConfig) -> int:

@@ -41,3 +41,24 @@ def shared_data(name):
     if not path.is_dir():
         pytest.skip(f"real images not available: {path} is absent (see ../shared/data/README.md)")
     return path
+
+
+@pytest.fixture(scope="session")
+def cnn_run(demo_root, tmp_path_factory):
+    """A tiny CNN trained for 3 epochs on the demo data at 32x32: its run folder and its private cache."""
+    import keras
+    import train_cnn
+    base = tmp_path_factory.mktemp("cnn_run")
+    policy = keras.mixed_precision.global_policy().name
+    train_cnn.main(["--data", str(demo_root), "--image-size", "32", "--epochs", "3", "--width", "8", "--depth", "2",
+                    "--dense", "16", "--out", str(base / "run"), "--cache-dir", str(base / "cache"), "--quiet"])
+    yield base / "run", base / "cache"
+    keras.mixed_precision.set_global_policy(policy)
+
+
+def exit_status(main, argv):
+    """main(argv) as the command line runs it (cli.run_main): returns the exit status."""
+    import cli
+    with pytest.raises(SystemExit) as done:
+        cli.run_main(lambda: main([str(a) for a in argv]))
+    return done.value.code

@@ -134,7 +134,7 @@ def test_cache_hit_invalidation_and_no_partial_files(tmp_path):
     assert len(list(cache.glob("*.npy"))) == 3
 
 
-def test_half_written_cache_is_never_read(tmp_path):
+def test_torn_cache_array_or_foreign_json_is_rebuilt_not_read(tmp_path):
     root = make_course(tmp_path / "d")
     files = data.find_split(root, "WBC_100").train
     cache = tmp_path / "cache"

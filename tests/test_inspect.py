@@ -1,5 +1,5 @@
-"""inspect_model.py: summary, evaluate, predict and Grad-CAM on a freshly trained tiny CNN and on a nested
-(ResNet50-like) model, and one clear line with exit 2 for every kind of bad model file."""
+"""inspect_model.py: summary, evaluate and predict on a freshly trained tiny CNN, and one clear line with exit 2
+for every kind of bad model file (Grad-CAM: tests/test_gradcam.py)."""
 import csv
 import json
 import shutil
@@ -12,32 +12,20 @@ from PIL import Image
 import keras
 from keras import layers
 
-import cli
 import inspect_model
-import models
-from conftest import run_script
+from conftest import exit_status, run_script
 import runfiles
 
 CLASSES = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 
 
-@pytest.fixture(scope="module")
-def run(demo_root, tmp_path_factory):
-    """A tiny CNN trained for 3 epochs on the demo data at 32x32: its run folder and its private cache."""
-    import train_cnn
-    base = tmp_path_factory.mktemp("inspect")
-    policy = keras.mixed_precision.global_policy().name
-    train_cnn.main(["--data", str(demo_root), "--image-size", "32", "--epochs", "3", "--width", "8", "--depth", "2",
-                    "--dense", "16", "--out", str(base / "run"), "--cache-dir", str(base / "cache"), "--quiet"])
-    yield base / "run", base / "cache"
-    keras.mixed_precision.set_global_policy(policy)
+@pytest.fixture
+def run(cnn_run):
+    return cnn_run
 
 
 def call(argv):
-    """main(argv) as the command line runs it: returns the exit status."""
-    with pytest.raises(SystemExit) as done:
-        cli.run_main(lambda: inspect_model.main([str(a) for a in argv]))
-    return done.value.code
+    return exit_status(inspect_model.main, argv)
 
 
 def read_csv(path):
@@ -120,83 +108,6 @@ def test_predict_writes_one_row_per_readable_image_with_probabilities_summing_to
     # Nothing already written is lost.
     assert call([run_dir / "model.h5", "predict", one, "--out", out]) == 2
     assert "already exists" in capsys.readouterr().err and len(read_csv(out)) == expected
-
-
-def test_gradcam_writes_heatmaps_of_the_right_size_and_range(run, demo_root, tmp_path, capsys):
-    run_dir, _ = run
-    images = sorted((demo_root / "WBC_100" / "val" / "data" / "Lymphocyte").iterdir())[:3]
-    out = tmp_path / "cam"
-    assert call([run_dir / "model.h5", "gradcam", *images, "--out", out, "--display-size", 40]) == 0
-    pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 3 and len(read_csv(out / "gradcam.csv")) == 3
-    for png in pngs:
-        with Image.open(png) as im:
-            assert im.size == (40, 40) and im.mode == "RGB"
-    assert "block2_relu" in capsys.readouterr().err
-
-    cam = inspect_model.GradCam(runfiles.load_core_model(run_dir / "model.h5"))
-    x = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32))) for p in images])
-    heat, probs, ids = cam(x)
-    assert heat.shape == (3, 16, 16) and heat.dtype == np.float32
-    assert heat.min() >= 0.0 and heat.max() <= 1.0
-    assert np.allclose(probs.sum(1), 1.0, atol=1e-3) and list(ids) == list(probs.argmax(1))
-    heat_other, _, ids_other = cam(x, [0, 0, 0])
-    assert list(ids_other) == [0, 0, 0]
-
-
-def nested_toy(image_size=16):
-    """A ResNet50-shaped core model in miniature: fixed preprocessing, a nested backbone (conv, residual add,
-    pooling inside), an Identity 'features' layer and a softmax head, as models.build_resnet50 builds it.
-    The backbone's first conv reads red into channel 0 and blue into channel 1, and the head maps channel 0 to
-    class 0: so class 0 means 'red', and Grad-CAM for it must light up where the red is."""
-    inner_in = keras.Input((image_size, image_size, 3))
-    a = layers.Conv2D(2, 1, name="stem_conv")(inner_in)
-    b = layers.Conv2D(2, 1, name="block_conv")(a)
-    y = layers.Activation("relu", name="block_out")(layers.Add(name="block_add")([a, b]))
-    backbone = keras.Model(inner_in, layers.GlobalAveragePooling2D(name="avg_pool")(y), name="resnet50_backbone")
-    inputs = models.image_input(image_size)
-    x = layers.Rescaling(1.0 / 255.0, name="scale_0_1")(inputs)
-    x = layers.Identity(name="features")(backbone(x))
-    model = keras.Model(inputs, models.classifier_head(x, 2, dense=0), name="toy_resnet")
-    stem = np.zeros((1, 1, 3, 2), np.float32)
-    stem[0, 0, 0, 0] = stem[0, 0, 2, 1] = 1.0
-    model.get_layer("resnet50_backbone").get_layer("stem_conv").set_weights([stem, np.zeros(2, np.float32)])
-    block = np.zeros((1, 1, 2, 2), np.float32)
-    model.get_layer("resnet50_backbone").get_layer("block_conv").set_weights([block, np.zeros(2, np.float32)])
-    model.get_layer("predictions").set_weights([np.array([[8.0, -8.0], [-8.0, 8.0]], np.float32),
-                                                np.zeros(2, np.float32)])
-    return model
-
-
-def test_gradcam_inside_a_nested_backbone_points_at_the_evidence(tmp_path, capsys):
-    keras.mixed_precision.set_global_policy("float32")
-    model = nested_toy()
-    image = np.zeros((16, 16, 3), np.uint8)
-    image[..., 2] = 20  # faintly blue everywhere ...
-    image[2:8, 9:15] = (255, 0, 0)  # ... but a red square near the top right, which outweighs the blue
-    cam = inspect_model.GradCam(model)
-    assert cam.layer_name == "resnet50_backbone/block_out"
-    heat, probs, ids = cam(image[None])
-    assert ids[0] == 0 and probs[0, 0] > 0.5  # predicted 'red'
-    # red pushes class 0 up and blue pushes it down: the heatmap is 1 on the red square and 0 elsewhere
-    assert heat[0][2:8, 9:15].min() == pytest.approx(1.0) and heat[0].sum() == pytest.approx(36.0)
-
-    # The whole command line on the saved nested model: summary, predict, gradcam.
-    path = tmp_path / "toy.h5"
-    runfiles.save_model_h5(model, path, {"classes": ["red", "blue"], "image_size": 16, "model": "toy_resnet"})
-    Image.fromarray(image).save(tmp_path / "red.png")
-    assert call([path, "summary", "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["gradcam_feature_map"] == {"layer": "resnet50_backbone/block_out", "shape": [16, 16, 2]}
-    assert info["classes"] == ["red", "blue"]
-    assert call([path, "predict", tmp_path / "red.png", "--out", tmp_path / "p.csv"]) == 0
-    assert read_csv(tmp_path / "p.csv")[0]["predicted"] == "red"
-    assert call([path, "gradcam", tmp_path / "red.png", "--out", tmp_path / "cam", "--class", "blue"]) == 0
-    assert [p.name for p in (tmp_path / "cam").glob("*.png")] == ["red_gradcam_blue.png"]
-    # A Keras 3 .keras file of the same model loads too; it simply has no training metadata.
-    model.save(tmp_path / "toy.keras")
-    assert call([tmp_path / "toy.keras"]) == 0
-    assert "training metadata: none stored" in capsys.readouterr().out
 
 
 def bad_model_files(folder, good_h5):

@@ -1,4 +1,5 @@
 """models.py: the dropout CNN's shape, and the .h5 round trip in a process that never imports this project."""
+import os
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 
 import models
 import runfiles
+from conftest import PROJECT
 
 
 def test_cnn_shape_dropout_rising_and_uint8_input():
@@ -43,15 +45,23 @@ def test_h5_round_trip_in_a_fresh_process_without_the_project(tmp_path):
     path = tmp_path / "model.h5"
     runfiles.save_model_h5(model, path, {"classes": ["a", "b", "c", "d", "e"], "epoch": 1})
     np.save(tmp_path / "x.npy", x)
+    # The fresh process cannot reach this project: it runs in tmp_path with the project's folder taken off
+    # sys.path and PYTHONPATH; it then checks that no module it loaded comes from the project's folder.
+    project = str(PROJECT)
     script = (
-        "import sys, json, numpy as np\n"
-        "sys.path = [p for p in sys.path if 'work/main' not in p and p not in ('', '.')]\n"
+        "import os, sys\n"
+        f"project = {project!r}\n"
+        "sys.path = [p for p in sys.path if os.path.realpath(p or '.') != project]\n"
+        "import numpy as np\n"
         "import keras\n"
-        f"m = keras.models.load_model(r'{path}')\n"
-        f"np.save(r'{tmp_path / 'out.npy'}', m.predict(np.load(r'{tmp_path / 'x.npy'}'), verbose=0))\n"
-        "assert not any(k in sys.modules for k in ('data', 'models', 'training'))\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                          env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
+        f"m = keras.models.load_model({str(path)!r})\n"
+        f"np.save({str(tmp_path / 'out.npy')!r}, m.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0))\n"
+        "ours = [n for n, mod in list(sys.modules.items())\n"
+        "        if os.path.realpath(getattr(mod, '__file__', None) or '/').startswith(project + os.sep)]\n"
+        "assert not ours, f'modules loaded from the project: {ours}'\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # KERAS_BACKEND and the rest kept
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
     assert runfiles.read_h5_metadata(path)["epoch"] == 1

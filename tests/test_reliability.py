@@ -411,7 +411,7 @@ def test_nan_loss_keeps_the_last_good_model(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(training.TrainingDiverged) as diverged:
         training.train(run, lambda: models.build_cnn(5, 16, width=4, depth=1, dense=8), train_set, val_set,
-                       config, compile_model=compile_poisoned)
+                       config, hooks=training.Hooks(compile_model=compile_poisoned))
     message = str(diverged.value)
     assert "epoch 2" in message and "model.h5 keeps epoch 1" in message and "--lr" in message
     assert runfiles.read_h5_metadata(run / "model.h5")["epoch"] == 1

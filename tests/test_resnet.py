@@ -92,10 +92,12 @@ def test_preprocessing_matches_keras_imagenet_preprocess_input():
 
 
 def test_backbone_batchnorm_momentum_is_lowered():
-    core = models.build_resnet50(2, SIZE)
+    # The literal 0.9, not the constant the code reads: with Keras' own 0.99 the moving statistics lag behind on
+    # small datasets and validation stays at chance. Built the way pretrain_resnet.py builds it.
+    core = models.build_from_init(None, 2, SIZE)
     bns = [layer for layer in core.get_layer(models.BACKBONE_NAME).layers
            if isinstance(layer, keras.layers.BatchNormalization)]
-    assert bns and all(layer.momentum == models.RESNET_BN_MOMENTUM for layer in bns)
+    assert len(bns) == 53 and all(layer.momentum == 0.9 for layer in bns)
 
 
 def test_offline_imagenet_is_one_line_exit_2(monkeypatch, capsys):
@@ -103,10 +105,10 @@ def test_offline_imagenet_is_one_line_exit_2(monkeypatch, capsys):
         raise Exception("URL fetch failure: no network")
     monkeypatch.setattr(keras.utils, "get_file", offline)
     with pytest.raises(UserError, match=r"--init PATH/TO/resnet50_weights_tf_dim_ordering_tf_kernels_notop\.h5"):
-        pretrain_resnet.resolve_init("imagenet")
+        models.resolve_init("imagenet")
     import cli
     with pytest.raises(SystemExit) as e:
-        cli.run_main(lambda: pretrain_resnet.resolve_init("imagenet"))
+        cli.run_main(lambda: models.resolve_init("imagenet"))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "offline" in err
@@ -121,4 +123,4 @@ def test_not_a_weights_file_is_a_user_error(tmp_path):
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"not hdf5")
     with pytest.raises(UserError, match="not a Keras ResNet50 weights file"):
-        pretrain_resnet.build_from_init(str(bad), 5, SIZE)
+        models.build_from_init(str(bad), 5, SIZE)

@@ -132,8 +132,8 @@ def test_comparisons_match_the_predictions(table):
     import reproduce_table
     out, _ = table
     runs = {(r["row"], r["seed"]): Path(r["run_dir"]) for r in _read_csv(out / "results.csv")}
-    a = reproduce_table.read_correctness(runs["WBC_1_raw_default", "0"])
-    b = reproduce_table.read_correctness(runs["WBC_1_raw_report", "0"])
+    a = metrics.read_correctness(runs["WBC_1_raw_default", "0"])
+    b = metrics.read_correctness(runs["WBC_1_raw_report", "0"])
     m = metrics.mcnemar_exact([a[p] for p in sorted(a)], [b[p] for p in sorted(a)])
     line = next(ln for ln in (out / "comparisons.md").read_text().splitlines()
                 if ln.startswith("| raw_default | raw_report | 0 |"))
