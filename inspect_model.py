@@ -17,7 +17,6 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cli
@@ -41,6 +40,7 @@ def parse_args(argv=None):
                         help="comma-separated class names, in the model's output order (default: the names "
                              "stored in the model)")
     common.add_argument("--batch-size", type=int, default=64, help="images per prediction step")
+    cli.add_max_pixels_arg(common)
     sub = parser.add_subparsers(dest="command", metavar="command")
 
     p = sub.add_parser("summary", parents=[common],
@@ -280,7 +280,7 @@ def cmd_evaluate(loaded: Loaded, args):
 
     files = eval_files(args.dir, loaded.classes, args.split)
     images = data.load_images(files, size=loaded.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                              name=Path(args.dir).name)
+                              name=Path(args.dir).name, max_pixels=args.max_pixels)
     if len(images) == 0:
         raise UserError(f"{args.dir}: none of the images could be decoded")
     start = time.perf_counter()
@@ -315,41 +315,40 @@ def cmd_evaluate(loaded: Loaded, args):
 # Streaming images: decode a batch at a time, so thousands of images never sit in memory at once
 # ----------------------------------------------------------------------------------------------
 
-def collect_images(paths) -> list[Path]:
+def collect_images(paths, skipped: list | None = None) -> list[Path]:
+    """The image files among `paths` (folders searched recursively); special files (pipes, sockets, devices,
+    dangling links) are appended to `skipped` as (path, reason), never opened."""
     import data
     found = []
     for p in map(Path, paths):
+        problem = data.file_problem(p)
         if p.is_dir():
-            found += data.list_images(p)
-        elif p.is_file():
+            found += data.list_images(p, skipped)
+        elif problem is None:
             found.append(p)
+        elif problem != "vanished" and skipped is not None:
+            skipped.append((p, problem))
         else:
             raise UserError(f"{p}: no such file or folder")
     if not found:
-        raise UserError(f"{', '.join(map(str, paths))}: no images found (.jpg, .png, .bmp, .tif, .gif, .webp)")
+        special = f"; skipped {skipped[0][0]} ({skipped[0][1]})" if skipped else ""
+        raise UserError(f"{', '.join(map(str, paths))}: no images found (.jpg, .png, .bmp, .tif, .gif, .webp)"
+                        f"{special}")
     return found
 
 
-def image_batches(files: list[Path], size: int, batch_size: int, skipped: list[str]):
-    """Yield (paths, uint8 array) per batch, decoded exactly as in training (data.decode_image) by a thread
-    pool; unreadable files are appended to `skipped` and left out."""
+def image_batches(files: list[Path], size: int, batch_size: int, skipped: list, max_pixels: int):
+    """Yield (paths, uint8 array) per batch, decoded exactly as in training (data.decode_each: threads, pixel
+    budget, stalls bounded); files left out are appended to `skipped` as (path, reason)."""
     import numpy as np
     import data
 
-    def decode(path):
-        try:
-            return data.decode_image(path, size)
-        except Exception:  # noqa: BLE001 - any decoding failure means: not a readable image
-            return None
-
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        for start in range(0, len(files), batch_size):
-            chunk = files[start:start + batch_size]
-            decoded = list(pool.map(decode, chunk))
-            keep = [i for i, img in enumerate(decoded) if img is not None]
-            skipped += [str(chunk[i]) for i in range(len(chunk)) if decoded[i] is None]
-            if keep:
-                yield [chunk[i] for i in keep], np.stack([decoded[i] for i in keep])
+    for start in range(0, len(files), batch_size):
+        decoded = list(data.decode_each(files[start:start + batch_size], size, max_pixels))
+        skipped += [(path, why) for path, img, why in decoded if img is None]
+        keep = [(path, img) for path, img, _ in decoded if img is not None]
+        if keep:
+            yield [path for path, _ in keep], np.stack([img for _, img in keep])
 
 
 @contextlib.contextmanager
@@ -368,9 +367,11 @@ def progress(total: int, unit: str):
     yield update
 
 
-def warn_skipped(skipped: list[str]):
-    if skipped:
-        print(f"warning: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}", file=sys.stderr)
+def warn_skipped(skipped: list):
+    import data
+    line = data.skipped_warning(None, [p for p, _ in skipped], [why for _, why in skipped])
+    if line:
+        print(line, file=sys.stderr)
 
 
 def check_writable_file(path: Path, overwrite: bool):
@@ -388,7 +389,8 @@ def check_writable_file(path: Path, overwrite: bool):
 
 def cmd_predict(loaded: Loaded, args):
     import numpy as np
-    files = collect_images(args.paths)
+    skipped = []
+    files = collect_images(args.paths, skipped)
     if args.out is not None:
         check_writable_file(args.out, args.overwrite)
         # Rows go to a file beside the target, renamed into place at the end: never half a CSV.
@@ -396,12 +398,12 @@ def cmd_predict(loaded: Loaded, args):
         stream = open(tmp, "w", newline="")
     else:
         tmp, stream = None, sys.stdout
-    skipped, n, start = [], 0, time.perf_counter()
+    n, start = 0, time.perf_counter()
     try:
         writer = csv.writer(stream)
         writer.writerow(["file", "predicted"] + [f"p_{c}" for c in loaded.classes])
-        with progress(len(files), "image") as update:
-            for paths, x in image_batches(files, loaded.image_size, args.batch_size, skipped):
+        with progress(len(files) + len(skipped), "image") as update:
+            for paths, x in image_batches(files, loaded.image_size, args.batch_size, skipped, args.max_pixels):
                 probs = np.asarray(loaded.model.predict_on_batch(x), dtype=np.float64)
                 # Low-precision softmax sums to 1 only within rounding: renormalise what we report.
                 probs /= np.maximum(probs.sum(1, keepdims=True), 1e-12)
@@ -593,7 +595,8 @@ def overlay(image, cam, size: int):
 def cmd_gradcam(loaded: Loaded, args):
     import data
     from PIL import Image
-    files = collect_images(args.paths)
+    skipped = []
+    files = collect_images(args.paths, skipped)
     target = None
     if args.target is not None:
         names = [c.lower() for c in loaded.classes]
@@ -606,16 +609,16 @@ def cmd_gradcam(loaded: Loaded, args):
     size = args.display_size or max(loaded.image_size, 224)
     cam = GradCam(loaded.model)
     print(f"Grad-CAM at {cam.layer_name} {tuple(cam.layer.output.shape[1:])}", file=sys.stderr)
-    names, skipped, rows = set(), [], []
-    with progress(len(files), "image") as update:
-        for paths, x in image_batches(files, loaded.image_size, args.batch_size, skipped):
+    names, rows = set(), []
+    with progress(len(files) + len(skipped), "image") as update:
+        for paths, x in image_batches(files, loaded.image_size, args.batch_size, skipped, args.max_pixels):
             heat, probs, ids = cam(x, None if target is None else [target] * len(x))
             for path, h, p, c in zip(paths, heat, probs, ids):
                 out = _unique_name(args.out, f"{path.stem}_gradcam_{loaded.classes[c]}.png", names)
                 if out.exists() and not args.overwrite:
                     raise UserError(f"{out}: already exists; pass --overwrite to replace it")
                 # The picture under the heatmap is decoded like the model's input, only larger.
-                Image.fromarray(overlay(data.decode_image(path, size), h, size)).save(out)
+                Image.fromarray(overlay(data.decode_image(path, size, args.max_pixels), h, size)).save(out)
                 rows.append([str(path), str(out), loaded.classes[c], f"{p[c]:.6f}",
                              loaded.classes[int(p.argmax())]])
             update(len(rows) + len(skipped))
