@@ -356,6 +356,27 @@ def _budget(max_pixels: int) -> _PixelBudget:
         return _budgets[max_pixels]
 
 
+# glibc serves a buffer freed by one thread from that thread's heap next time, and keeps it: with many decode
+# threads each heap would keep an original's worth of memory, whatever the budget. After a large image the
+# process returns free heap memory to the system (malloc_trim; a no-op elsewhere).
+_TRIM_PIXELS = 1_000_000
+
+
+def _trim_heap():
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 def _open_regular(path):
     """A binary file object for `path`, which must be a regular file (symlinks followed). The file is checked
     before opening and opened without blocking (a file swapped for a pipe in between cannot hang the open),
@@ -403,9 +424,14 @@ def _open_image(path, size: int, max_pixels: int, draft: str | None = None, load
             if not load:
                 yield img
                 return
-            with budget.hold(w * h):
-                img.load()
-                yield img
+            try:
+                with budget.hold(w * h):
+                    img.load()
+                    yield img
+            finally:
+                if w * h >= _TRIM_PIXELS:
+                    img.close()
+                    _trim_heap()
 
 
 def probe_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
@@ -423,7 +449,7 @@ def decode_image(path: Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     with _open_image(path, size, max_pixels, draft="RGB") as img:
         sixteen = img.mode.startswith("I;16")
         img = _shrink(img, size)
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
         img = _to_rgb(img, sixteen)
         img = img.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
         return np.asarray(img, dtype=np.uint8)
@@ -463,7 +489,7 @@ def _to_rgb(img: Image.Image, sixteen: bool = False) -> Image.Image:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # microscope background is bright
         img = Image.alpha_composite(white, rgba)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def decode_mask(path: Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -746,11 +772,11 @@ def map_bounded(fn, items, workers: int | None = None, timeout: float | None = N
                 continue
             stalls += 1
             if stalls >= STALL_LIMIT:
-                raise UserError(f"{name_of(item)}: no image after {timeout:.0f} s; {stalls} files stalled like this "
-                                "(a network mount that stopped answering?); nothing was cached")
+                raise UserError(f"{name_of(item)}: no image after {timeout:g} s; {stalls} files stalled like this "
+                                "(a network mount that stopped answering?)")
             threads += 1
             threading.Thread(target=worker, daemon=True, name="decode").start()
-            yield item, None, Stalled(f"stalled (no image after {timeout:.0f} s)")
+            yield item, None, Stalled(f"stalled (no image after {timeout:g} s)")
     finally:
         for _ in range(threads):
             todo.put(None)
@@ -859,23 +885,31 @@ def _shown(path, root=None) -> str:
     return str(path)
 
 
-def skipped_warning(name: str | None, skipped, reasons, root=None, limit: int = 10) -> str | None:
-    """One warning line for the skipped files: how many, why (counted per reason), and the first `limit` named
-    relative to `root`. None when nothing was skipped."""
+def skipped_warning(name: str | None, skipped, reasons, root=None, limit: int = 12) -> str | None:
+    """One warning line for the skipped files: how many, grouped by why, the first `limit` named relative to
+    `root` (e.g. '... in ROOT: 2 unreadable (Basophil/a.jpg, Monocyte/a.jpg), 1 named pipe (Neutrophil/p.jpg)').
+    None when nothing was skipped."""
     if not skipped:
         return None
     reasons = list(reasons) + ["unreadable"] * (len(skipped) - len(reasons))
-    kinds = collections.Counter(r.split(" (")[0] for r in reasons)
+    groups: dict[str, list[str]] = {}
+    for path, reason in zip(skipped, reasons):
+        kind, _, detail = reason.partition(" (")
+        groups.setdefault(kind, []).append(_shown(path, root) + (f": {detail[:-1]}" if detail else ""))
     where = f" in {root}" if root is not None else ""
-    if set(kinds) == {"unreadable"}:
-        head = f"skipped {len(skipped)} unreadable image(s){where}: "
-        shown = [_shown(p, root) for p in skipped[:limit]]
+    if list(groups) == ["unreadable"]:
+        names = groups["unreadable"]
+        more = f" and {len(names) - limit} more" if len(names) > limit else ""
+        text = f"skipped {len(skipped)} unreadable image(s){where}: {', '.join(names[:limit])}{more}"
     else:
-        counts = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
-        head = f"skipped {len(skipped)} file(s){where} ({counts}): "
-        shown = [f"{_shown(p, root)} ({r})" for p, r in zip(skipped[:limit], reasons)]
-    more = f" and {len(skipped) - limit} more" if len(skipped) > limit else ""
-    return "warning: " + (f"{name}: " if name else "") + head + ", ".join(shown) + more
+        parts, left = [], limit
+        for kind, names in groups.items():
+            shown = names[:max(left, 1)]
+            left -= len(shown)
+            more = f", and {len(names) - len(shown)} more" if len(names) > len(shown) else ""
+            parts.append(f"{len(names)} {kind} ({', '.join(shown)}{more})")
+        text = f"skipped {len(skipped)} file(s){where}: " + ", ".join(parts)
+    return "warning: " + (f"{name}: " if name else "") + text
 
 
 def _warn_skipped(images: ImageSet, name: str, mask_mode: str = "replace", root=None):
