@@ -1,9 +1,11 @@
 """Hostile and odd files for tests/test_hostile_files.py: special files named like images, and decompression bombs
 written without ever holding their pixels (zlib is fed one row at a time, or only the header is written).
 
+    python tests/hostile.py make bombs|large|many FOLDER
     python tests/hostile.py measure FOLDER [--max-pixels N] [--threads N] [--size N]
 
-decodes every image under FOLDER with data.load_images (no cache) in this fresh process and prints one JSON line:
+`make` writes the folders the memory tests use (bombs: one per format; large: a 6000 x 6000 RGB PNG; many: 16
+PNGs of 2500 x 2500 RGB). `measure` decodes every image under FOLDER with data.load_images (no cache) in this fresh process and prints one JSON line:
 the peak resident memory before and after (resource.getrusage, bytes), the images kept and the files skipped
 with their reasons. The memory tests run it in a subprocess so that nothing else in the process counts.
 """
@@ -152,16 +154,34 @@ def _warm_up_file() -> Path:
     return path
 
 
+def make(kind: str, folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "bombs":
+        make_bombs(folder)
+    elif kind == "large":
+        png_bomb(folder / "slide.png", 6000, 6000, channels=3)
+    else:
+        for i in range(16):
+            png_bomb(folder / f"img{i:02d}.png", 2500, 2500, channels=3)
+
+
 def main():
     import argparse
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["measure"])
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--max-pixels", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--size", type=int, default=16)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("make")
+    p.add_argument("kind", choices=["bombs", "large", "many"])
+    p.add_argument("folder", type=Path)
+    p = sub.add_parser("measure")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--max-pixels", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--size", type=int, default=16)
     args = parser.parse_args()
-    print(json.dumps(measure(args.folder, args.max_pixels, args.threads, args.size)))
+    if args.command == "make":
+        make(args.kind, args.folder)
+    else:
+        print(json.dumps(measure(args.folder, args.max_pixels, args.threads, args.size)))
 
 
 if __name__ == "__main__":
