@@ -10,8 +10,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import recipes  # noqa: E402
+from data import DEFAULT_MAX_PIXELS, MASK_FILLS, MASK_MODES  # noqa: E402
 from devices import PRECISIONS  # noqa: E402
-from data import MASK_FILLS, MASK_MODES  # noqa: E402
 from runfiles import UserError  # noqa: E402
 
 
@@ -77,6 +77,7 @@ def add_data_args(parser, split=True, image_size=True, masks=False):
     g.add_argument("--cache-dir", type=Path, default=None,
                    help="where decoded images are cached (default $WBC_CACHE_DIR or ~/.cache/wbc_keras)")
     g.add_argument("--no-cache", action="store_true", help="decode into memory only, write no cache")
+    add_max_pixels_arg(g)
     if masks:
         g.add_argument("--masks", choices=MASK_MODES, default="replace",
                        help="none: raw images; only: the masked subset alone; replace: masked images replace "
@@ -84,6 +85,23 @@ def add_data_args(parser, split=True, image_size=True, masks=False):
         g.add_argument("--mask-fill", choices=MASK_FILLS, default="black",
                        help="what replaces the pixels outside the cell")
     return g
+
+
+def add_max_pixels_arg(group):
+    group.add_argument("--max-pixels", type=max_pixels_value, default=DEFAULT_MAX_PIXELS, metavar="N",
+                       help="skip any image that would decode to more pixels than this, checked from its header "
+                            "before decoding (JPEGs count at libjpeg's reduced decoding size); guards against "
+                            "decompression bombs and bounds memory per image")
+
+
+def max_pixels_value(text: str) -> int:
+    try:
+        value = int(float(text)) if any(c in text.lower() for c in ".e") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of pixels, e.g. 50000000") from None
+    if value < 64:
+        raise argparse.ArgumentTypeError(f"{value}: expected at least 64 pixels")
+    return value
 
 
 def add_training_args(parser, epochs=None, batch_size=32):
@@ -189,7 +207,8 @@ def load_wbc_split(args, mask_mode: str = "none", mask_fill: str = "black", verb
     """Find and decode one WBC split: (train ImageSet, val ImageSet). Prints the class counts."""
     import data
     files = data.find_split(args.data, args.split)
-    kw = dict(size=args.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache, verbose=verbose)
+    kw = dict(size=args.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache, verbose=verbose,
+              max_pixels=getattr(args, "max_pixels", data.DEFAULT_MAX_PIXELS))
     train = data.load_images(files.train, mask_mode=mask_mode, mask_fill=mask_fill, name=f"{args.split} train", **kw)
     val = data.load_images(files.val, name="val", **kw)
     if verbose:

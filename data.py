@@ -1,4 +1,4 @@
-"""Data: find images in the course layout, decode them once into a uint8 cache (ImageSet), or stream them by batch.
+"""Data: find images in the course layout and decode them once into a uint8 cache (ImageSet).
 
 The flow (docs/ARCHITECTURE.md):
     files --scan--> FileList (+ mask pairs) --decode, RGB, resize, mask mode--> uint8 cache on disk
@@ -8,15 +8,21 @@ numpy and Pillow only; Keras is imported for its progress bar while decoding.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
 import hashlib
 import json
 import os
+import queue
+import re
+import stat
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +39,21 @@ MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "__macosx", ".ipynb_checkpoints"}
 MASK_MODES = ("none", "only", "replace", "add")
 MASK_FILLS = ("black", "mean", "blur")
-CACHE_FORMAT = 1  # bump when decoding changes pixels, so old caches are rebuilt
+CACHE_FORMAT = 2  # bump when decoding changes pixels, so old caches are rebuilt
 
-# A 10,000 x 10,000 scan is a legitimate (if silly) input; refuse only real decompression bombs.
-Image.MAX_IMAGE_PIXELS = 400_000_000
+# The most pixels one image may decode to (--max-pixels; docs/reliability.md says why 50 million). JPEGs count
+# after libjpeg's reduced-size decoding (1/2 to 1/8), so a 10,000 x 10,000 JPEG decoded for a 224 px model costs
+# 1.6 million; a PNG, GIF, TIFF, BMP or WebP is decoded whole and counts every pixel.
+DEFAULT_MAX_PIXELS = 50_000_000
+# An image that has not been decoded this long after a thread began it is skipped as stalled (a network mount
+# that stopped answering, a special file that slipped past the checks); this many stalls in one set stop the run.
+STALL_SECONDS = 60.0
+STALL_LIMIT = 3
+DECODE_THREADS = max(1, min(8, os.cpu_count() or 1))
+# Pillow's own decompression-bomb check stays on at its default (an error above twice Image.MAX_IMAGE_PIXELS,
+# checked when a header is read) as a backstop behind --max-pixels; its warning below that is silenced because
+# --max-pixels decides, and for a JPEG it counts the pixels actually decoded.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,8 +77,41 @@ def canonical_class(folder_name: str, classes=WBC_CLASSES) -> str | None:
     return None
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Every image under `folder`, recursively, sorted; junk files and folders and symlink loops skipped."""
+class SkippedFile(Exception):
+    """A file that is left out, and why (the message): not a regular file, over --max-pixels, stalled."""
+
+
+def file_problem(path) -> str | None:
+    """Why `path` (symlinks followed) is not a regular file that may be opened, or None when it is one.
+
+    Only stat() is called: a named pipe, socket or device is never opened (opening a pipe waits for a writer;
+    opening some devices has effects)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "dangling link" if os.path.islink(path) else "vanished"
+    except OSError as e:
+        return "symlink loop" if e.errno == errno.ELOOP else f"unreadable ({e.strerror})"
+    return None if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "named pipe"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    return "not a regular file"
+
+
+def list_images(folder: Path, rejected: list | None = None) -> list[Path]:
+    """Every image under `folder`, recursively, sorted; junk files and folders and symlink loops skipped.
+
+    Only regular files (after following symlinks) are returned; an image-named pipe, socket, device file or
+    dangling link is appended to `rejected` as (path, reason) instead."""
     found = []
     seen_dirs = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -74,7 +124,16 @@ def list_images(folder: Path) -> list[Path]:
         # under this class: skip it. Links elsewhere are followed.
         dirnames[:] = sorted(d for d in dirnames
                              if not _is_junk(d) and not _is_same_or_above(os.path.join(dirpath, d), real))
-        found += [Path(dirpath) / f for f in filenames if _is_image_name(f)]
+        for f in filenames:
+            if _is_image_name(f):
+                path = Path(dirpath) / f
+                problem = file_problem(path)
+                if problem is None:
+                    found.append(path)
+                elif rejected is not None:
+                    rejected.append((path, problem))
+    if rejected:
+        rejected.sort()
     return sorted(found)
 
 
@@ -91,6 +150,7 @@ class FileList:
     classes: tuple[str, ...]
     masks: list[Path | None]
     root: Path
+    rejected: list = dataclasses.field(default_factory=list)  # (path, reason): special files found, never opened
 
     def __len__(self):
         return len(self.paths)
@@ -114,23 +174,27 @@ def scan_class_folders(folder: Path, classes=WBC_CLASSES, mask_folder: Path | No
     if not mapping:
         expected = ", ".join(classes) if classes else "class names"
         raise UserError(f"{folder}: no class folders found (expected sub-folders named {expected})")
-    paths, labels = [], []
+    paths, labels, rejected = [], [], []
     for d, cls in sorted(mapping.items(), key=lambda kv: (classes.index(kv[1]), kv[0].name)):
-        files = list_images(d)
+        files = list_images(d, rejected)
         paths += files
         labels += [classes.index(cls)] * len(files)
     if not paths:
-        raise UserError(f"{folder}: the class folders hold no images (.jpg, .png, .bmp, .tif)")
-    masks = pair_masks(paths, folder, mask_folder) if mask_folder else [None] * len(paths)
-    return FileList(paths, np.asarray(labels, np.int32), tuple(classes), masks, folder)
+        extra = f" ({len(rejected)} special file(s) named like images: {_shown(rejected[0][0], folder)}, " \
+                f"{rejected[0][1]})" if rejected else ""
+        raise UserError(f"{folder}: the class folders hold no images (.jpg, .png, .bmp, .tif){extra}")
+    masks = pair_masks(paths, folder, mask_folder, rejected) if mask_folder else [None] * len(paths)
+    return FileList(paths, np.asarray(labels, np.int32), tuple(classes), masks, folder, rejected)
 
 
-def pair_masks(paths: list[Path], data_folder: Path, mask_folder: Path) -> list[Path | None]:
-    """Each image's mask: same class folder and file stem under `mask_folder`, any image suffix."""
+def pair_masks(paths: list[Path], data_folder: Path, mask_folder: Path,
+               rejected: list | None = None) -> list[Path | None]:
+    """Each image's mask: same class folder and file stem under `mask_folder`, any image suffix. Special files
+    in `mask_folder` are never paired; they are appended to `rejected` as (path, reason)."""
     if not Path(mask_folder).is_dir():
         return [None] * len(paths)
     index = {}
-    for m in list_images(Path(mask_folder)):
+    for m in list_images(Path(mask_folder), rejected):
         rel = m.relative_to(mask_folder)
         key = (tuple(p.lower() for p in rel.parent.parts), m.stem.lower())
         # Prefer lossless masks when one stem has several files.
@@ -152,6 +216,25 @@ def pair_masks(paths: list[Path], data_folder: Path, mask_folder: Path) -> list[
             m = canon.get(((cls,) + parts[1:], p.stem.lower()))
         out.append(m)
     return out
+
+
+def without_unusable(files: FileList, max_pixels: int = DEFAULT_MAX_PIXELS) -> FileList:
+    """`files` less every image that decoding would skip before reading pixels (probe_files: headers only);
+    masks that fail the same check are unpaired. Both are added to `rejected` with the reason."""
+    bad = probe_files(files.paths, max_pixels)
+    paired = [i for i, m in enumerate(files.masks) if m is not None and i not in bad]
+    bad_masks = probe_files([files.masks[i] for i in paired], max_pixels)
+    masks = list(files.masks)
+    for k, why in bad_masks.items():
+        masks[paired[k]] = None
+    keep = [i for i in range(len(files)) if i not in bad]
+    if not keep:
+        raise UserError(f"{files.root}: none of the {len(files)} images is usable "
+                        f"(e.g. {_shown(files.paths[0], files.root)}: {bad[0]})")
+    rejected = files.rejected + [(files.paths[i], why) for i, why in bad.items()] \
+        + [(files.masks[paired[k]], why) for k, why in bad_masks.items()]
+    return FileList([files.paths[i] for i in keep], files.labels[keep], files.classes, [masks[i] for i in keep],
+                    files.root, rejected)
 
 
 @dataclasses.dataclass
@@ -207,10 +290,10 @@ def find_cam16(root: Path) -> dict[str, FileList]:
     return out
 
 
-def find_unlabeled(root: Path) -> list[Path]:
-    """The unlabeled renal tissue images (pRCC_nolabel), or [] when absent."""
+def find_unlabeled(root: Path, rejected: list | None = None) -> list[Path]:
+    """The unlabeled renal tissue images (pRCC_nolabel), or [] when absent; special files go to `rejected`."""
     d = _child_ci(Path(root), PRCC_DIR)
-    return list_images(d) if d else []
+    return list_images(d, rejected) if d else []
 
 
 def _child_ci(folder: Path, name: str) -> Path | None:
@@ -230,22 +313,175 @@ def _child_ci(folder: Path, name: str) -> Path | None:
 # Decoding
 # ----------------------------------------------------------------------------------------------
 
-def decode_image(path: Path, size: int) -> np.ndarray:
-    """Any image file as uint8 RGB size x size: EXIF orientation applied, 16-bit scaled, alpha dropped."""
-    with Image.open(path) as img:
-        if img.format == "JPEG":
-            img.draft("RGB", (size, size))  # let libjpeg decode at 1/2, 1/4, 1/8 scale: big speed-up
-        img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img)
+class _PixelBudget:
+    """At most `capacity` decoded pixels in flight across all threads; the rest wait, in arrival order (so a
+    large image is not starved by a stream of small ones). Memory for originals stays bounded whatever the
+    number of threads."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.used = capacity, 0
+        self.cond = threading.Condition()
+        self.waiting = collections.deque()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int):
+        pixels = min(pixels, self.capacity)
+        me = object()
+        with self.cond:
+            self.waiting.append(me)
+            self.cond.wait_for(lambda: self.waiting[0] is me and self.used + pixels <= self.capacity)
+            self.waiting.popleft()
+            self.used += pixels
+            self.cond.notify_all()
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used -= pixels
+                self.cond.notify_all()
+
+
+_budgets: dict[int, _PixelBudget] = {}
+_budgets_lock = threading.Lock()
+
+
+def _budget(max_pixels: int) -> _PixelBudget:
+    """The process-wide budget for one --max-pixels: two originals of the largest allowed size at a time."""
+    with _budgets_lock:
+        if max_pixels not in _budgets:
+            _budgets[max_pixels] = _PixelBudget(2 * max_pixels)
+            # Pillow's own check must not refuse what the user explicitly allowed.
+            if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+                Image.MAX_IMAGE_PIXELS = max_pixels
+        return _budgets[max_pixels]
+
+
+# glibc serves a buffer freed by one thread from that thread's heap next time, and keeps it: with many decode
+# threads each heap would keep an original's worth of memory, whatever the budget. After a large image the
+# process returns free heap memory to the system (malloc_trim; a no-op elsewhere).
+_TRIM_PIXELS = 1_000_000
+
+
+def _trim_heap():
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
+def _open_regular(path):
+    """A binary file object for `path`, which must be a regular file (symlinks followed). The file is checked
+    before opening and opened without blocking (a file swapped for a pipe in between cannot hang the open),
+    then checked again on the open descriptor."""
+    problem = file_problem(path)
+    if problem:
+        raise SkippedFile(problem)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise SkippedFile(_kind(mode))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@contextlib.contextmanager
+def _open_image(path, size: int, max_pixels: int, draft: str | None = None, load: bool = True):
+    """The image at `path` with its header checked against `max_pixels` before any pixel is decoded, then
+    decoded (load=True) and kept within the process's pixel budget while the caller uses it.
+
+    draft: for a JPEG, let libjpeg decode at 1/2, 1/4 or 1/8 scale, no smaller than size x size; the budget
+    counts the pixels of that reduced decode."""
+    budget = _budget(max_pixels)
+    with _open_regular(path) as f:
+        try:
+            img = Image.open(f)
+        except Image.DecompressionBombError as e:
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            raise SkippedFile(f"over --max-pixels ({int(found.group(1)):,} pixels)" if found
+                              else "over --max-pixels") from None
+        with img:
+            header = img.size
+            if draft and img.format == "JPEG":
+                img.draft(draft, (size, size))
+            w, h = img.size
+            if w * h > max_pixels:
+                reduced = f", {w}x{h} at reduced JPEG size" if (w, h) != header else ""
+                raise SkippedFile(f"over --max-pixels ({header[0]}x{header[1]}{reduced})")
+            if not load:
+                yield img
+                return
+            try:
+                with budget.hold(w * h):
+                    img.load()
+                    yield img
+            finally:
+                if w * h >= _TRIM_PIXELS:
+                    img.close()
+                    _trim_heap()
+
+
+def probe_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the header alone; SkippedFile when the file would be skipped before decoding
+    (special file, over --max-pixels even at libjpeg's smallest scale). Other errors: not an image."""
+    with _open_image(path, 1, max_pixels, draft="RGB", load=False) as img:
+        return img.size
+
+
+def decode_image(path: Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Any image file as uint8 RGB size x size: EXIF orientation applied, 16-bit scaled, alpha dropped.
+
+    Raises SkippedFile for a special file or an image over `max_pixels` (checked from the header, nothing
+    decoded); other exceptions mean the file is not a readable image."""
+    with _open_image(path, size, max_pixels, draft="RGB") as img:
+        sixteen = img.mode.startswith("I;16")
+        img = _shrink(img, size)
+        ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
+        img = _to_rgb(img, sixteen)
         img = img.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
         return np.asarray(img, dtype=np.uint8)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _shrink(img: Image.Image, size: int) -> Image.Image:
+    """Right after decoding, average blocks of a large image (Image.reduce) down to about 3x the target side,
+    as resize's reducing_gap would, so that orientation and mode conversion copy the small image, not the
+    original."""
+    fx, fy = img.size[0] // (3 * size), img.size[1] // (3 * size)
+    if max(fx, fy) < 2:
+        return img
+    if img.mode.startswith("I;16"):
+        img = img.convert("I")
+    elif img.mode == "1":
+        img = img.convert("L")
+    elif img.mode in ("P", "PA"):
+        img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+    try:
+        return img.reduce((max(fx, 1), max(fy, 1)))
+    except ValueError:  # a mode reduce does not take: convert at full size later, as before
+        return img
+
+
+def _to_rgb(img: Image.Image, sixteen: bool = False) -> Image.Image:
+    """`sixteen`: the file held 16-bit samples (the image may since have been converted to 32-bit 'I')."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        arr = np.asarray(img)
+        top = 65535 if sixteen or img.mode.startswith("I;16") or arr.max() > 255 else 255
+        # A lookup table gives the rounding of arr / top * 255 + 0.5 with 1 byte per output pixel, not 8.
+        table = np.clip(np.arange(65536) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(table[np.clip(arr, 0, 65535)], "L")
     elif img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         img = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8), "L")
@@ -253,16 +489,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # microscope background is bright
         img = Image.alpha_composite(white, rgba)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_mask(path: Path, size: int) -> np.ndarray:
+def decode_mask(path: Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A mask as a boolean size x size array: the cell is every pixel clearly above background.
 
     Binary (0/255), JPEG-noisy and 3-level (0 background, 128 cytoplasm, 255 nucleus) masks all give
-    the whole cell. Nearest-neighbour resizing keeps the edge crisp.
+    the whole cell. Nearest-neighbour resizing keeps the edge crisp. Special files and masks over
+    `max_pixels` raise SkippedFile, as in decode_image.
     """
-    with Image.open(path) as m:
+    with _open_image(path, size, max_pixels) as m:
         m = ImageOps.exif_transpose(m)
         if m.mode in ("RGBA", "LA") or (m.mode == "P" and "transparency" in m.info):
             # A transparent background is background: composite on black, not on _to_rgb's white.
@@ -301,8 +538,9 @@ class ImageSet:
     classes: tuple[str, ...]
     paths: list[str]
     masked: np.ndarray  # bool per image: a mask was applied
-    skipped: list[str]  # files that could not be decoded
+    skipped: list[str]  # files left out: special files, unreadable, over --max-pixels, stalled
     mask_problems: list[str] = dataclasses.field(default_factory=list)
+    skip_reasons: list[str] = dataclasses.field(default_factory=list)  # why, one per skipped file
 
     def __len__(self):
         return len(self.y)
@@ -335,11 +573,13 @@ def _entries(files: FileList, mask_mode: str) -> list[tuple[Path, Path | None, i
     raise UserError(f"--masks {mask_mode}: expected one of {', '.join(MASK_MODES)}")
 
 
-def cache_key(entries, size: int, mask_fill: str, mask_mode: str | None = None) -> str:
+def cache_key(entries, size: int, mask_fill: str, mask_mode: str | None = None,
+              max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     """Changes whenever any file (path, size, mtime) or any option that changes pixels changes."""
     # The mode itself is in the key: 'only' and 'replace' have the same entries when every image has a mask,
-    # but treat a broken mask differently.
-    h = hashlib.sha256(json.dumps([CACHE_FORMAT, size, mask_fill] + ([mask_mode] if mask_mode else [])).encode())
+    # but treat a broken mask differently. --max-pixels decides which images are kept.
+    h = hashlib.sha256(json.dumps([CACHE_FORMAT, size, mask_fill, max_pixels]
+                                  + ([mask_mode] if mask_mode else [])).encode())
     for image, mask, label in entries:
         for p in (image, mask):
             if p is None:
@@ -356,20 +596,24 @@ def cache_key(entries, size: int, mask_fill: str, mask_mode: str | None = None) 
 
 def load_images(files: FileList, size: int = 224, mask_mode: str = "none", mask_fill: str = "black",
                 cache_dir: Path | None = None, use_cache: bool = True, verbose: bool = True,
-                name: str = "images") -> ImageSet:
-    """Decode `files` once into a uint8 array; later calls with the same files and options map the cache."""
+                name: str = "images", max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageSet:
+    """Decode `files` once into a uint8 array; later calls with the same files and options map the cache.
+
+    Images over `max_pixels` (from the header), special files found while scanning, unreadable files and reads
+    that stall are left out, and named in one warning line."""
     entries = _entries(files, mask_mode)
     if not entries:
         raise UserError(f"{files.root}: no images for --masks {mask_mode}"
                         + (" (no image has a mask)" if mask_mode == "only" else ""))
-    key = cache_key(entries, size, mask_fill, mask_mode)
+    key = cache_key(entries, size, mask_fill, mask_mode, max_pixels)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     if use_cache:
         cached = _read_cache(cache_dir, key, files.classes)
         if cached is not None:
             if verbose:
                 print(f"{name}: {len(cached)} images from cache {cache_dir / key}.npy")
-            _warn_skipped(cached, name, mask_mode)
+            cached = _with_rejected(cached, files)
+            _warn_skipped(cached, name, mask_mode, files.root)
             return cached
     writable = use_cache and _ensure_writable(cache_dir)
     n = len(entries)
@@ -390,14 +634,15 @@ def load_images(files: FileList, size: int = 224, mask_mode: str = "none", mask_
     if not writable:
         x = np.empty((n, size, size, 3), np.uint8)
     try:
-        ok, problems = _decode_into(x, entries, size, mask_fill, verbose, name)
+        ok, problems, reasons = _decode_into(x, entries, size, mask_fill, verbose, name, max_pixels)
     except BaseException:
         del x
         if tmp:
             os.unlink(tmp)
         raise
     paths = [str(entries[i][0]) for i in range(n)]
-    skipped = [paths[i] for i in np.flatnonzero(~ok)]
+    failed = np.flatnonzero(~ok)
+    skipped = [paths[i] for i in failed]
     if mask_mode in ("only", "add"):
         # A masked copy whose mask failed would be a raw image (only) or a duplicate (add): leave it out.
         ok[sorted(problems)] = False
@@ -405,7 +650,8 @@ def load_images(files: FileList, size: int = 224, mask_mode: str = "none", mask_
     meta = {"key": key, "n": n, "size": size, "classes": list(files.classes), "keep": keep.tolist(),
             "labels": [e[2] for e in entries], "paths": paths,
             "masked": [e[1] is not None and i not in problems for i, e in enumerate(entries)],
-            "skipped": skipped, "mask_problems": [str(entries[i][1]) for i in sorted(problems)]}
+            "skipped": skipped, "skip_reasons": [reasons[i] for i in failed],
+            "mask_problems": [str(entries[i][1]) for i in sorted(problems)]}
     if writable:
         x.flush()
         del x
@@ -416,47 +662,145 @@ def load_images(files: FileList, size: int = 224, mask_mode: str = "none", mask_
         result = _read_cache(cache_dir, key, files.classes)
     else:
         result = _imageset_from(x, meta, files.classes)
-    _warn_skipped(result, name, mask_mode)
+    result = _with_rejected(result, files)
+    _warn_skipped(result, name, mask_mode, files.root)
     return result
 
 
-def _decode_into(x, entries, size, mask_fill, verbose, name):
-    """Decode entries into x with a thread pool (Pillow releases the GIL), a chunk at a time."""
+def _with_rejected(images: ImageSet, files: FileList) -> ImageSet:
+    """The special files found while scanning (never entries, so never cached) listed first among the skipped."""
+    if not files.rejected:
+        return images
+    return dataclasses.replace(images, skipped=[str(p) for p, _ in files.rejected] + images.skipped,
+                               skip_reasons=[r for _, r in files.rejected] + images.skip_reasons)
+
+
+def _decode_into(x, entries, size, mask_fill, verbose, name, max_pixels=DEFAULT_MAX_PIXELS):
+    """Decode entries into x on DECODE_THREADS threads (Pillow releases the GIL); the pixel budget bounds the
+    originals held at once. Returns (ok per entry, entries whose mask failed, skip reason per entry)."""
     n = len(entries)
     ok = np.zeros(n, bool)
     problems = set()
+    reasons = {}
 
     def work(i):
         image, mask, _ = entries[i]
-        try:
-            img = decode_image(image, size)
-        except Exception:
-            return i, None, False
+        img = decode_image(image, size, max_pixels)
         if mask is not None:
             try:
-                cell = decode_mask(mask, size)
+                cell = decode_mask(mask, size, max_pixels)
                 if not cell.any():
                     raise ValueError("empty mask")
                 img = apply_mask(img, cell, mask_fill)
-            except Exception:
-                return i, img, False
-        return i, img, True
+            except Exception:  # noqa: BLE001 - any mask failure: the image is kept unmasked and reported
+                return img, False
+        return img, True
 
     if verbose:
         print(f"{name}: decoding {n} images to {size}x{size} (once; cached afterwards)")
-    workers = decode_threads()
-    chunk = 64  # at most a chunk of full-size originals is held at a time
     quiet = contextlib.nullcontext(lambda done: None)
-    with ThreadPoolExecutor(workers) as pool, (progress(n) if verbose else quiet) as update:
-        for start in range(0, n, chunk):
-            for i, img, mask_ok in pool.map(work, range(start, min(n, start + chunk))):
-                if img is not None:
-                    x[i] = img
-                    ok[i] = True
-                    if not mask_ok:
-                        problems.add(i)
-            update(min(n, start + chunk))
-    return ok, problems
+    with progress(n) if verbose else quiet as update:
+        for i, result, error in map_bounded(work, range(n), name_of=lambda i: entries[i][0]):
+            if error is None:
+                x[i] = result[0]
+                ok[i] = True
+                if not result[1]:
+                    problems.add(i)
+            else:
+                reasons[i] = skip_reason(error)
+            if (i + 1) % 64 == 0 or i + 1 == n:
+                update(i + 1)
+    return ok, problems, reasons
+
+
+class Stalled(Exception):
+    """An item that did not finish within STALL_SECONDS."""
+
+
+def map_bounded(fn, items, workers: int | None = None, timeout: float | None = None, name_of=str):
+    """Yield (item, fn(item), None) or (item, None, exception) for each item, in order, computed on daemon
+    threads, a few items ahead of the consumer.
+
+    An item not finished `timeout` seconds (STALL_SECONDS) after a thread began it yields a Stalled error; its
+    thread is abandoned and replaced. A read stuck in the kernel cannot be cancelled, but a daemon thread does
+    not keep the process from exiting. The STALL_LIMIT-th stall raises UserError naming the file."""
+    items = list(items)
+    workers = workers or DECODE_THREADS
+    timeout = STALL_SECONDS if timeout is None else timeout
+    todo = queue.Queue()
+    cond = threading.Condition()
+    state = [{"started": None, "done": False, "result": None, "error": None} for _ in items]
+
+    def worker():
+        while True:
+            k = todo.get()
+            if k is None:
+                return
+            job = state[k]
+            with cond:
+                job["started"] = time.monotonic()
+            try:
+                job["result"] = fn(items[k])
+            except Exception as e:  # noqa: BLE001 - handed to the consumer, which decides
+                job["error"] = e
+            with cond:
+                job["done"] = True
+                cond.notify_all()
+
+    threads = workers
+    for _ in range(workers):
+        threading.Thread(target=worker, daemon=True, name="decode").start()
+    ahead, queued, stalls = 2 * workers, 0, 0
+    try:
+        for k, item in enumerate(items):
+            while queued < min(len(items), k + ahead + 1):
+                todo.put(queued)
+                queued += 1
+            job = state[k]
+            with cond:
+                while not job["done"]:
+                    started = job["started"]
+                    left = timeout if started is None else started + timeout - time.monotonic()
+                    if left <= 0:
+                        break
+                    cond.wait(min(left, 1.0))
+                done = job["done"]
+            if done:
+                yield item, job["result"], job["error"]
+                continue
+            stalls += 1
+            if stalls >= STALL_LIMIT:
+                raise UserError(f"{name_of(item)}: no image after {timeout:g} s; {stalls} files stalled like this "
+                                "(a network mount that stopped answering?)")
+            threads += 1
+            threading.Thread(target=worker, daemon=True, name="decode").start()
+            yield item, None, Stalled(f"stalled (no image after {timeout:g} s)")
+    finally:
+        for _ in range(threads):
+            todo.put(None)
+
+
+def skip_reason(error: BaseException) -> str:
+    """A few words on why a file was left out, for the warning line."""
+    if isinstance(error, (SkippedFile, Stalled)):
+        return str(error)
+    if isinstance(error, FileNotFoundError):
+        return "vanished"
+    return "unreadable"
+
+
+def decode_each(paths, size: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Yield (path, uint8 RGB size x size or None, skip reason or None) for each path in order, decoded on
+    DECODE_THREADS threads within the pixel budget, stalls bounded (map_bounded)."""
+    for path, img, error in map_bounded(lambda p: decode_image(p, size, max_pixels), paths):
+        yield path, img, None if error is None else skip_reason(error)
+
+
+def probe_files(paths, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[int, str]:
+    """{index: reason} for the paths that training would skip before decoding (special files, headers that
+    are not an image, over --max-pixels at the smallest JPEG scale); headers only, stalls bounded."""
+    return {i: skip_reason(error) for i, (_, _, error) in
+            enumerate(map_bounded(lambda p: probe_image(p, max_pixels), paths)) if error is not None}
 
 
 def _imageset_from(x, meta, classes) -> ImageSet:
@@ -470,6 +814,7 @@ def _imageset_from(x, meta, classes) -> ImageSet:
         masked=np.asarray(meta["masked"], bool)[keep],
         skipped=list(meta["skipped"]),
         mask_problems=list(meta["mask_problems"]),
+        skip_reasons=list(meta.get("skip_reasons") or ["unreadable"] * len(meta["skipped"])),
     )
 
 
@@ -527,16 +872,54 @@ def _ensure_writable(cache_dir: Path) -> bool:
         return False
 
 
-def _warn_skipped(images: ImageSet, name: str, mask_mode: str = "replace"):
-    warn_unreadable(images.skipped, name)
+def _shown(path, root=None) -> str:
+    """A path as a warning shows it: relative to the data folder `root` (or the folder above it, which holds
+    mask/ beside data/), so that files of the same name in different folders stay distinguishable."""
+    if root is not None:
+        if Path(path).is_relative_to(root):
+            return str(Path(path).relative_to(root))
+        if Path(path).is_relative_to(Path(root).parent):
+            return os.path.relpath(path, root)
+    return str(path)
+
+
+def skipped_warning(name: str | None, skipped, reasons, root=None, limit: int = 12) -> str | None:
+    """One warning line for the skipped files: how many, grouped by why, the first `limit` named relative to
+    `root` (e.g. '... in ROOT: 2 unreadable (Basophil/a.jpg, Monocyte/a.jpg), 1 named pipe (Neutrophil/p.jpg)').
+    None when nothing was skipped."""
+    if not skipped:
+        return None
+    reasons = list(reasons) + ["unreadable"] * (len(skipped) - len(reasons))
+    groups: dict[str, list[str]] = {}
+    for path, reason in zip(skipped, reasons):
+        kind, _, detail = reason.partition(" (")
+        groups.setdefault(kind, []).append(_shown(path, root) + (f": {detail[:-1]}" if detail else ""))
+    where = f" in {root}" if root is not None else ""
+    if list(groups) == ["unreadable"]:
+        names = groups["unreadable"]
+        more = f" and {len(names) - limit} more" if len(names) > limit else ""
+        text = f"skipped {len(skipped)} unreadable image(s){where}: {', '.join(names[:limit])}{more}"
+    else:
+        parts, left = [], limit
+        for kind, names in groups.items():
+            shown = names[:max(left, 1)]
+            left -= len(shown)
+            more = f", and {len(names) - len(shown)} more" if len(names) > len(shown) else ""
+            parts.append(f"{len(names)} {kind} ({', '.join(shown)}{more})")
+        text = f"skipped {len(skipped)} file(s){where}: " + ", ".join(parts)
+    return "warning: " + (f"{name}: " if name else "") + text
+
+
+def _warn_skipped(images: ImageSet, name: str, mask_mode: str = "replace", root=None):
+    line = skipped_warning(name, images.skipped, images.skip_reasons, root)
+    if line:
+        print(line, file=sys.stderr)
     if images.mask_problems:
-        shown = ", ".join(Path(p).name for p in images.mask_problems[:3])
+        shown = ", ".join(_shown(p, root) for p in images.mask_problems[:3])
         more = f" and {len(images.mask_problems) - 3} more" if len(images.mask_problems) > 3 else ""
         action = "masked copies left out" if mask_mode in ("only", "add") else "images kept unmasked"
         print(f"warning: {name}: {len(images.mask_problems)} unreadable or empty mask(s), {action}: "
               f"{shown}{more}", file=sys.stderr)
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,44 +927,37 @@ def _warn_skipped(images: ImageSet, name: str, mask_mode: str = "replace"):
 # images never sit in memory at once; decoded exactly as for training
 # ----------------------------------------------------------------------------------------------
 
-def decode_threads() -> int:
-    """Decoding threads: Pillow releases the GIL, so one per core, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def images_in(paths) -> list[Path]:
-    """The image files named by `paths`: files as given, folders searched recursively (list_images)."""
+def images_in(paths, skipped: list | None = None) -> list[Path]:
+    """The image files named by `paths`: files as given, folders searched recursively (list_images). Special
+    files (pipes, sockets, devices, dangling links) are appended to `skipped` as (path, reason), never opened."""
     found = []
     for p in map(Path, paths):
+        problem = file_problem(p)
         if p.is_dir():
-            found += list_images(p)
-        elif p.is_file():
+            found += list_images(p, skipped)
+        elif problem is None:
             found.append(p)
+        elif problem != "vanished" and skipped is not None:
+            skipped.append((p, problem))
         else:
             raise UserError(f"{p}: no such file or folder")
     if not found:
-        raise UserError(f"{', '.join(map(str, paths))}: no images found "
-                        f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+        special = f"; skipped {skipped[0][0]} ({skipped[0][1]})" if skipped else ""
+        raise UserError(f"{', '.join(map(str, paths))}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                        f"{special}")
     return found
 
 
-def decode_batches(files: list[Path], size: int, batch_size: int, skipped: list[str]):
-    """Yield (paths, uint8 array) per batch, decoded by a thread pool (decode_image); unreadable files are
-    appended to `skipped` and left out."""
-    def decode(path):
-        try:
-            return decode_image(path, size)
-        except Exception:  # noqa: BLE001 - any decoding failure means: not a readable image
-            return None
-
-    with ThreadPoolExecutor(decode_threads()) as pool:
-        for start in range(0, len(files), batch_size):
-            chunk = files[start:start + batch_size]
-            decoded = list(pool.map(decode, chunk))
-            keep = [i for i, img in enumerate(decoded) if img is not None]
-            skipped += [str(chunk[i]) for i in range(len(chunk)) if decoded[i] is None]
-            if keep:
-                yield [chunk[i] for i in keep], np.stack([decoded[i] for i in keep])
+def decode_batches(files: list[Path], size: int, batch_size: int, skipped: list,
+                   max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Yield (paths, uint8 array) per batch, decoded as in training (decode_each: threads, pixel budget, stalls
+    bounded); files left out are appended to `skipped` as (path, reason)."""
+    for start in range(0, len(files), batch_size):
+        decoded = list(decode_each(files[start:start + batch_size], size, max_pixels))
+        skipped += [(path, why) for path, img, why in decoded if img is None]
+        keep = [(path, img) for path, img, _ in decoded if img is not None]
+        if keep:
+            yield [path for path, _ in keep], np.stack([img for _, img in keep])
 
 
 @contextlib.contextmanager
@@ -602,11 +978,8 @@ def progress(total: int, unit: str = "image", stream=None):
     yield update
 
 
-def warn_unreadable(paths: list[str], name: str | None = None, what: str = "unreadable image"):
-    """One warning line on stderr naming the first three of `paths` that could not be read."""
-    if not paths:
-        return
-    shown = ", ".join(Path(p).name for p in paths[:3])
-    more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
-    print(f"warning: {name + ': ' if name else ''}skipped {len(paths)} {what}{'s' if len(paths) != 1 else ''}: "
-          f"{shown}{more}", file=sys.stderr)
+def warn_skipped_files(skipped: list, name: str | None = None):
+    """One warning line on stderr for (path, reason) pairs left out while streaming."""
+    line = skipped_warning(name, [p for p, _ in skipped], [why for _, why in skipped])
+    if line:
+        print(line, file=sys.stderr)

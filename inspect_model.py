@@ -41,6 +41,7 @@ def parse_args(argv=None):
                         help="comma-separated class names, in the model's output order (default: the names "
                              "stored in the model)")
     common.add_argument("--batch-size", type=int, default=64, help="images per prediction step")
+    cli.add_max_pixels_arg(common)
     images = cli.Parser(add_help=False)  # what predict and gradcam read
     images.add_argument("paths", type=Path, nargs="+", help="images and/or folders (searched recursively)")
     sub = parser.add_subparsers(dest="command", metavar="command")
@@ -276,7 +277,7 @@ def cmd_evaluate(loaded: Loaded, args):
 
     files = eval_files(args.dir, loaded.classes, args.split)
     images = data.load_images(files, size=loaded.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                              name=Path(args.dir).name)
+                              name=Path(args.dir).name, max_pixels=args.max_pixels)
     if len(images) == 0:
         raise UserError(f"{args.dir}: none of the images could be decoded")
     start = time.perf_counter()
@@ -322,7 +323,8 @@ def check_writable_file(path: Path, overwrite: bool):
 
 def cmd_predict(loaded: Loaded, args):
     import numpy as np
-    files = data.images_in(args.paths)
+    skipped = []
+    files = data.images_in(args.paths, skipped)
     if args.out is not None:
         check_writable_file(args.out, args.overwrite)
         # Rows go to a file beside the target, renamed into place at the end: never half a CSV.
@@ -330,12 +332,12 @@ def cmd_predict(loaded: Loaded, args):
         stream = open(tmp, "w", newline="")
     else:
         tmp, stream = None, sys.stdout
-    skipped, n, start = [], 0, time.perf_counter()
+    n, start = 0, time.perf_counter()
     try:
         writer = csv.writer(stream)
         writer.writerow(["file", "predicted"] + [f"p_{c}" for c in loaded.classes])
-        with data.progress(len(files), stream=sys.stderr) as update:
-            for paths, x in data.decode_batches(files, loaded.image_size, args.batch_size, skipped):
+        with data.progress(len(files) + len(skipped), stream=sys.stderr) as update:
+            for paths, x in data.decode_batches(files, loaded.image_size, args.batch_size, skipped, args.max_pixels):
                 probs = np.asarray(loaded.model.predict_on_batch(x), dtype=np.float64)
                 # Low-precision softmax sums to 1 only within rounding: renormalise what we report.
                 probs /= np.maximum(probs.sum(1, keepdims=True), 1e-12)
@@ -360,7 +362,7 @@ def cmd_predict(loaded: Loaded, args):
     if tmp:
         os.replace(tmp, args.out)
     seconds = time.perf_counter() - start
-    data.warn_unreadable(skipped)
+    data.warn_skipped_files(skipped)
     print(f"predicted {n} image{'s' if n != 1 else ''} in {seconds:.1f}s ({n / seconds:.0f} images/s)"
           + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
     return 0
@@ -371,7 +373,8 @@ def cmd_predict(loaded: Loaded, args):
 # ----------------------------------------------------------------------------------------------
 
 def cmd_gradcam(loaded: Loaded, args):
-    files = data.images_in(args.paths)
+    skipped = []
+    files = data.images_in(args.paths, skipped)
     target = None
     if args.target is not None:
         names = [c.lower() for c in loaded.classes]
@@ -384,9 +387,9 @@ def cmd_gradcam(loaded: Loaded, args):
     size = args.display_size or max(loaded.image_size, 224)
     cam = gradcam.GradCam(loaded.model)
     print(f"Grad-CAM at {cam.layer_name} {tuple(cam.layer.output.shape[1:])}", file=sys.stderr)
-    names, skipped, rows = set(), [], []
-    with data.progress(len(files), stream=sys.stderr) as update:
-        for paths, x in data.decode_batches(files, loaded.image_size, args.batch_size, skipped):
+    names, rows = set(), []
+    with data.progress(len(files) + len(skipped), stream=sys.stderr) as update:
+        for paths, x in data.decode_batches(files, loaded.image_size, args.batch_size, skipped, args.max_pixels):
             heat, probs, ids = cam(x, None if target is None else [target] * len(x))
             for path, h, p, c in zip(paths, heat, probs, ids):
                 out = _unique_name(args.out, f"{path.stem}_gradcam_{loaded.classes[c]}.png", names)
@@ -394,14 +397,14 @@ def cmd_gradcam(loaded: Loaded, args):
                     raise UserError(f"{out}: already exists; pass --overwrite to replace it")
                 true = data.canonical_class(path.parent.name, tuple(loaded.classes))  # a class folder, if any
                 # The picture under the heatmap is decoded like the model's input, only larger.
-                gradcam.save_labelled(data.decode_image(path, size), h, size,
+                gradcam.save_labelled(data.decode_image(path, size, args.max_pixels), h, size,
                                       gradcam.caption(loaded.classes, p, int(c), true), out)
                 rows.append([str(path), str(out), true or "", loaded.classes[c], f"{p[c]:.6f}",
                              loaded.classes[int(p.argmax())], f"{p.max():.6f}"])
             update(len(rows) + len(skipped))
     if not rows:
         raise UserError(f"{', '.join(map(str, args.paths))}: none of the {len(files)} files is a readable image")
-    data.warn_unreadable(skipped)
+    data.warn_skipped_files(skipped)
     buf = io.StringIO()
     csv.writer(buf).writerows([["file", "heatmap", "true", "explained_class", "probability", "predicted",
                                 "predicted_probability"]] + rows)

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 import cli
-from data import WBC_CLASSES, WBC_SPLITS, UserError, canonical_class, scan_class_folders
+from data import (WBC_CLASSES, WBC_SPLITS, UserError, canonical_class, scan_class_folders, skipped_warning,
+                  without_unusable)
 
 # The class shares of the course's WBC_100 (Raabin-WBC as the course distributed it).
 PROPORTIONS = {
@@ -43,6 +44,7 @@ def parse_args(argv=None):
                         help="natural: every image; course: the largest subset with the course's class shares")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     parser.add_argument("--copy", action="store_true", help="copy the files instead of symlinking them")
+    cli.add_max_pixels_arg(parser)
     args = parser.parse_args(argv)
     if not 0.0 <= args.mask_fraction <= 1.0:
         raise UserError(f"--mask-fraction {args.mask_fraction}: expected a fraction between 0 and 1")
@@ -135,7 +137,8 @@ def write_layout(out: Path, files, plan: dict, copy: bool) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    files = scan_class_folders(args.source, WBC_CLASSES, args.masks)
+    # Files training would skip (special files, unreadable headers, over --max-pixels) stay out of the layout.
+    files = without_unusable(scan_class_folders(args.source, WBC_CLASSES, args.masks), args.max_pixels)
     out = args.out
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not an empty folder (choose a new OUT; nothing was written)")
@@ -159,7 +162,8 @@ def main(argv=None):
                     "proportions": args.proportions, "proportion_shares": PROPORTIONS.get(args.proportions),
                     "mask_fraction": args.mask_fraction, "val_fraction": VAL_FRACTION, "seed": args.seed,
                     "files": "copies" if args.copy else "symlinks", "source_counts": files.counts(),
-                    "ignored_folders": ignored, **written,
+                    "ignored_folders": ignored, "max_pixels": args.max_pixels,
+                    "skipped_files": {str(p): why for p, why in files.rejected}, **written,
                     "command": "python prepare_splits.py " + " ".join(sys.argv[1:] if argv is None else argv)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
@@ -182,6 +186,9 @@ def main(argv=None):
         print(f"  masks (WBC_100/train) {sum(written['mask_counts']['WBC_100/train'].values())}")
     if ignored:
         print(f"  ignored folders (not a WBC class): {', '.join(ignored)}")
+    line = skipped_warning(None, [p for p, _ in files.rejected], [why for _, why in files.rejected], args.source)
+    if line:
+        print(line + " (listed in manifest.json)", file=sys.stderr)
     return 0
 
 

@@ -99,7 +99,8 @@ def pretrain_cam16(args, run_dir: Path, weights, init_name: str) -> dict:
     import models
     import training
     files = data.find_cam16(args.data)
-    kw = dict(size=args.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache, verbose=not args.quiet)
+    kw = dict(size=args.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache, verbose=not args.quiet,
+              max_pixels=args.max_pixels)
     train = data.load_images(files["train"], name="CAM16 train", **kw)
     if "val" not in files:
         raise UserError(f"--data {args.data}: no CAM16 validation set (expected CAM16_100cls_10mask/val/data/"

@@ -231,6 +231,8 @@ def command(row: Row, seed: int, args, out: Path) -> list[str]:
         cmd += ["--cache-dir", str(args.cache_dir)]
     if args.no_cache:
         cmd += ["--no-cache"]
+    if args.max_pixels != cli.DEFAULT_MAX_PIXELS:
+        cmd += ["--max-pixels", str(args.max_pixels)]
     return cmd
 
 
