@@ -9,19 +9,26 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import devices  # noqa: E402
 import recipes  # noqa: E402
 from data import DEFAULT_MAX_PIXELS, MASK_FILLS, MASK_MODES  # noqa: E402
 from devices import PRECISIONS  # noqa: E402
 from runfiles import UserError  # noqa: E402
 
 
-def import_keras_quietly():
+def import_keras_quietly(args=None):
     """Called by a script once its arguments are checked, so that --help and a mistyped option answer at once.
+    With the script's args: --devices and the multi-host options are applied around the import
+    (devices.prepare before, devices.start after).
 
     Import Keras (and TensorFlow, its default backend) with stderr silenced at the file-descriptor level:
     TensorFlow's C++ start-up lines ('oneDNN custom operations are on', absl notices) ignore
     TF_CPP_MIN_LOG_LEVEL, and a user's terminal or an error line should not start with them."""
+    if args is not None:
+        devices.prepare(args)
     if "keras" in sys.modules:
+        if args is not None:
+            devices.start()
         return
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
@@ -32,6 +39,8 @@ def import_keras_quietly():
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+    if args is not None:
+        devices.start()
 
 
 EXIT_USER_ERROR = 2
@@ -138,6 +147,8 @@ def add_training_args(parser, epochs=None, batch_size=32):
     g.add_argument("--loader", choices=("cached", "generator"), default="cached",
                    help="cached: decode once, augment on the device; generator: the report's "
                         "ImageDataGenerator pipeline, decoding from disk every epoch (TensorFlow only)")
+    devices.add_device_args(parser.add_argument_group(
+        "devices (docs/distributed.md; --batch-size is the global batch over all devices)"))
     return g
 
 

@@ -249,7 +249,7 @@ def write_comparison(out: Path, rows: list[dict], split: str) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    cli.import_keras_quietly()
+    cli.import_keras_quietly(args)
     out = cli.resolve_run_dir(args, f"resnet_{args.split}_seed{args.seed}")
     args.out_root = out
     init_name = args.init if args.init in ("scratch", "imagenet") else "file"

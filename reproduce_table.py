@@ -4,10 +4,14 @@
     python reproduce_table.py --data ROOT --epochs 30 --seeds 3 --out runs/table
     python reproduce_table.py --data ROOT --rows 'WBC_1_*,WBC_10_*' --out runs/table    # a subset of rows
     python reproduce_table.py --out runs/table --report-only        # rebuild the files from finished runs
+    python reproduce_table.py --data ROOT --out runs/table --shard 0/4   # one of 4 machines (docs/distributed.md)
+    python reproduce_table.py --data ROOT --out runs/table --list | xargs -P 2 -I{} sh -c {}   # 2 at once
 
 Every (row, seed) is one run folder, OUT/runs/<row>_seed<k>, trained by the same script a user would run
 (train_cnn.py, train_masked.py, pretrain_resnet.py) in its own process with --resume. A complete folder is
 skipped, so an interrupted table loses at most the run in progress: rerun the same command to continue.
+Several table processes (--shard I/N on several machines sharing OUT, or the same command twice) never train one
+run twice: a process claims a run by creating OUT/claims/<run>.claim atomically before training it.
 
 Rows (names for --rows; shell-style patterns such as 'WBC_100_*' or '*_report' work):
     <split>_<method>_<recipe>  split: WBC_1 WBC_10 WBC_50 WBC_100; method: raw, masked-only (train_masked.py
@@ -25,9 +29,12 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import shlex
+import socket
 import subprocess
 import sys
 import time
+import contextlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,7 +152,14 @@ def parse_args(argv=None):
     o.add_argument("--resume", action="store_true",
                    help="accepted for symmetry with the other scripts: finished runs are always skipped")
     o.add_argument("--dry-run", action="store_true", help="print the runs that would be trained, train nothing")
+    c = parser.add_argument_group("several machines (docs/distributed.md)")
+    c.add_argument("--list", action="store_true",
+                   help="print one command per (row, seed) run, train nothing: for a job array or xargs -P")
+    c.add_argument("--shard", default=None, metavar="I/N",
+                   help="train only runs I, I+N, I+2N, ... (0 <= I < N) of the table's run list (default: all); "
+                        "shards may share OUT and run at the same time")
     args = parser.parse_args(argv)
+    args.shard = parse_shard(args.shard)
     if args.report_only:
         args.demo = args.data is None
         if args.out is None:
@@ -171,6 +185,19 @@ def parse_args(argv=None):
             raise UserError(f"--imagenet-weights {args.imagenet_weights}: no such file (expected ResNet50 "
                             f"ImageNet weights, e.g. resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5)")
     return args
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'I/N' -> (I, N); None -> (0, 1), the whole table."""
+    if text is None:
+        return 0, 1
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text}: expected I/N, e.g. 0/4 (this is shard I of N, 0 <= I < N)") from None
+    if not 0 <= index < count:
+        raise UserError(f"--shard {text}: expected 0 <= I < N")
+    return index, count
 
 
 def is_synthetic(root: Path) -> bool:
@@ -236,6 +263,49 @@ def command(row: Row, seed: int, args, out: Path) -> list[str]:
     return cmd
 
 
+def claim_path(out: Path, row: Row, seed: int) -> Path:
+    return out / "claims" / f"{row.name}_seed{seed}.claim"
+
+
+def claim(path: Path) -> bool:
+    """Atomically claim one run for this process (O_CREAT | O_EXCL works on local and NFS v3+ filesystems):
+    True when claimed; False when another live process holds it. A claim left by a dead process on this host is
+    taken over; one from another host is respected (remove the file by hand if that host's job is gone)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if not _stale(path):
+                return False
+            with contextlib.suppress(FileNotFoundError):  # two processes clearing it: one rename wins
+                os.rename(path, path.with_name(f"{path.name}.stale-{holder['host']}-{holder['pid']}"))
+                os.unlink(path.with_name(f"{path.name}.stale-{holder['host']}-{holder['pid']}"))
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(holder, f)
+        return True
+    return False
+
+
+def _stale(path: Path) -> bool:
+    """A claim whose process, on this host, no longer runs. An unreadable claim is being written: live."""
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return False
+    return False
+
+
 def launch(cmd: list[str], log: Path, jobs: int = 1) -> int:
     """Run one training in its own process, output appended to its log; returns the exit status.
     A crash, an out-of-memory kill or a Ctrl-C ends that run only; its finished epochs stay for --resume."""
@@ -259,30 +329,50 @@ def last_error_line(log: Path) -> str:
     return (errors or lines or ["(empty log)"])[-1][:300]
 
 
+def table_runs(rows: list[Row], args, missing=()) -> list[tuple[Row, int]]:
+    """This process's (row, seed) runs: seed by seed, so an interrupted table has every row of the first seeds;
+    with --shard I/N every N-th from the I-th, a share that depends only on the arguments, not on timing."""
+    index, count = args.shard
+    return [(r, s) for s in range(args.seeds) for r in rows if r.script not in missing][index::count]
+
+
 def train_rows(rows: list[Row], args, out: Path) -> list[dict]:
     """Train every unfinished (row, seed); returns the failures. Rows whose script is absent are skipped."""
     missing = sorted({r.script for r in rows if not (PROJECT / r.script).exists()})
     for script in missing:
         names = [r.name for r in rows if r.script == script]
         print(f"note: {script} is not in {PROJECT}; skipping {len(names)} rows ({names[0]} ...)")
-    # Seed by seed: an interrupted table still has every row of the first seeds.
-    todo = [(r, s) for s in range(args.seeds) for r in rows if r.script not in missing]
+    todo = table_runs(rows, args, missing)
+    index, count = args.shard
     pending = [(r, s) for r, s in todo if not is_complete(out, r, s)]
-    print(f"{len(todo)} runs: {len(todo) - len(pending)} finished, {len(pending)} to train -> {out}/runs")
+    share = f" (shard {index}/{count})" if count > 1 else ""
+    print(f"{len(todo)} runs{share}: {len(todo) - len(pending)} finished, {len(pending)} to train -> {out}/runs")
     if args.dry_run:
         for row, seed in pending:
-            print(" ".join(command(row, seed, args, out)))
+            print(shlex.join(command(row, seed, args, out)))
         return []
 
-    def run_one(row: Row, seed: int) -> tuple[int, float, Path]:
+    def run_one(row: Row, seed: int) -> tuple[int | None, float, Path]:
         folder = run_folder(out, row, seed)
-        start = time.perf_counter()
         log = folder.parent / f"{folder.name}.log"
-        code = launch(command(row, seed, args, out), log, args.jobs)
-        return code, time.perf_counter() - start, log
+        path = claim_path(out, row, seed)
+        if not claim(path):
+            return None, 0.0, log  # another table process is training it
+        try:
+            if is_complete(out, row, seed):  # finished by another process since the list was made
+                return 0, 0.0, log
+            start = time.perf_counter()
+            code = launch(command(row, seed, args, out), log, args.jobs)
+            return code, time.perf_counter() - start, log
+        finally:
+            path.unlink(missing_ok=True)
 
-    def report(i: int, row: Row, seed: int, code: int, seconds: float, log: Path):
+    def report(i: int, row: Row, seed: int, code: int | None, seconds: float, log: Path):
         prefix = f"[{i}/{len(pending)}] {row.name} seed {seed}"
+        if code is None:
+            holder = claim_path(out, row, seed)
+            print(f"{prefix}: skipped, claimed by another process ({holder})", flush=True)
+            return None
         if code == 0 and is_complete(out, row, seed):
             m = json.loads((metrics_folder(out, row, seed) / "metrics.json").read_text())
             print(f"{prefix}: {seconds:.0f}s  val acc {m['val_accuracy_selected']:.3f}  "
@@ -357,6 +447,10 @@ def main(argv=None):
         print(f"{len(records)} finished runs -> {out}/results.csv, table.md, comparisons.md, label_efficiency.png")
         return 0
     rows = select_rows(all_rows(args.imagenet_weights), args.rows)
+    if args.list:
+        for row, seed in table_runs([r for r in rows if (PROJECT / r.script).exists()], args):
+            print(shlex.join(command(row, seed, args, out.resolve())))
+        return 0
     # Check the data once, here, so a wrong --data is one line instead of a failure in every run.
     import data
     for split in sorted({r.split for r in rows}, key=SPLIT_ORDER.index):

@@ -20,7 +20,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cli.import_keras_quietly()
+    cli.import_keras_quietly(args)
     import models
     import training
 

@@ -71,7 +71,7 @@ def load_data(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    cli.import_keras_quietly()
+    cli.import_keras_quietly(args)
     import consistency
     import models
     import training

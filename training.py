@@ -31,6 +31,7 @@ import augment  # noqa: E402
 import metrics as wbc_metrics  # noqa: E402
 import report  # noqa: E402
 from data import ImageSet  # noqa: E402
+import devices  # noqa: E402
 from devices import distribution_scope, set_precision, seed_everything, versions  # noqa: E402
 from feeding import ArrayBatches, Endless, predict, recalibrate_batchnorm  # noqa: E402
 from runfiles import (UserError, atomic_write_text, load_core_model, read_h5_metadata, read_history,  # noqa: E402
@@ -121,13 +122,20 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     its weights file in place, so a run killed during that write could not resume (a half-written .h5)."""
 
     def _save_model(self):
+        if not devices.is_chief():  # several processes: process 0 keeps the backup, every process reads it
+            return
         os.makedirs(self.backup_dir, exist_ok=True)
         tmp = self._weights_path[:-len(".weights.h5")] + ".tmp.weights.h5"
-        self.model.save_weights(tmp, overwrite=True)
+        with devices.on_local_replica(self.model):
+            self.model.save_weights(tmp, overwrite=True)
         # Weights before the epoch number: a kill between the two renames repeats one epoch, never skips one.
         os.replace(tmp, self._weights_path)
         atomic_write_text(Path(self._training_metadata_path),
                           json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
+
+    def on_train_end(self, logs=None):
+        if devices.is_chief():  # another process may finish first, while process 0 still writes the backup
+            super().on_train_end(logs)
 
 
 class EpochEvaluator(keras.callbacks.Callback):
@@ -187,9 +195,14 @@ class EpochEvaluator(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def _record(self, epoch: int, logs: dict, seconds: float):
-        if self.recalibration:  # here, so that a resumed run recalibrates the restored weights the same way
-            images, n_images, seed = self.recalibration
-            recalibrate_batchnorm(self.core, images, n_images, self.batch_size, seed + epoch)
+        with devices.on_local_replica(self.core):
+            if self.recalibration:  # here, so that a resumed run recalibrates the restored weights the same way
+                images, n_images, seed = self.recalibration
+                recalibrate_batchnorm(self.core, images, n_images, self.batch_size, seed + epoch)
+            if devices.is_chief():  # several processes: process 0 evaluates and writes the run folder
+                self._evaluate_and_write(epoch, logs, seconds)
+
+    def _evaluate_and_write(self, epoch: int, logs: dict, seconds: float):
         row = {"epoch": epoch, "train_loss": float(logs.get("loss", float("nan"))),
                "train_accuracy": float(logs.get("accuracy", float("nan")))}
         for part, images in (("holdout", self.holdout), ("val", self.val)):
@@ -208,7 +221,8 @@ class EpochEvaluator(keras.callbacks.Callback):
         write_history(self.run_dir / "history.csv", self.rows, HISTORY_FIELDS)
         if self._improved(row):
             self.selected_epoch = epoch
-            save_model_h5(self.core, self.run_dir / "model.h5", {**self.metadata, "epoch": epoch})
+            with devices.plain_config(self.core):
+                save_model_h5(self.core, self.run_dir / "model.h5", {**self.metadata, "epoch": epoch})
         if self.verbose:
             print(f"epoch {epoch}: train acc {row['train_accuracy']:.3f}  hold-out acc {row['holdout_accuracy']:.3f}"
                   f"  val acc {row['val_accuracy']:.3f}  ({seconds:.1f}s, {row['images_per_second']:.0f} img/s)"
@@ -283,7 +297,9 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
         return json.loads((run_dir / "metrics.json").read_text())
     if not resume and (run_dir / "history.csv").exists():
         raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or --out to start another")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    chief = devices.is_chief()
+    if chief:
+        run_dir.mkdir(parents=True, exist_ok=True)
     precision = set_precision(config.precision)
     seed_everything(config.seed)
     classes = train_set.classes
@@ -291,7 +307,7 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
         raise UserError("the training split holds no images")
     if len(val_set) == 0:
         raise UserError(f"the validation set holds no readable images ({len(val_set.skipped)} skipped as unreadable)")
-    for stale in run_dir.glob(".*.tmp-*"):  # left by a killed run's atomic writes (write beside, then rename)
+    for stale in run_dir.glob(".*.tmp-*") if chief else ():  # left by a killed run's atomic writes (write beside, then rename)
         stale.unlink(missing_ok=True)
     train_idx, holdout_idx = holdout_split(train_set, config, hooks.selection_set)
     fit_set = train_set.subset(train_idx)
@@ -307,36 +323,57 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
             "skipped_images": list(train_set.skipped) + list(val_set.skipped),
             "input": "uint8 RGB, shape (N, H, W, 3), preprocessing inside the model",
             **(extra_metadata or {})}
-    write_json(run_dir / "args.json", {**args, "resolved_config": dataclasses.asdict(config), "precision": precision,
-                                       "backend": keras.backend.backend(), "versions": versions(),
-                                       "argv": sys.argv, "holdout_images": len(holdout_set),
-                                       "train_images": len(fit_set)})
+    if chief:
+        write_json(run_dir / "args.json", {**args, "resolved_config": dataclasses.asdict(config),
+                                           "precision": precision, "backend": keras.backend.backend(),
+                                           "versions": versions(), "distribution": devices.describe(), "argv": sys.argv,
+                                           "holdout_images": len(holdout_set), "train_images": len(fit_set)})
 
     done = read_history(run_dir / "history.csv") if resume else []
     if len(done) >= config.epochs and (run_dir / "model.h5").exists() and not (run_dir / "backup").exists():
         # Killed after its last epoch, while the folder was being finished: finish it, train nothing again.
         rows = [{k: _num(v) for k, v in r.items()} for r in done[:config.epochs]]
-        return finish_run(run_dir, rows, val_set, classes, config, meta,
-                          float(np.nansum([float(r["seconds"]) for r in rows])), len(fit_set))
+        if not chief:
+            return _after_chief(run_dir)
+        try:
+            return finish_run(run_dir, rows, val_set, classes, config, meta,
+                              float(np.nansum([float(r["seconds"]) for r in rows])), len(fit_set))
+        finally:
+            devices.barrier("run finished")
 
     passes = epoch_passes(len(fit_set), config)
     paired = None if hooks.paired_x is None else np.asarray(hooks.paired_x)[train_idx]
     stream = Endless(training_batches(fit_set, config, passes, paired))  # one epoch = one pass of the batches
+    fed = devices.local_share(stream)  # several JAX devices or processes: what each process feeds
     core, train_model = build_and_compile(build_core, config, hooks, stream.steps_per_epoch)
     evaluator = EpochEvaluator(run_dir, core, holdout_set, val_set, passes * len(fit_set), config.batch_size,
                                meta, config.verbose,
                                (fit_set.x, config.bn_recalibrate, config.seed) if config.bn_recalibrate else None)
     callbacks = [AtomicBackupAndRestore(str(run_dir / "backup")), evaluator]
     start = time.perf_counter()
-    train_model.fit(stream, steps_per_epoch=stream.steps_per_epoch, epochs=config.epochs, class_weight=weights,
+    train_model.fit(fed, steps_per_epoch=stream.steps_per_epoch, epochs=config.epochs, class_weight=weights,
                     callbacks=callbacks, verbose=_fit_verbosity(config.verbose), shuffle=False)
     seconds = time.perf_counter() - start
-    if evaluator.diverged_epoch:
-        shutil.rmtree(run_dir / "backup", ignore_errors=True)  # never resume from NaN weights
-        kept = f"model.h5 keeps epoch {evaluator.selected_epoch}" if evaluator.selected_epoch else "no model was saved"
-        raise TrainingDiverged(f"loss became NaN in epoch {evaluator.diverged_epoch}; {kept}; "
-                               f"try a lower --lr (now {config.lr:g})")
-    return finish_run(run_dir, evaluator.rows, val_set, classes, config, meta, seconds, len(fit_set))
+    devices.end_distribution()
+    if not chief:
+        return _after_chief(run_dir)
+    try:
+        if evaluator.diverged_epoch:
+            shutil.rmtree(run_dir / "backup", ignore_errors=True)  # never resume from NaN weights
+            kept = (f"model.h5 keeps epoch {evaluator.selected_epoch}" if evaluator.selected_epoch
+                    else "no model was saved")
+            raise TrainingDiverged(f"loss became NaN in epoch {evaluator.diverged_epoch}; {kept}; "
+                                   f"try a lower --lr (now {config.lr:g})")
+        return finish_run(run_dir, evaluator.rows, val_set, classes, config, meta, seconds, len(fit_set))
+    finally:
+        devices.barrier("run finished")  # the other processes wait for the finished folder
+
+
+def _after_chief(run_dir: Path) -> dict | None:
+    """Processes other than 0: wait until process 0 has finished the run folder, then read its result."""
+    devices.barrier("run finished")
+    path = Path(run_dir) / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def holdout_split(train_set: ImageSet, config: TrainConfig, selection_set=None) -> tuple[np.ndarray, np.ndarray]:
@@ -371,6 +408,7 @@ def build_and_compile(build_core, config: TrainConfig, hooks: Hooks, steps_per_e
         train_model = (hooks.build_train_model(core, config) if hooks.build_train_model
                        else augment.with_augmentation(core, None if config.loader == "generator" else config.augment,
                                                       config.seed))
+        devices.synchronize_batchnorm(core, True)
         optimizer = make_optimizer(config, steps_per_epoch)
         if hooks.compile_model:
             hooks.compile_model(train_model, optimizer, config)
@@ -450,7 +488,10 @@ def write_predictions(path: Path, images: ImageSet, probs: np.ndarray, classes):
     atomic_write_text(path, buf.getvalue())
 
 
-def print_summary(run_dir: Path, result: dict):
+def print_summary(run_dir: Path, result: dict | None):
+    if not devices.is_chief():
+        print(f"process {devices.process_index()} of {devices.process_count()}: done; process 0 wrote {run_dir}")
+        return
     print(f"\nrun folder: {run_dir}")
     print(f"  val accuracy (epoch {result['selected_epoch']}, {result.get('selection', 'selected on hold-out')}): {result['val_accuracy_selected']:.4f}"
           f"   best/mean/last over epochs: {result['val_accuracy_best']:.4f} / {result['val_accuracy_mean']:.4f} / "
