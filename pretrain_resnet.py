@@ -53,17 +53,14 @@ def parse_args(argv=None):
                         "moving statistics lag behind on small datasets: validation stuck at chance)")
     g.add_argument("--compare", action="store_true", default=True,
                    help="also train the baselines (WBC from scratch; CAM16 from scratch when --init is weights) "
-                        "and print one comparison table")
+                        "and print one comparison table (default: on)")
     g.add_argument("--no-compare", dest="compare", action="store_false", help="train only the --init path")
-    cli.add_training_args(parser, batch_size=32)
+    cli.add_training_args(parser, epochs="3 on the demo data, 10 otherwise", batch_size=32)
     cli.add_augmentation_args(parser)
     cli.add_output_args(parser)
-    args = parser.parse_args(argv)
-    # The project's WBC recipe (recipes.RECIPES['default']) for what the user left unset; --lr is the
-    # fine-tuning rate of an unfrozen pre-trained backbone, so lower.
-    defaults = {key: RECIPES["default"][key] for key in ("lr_schedule", "label_smoothing", "class_weight",
-                                                        "class_weight_power", "rotation", "shear")}
-    defaults["lr"] = FINETUNE_LR
+    defaults = stage2_defaults()
+    cli.describe_defaults(parser, {key: f"default {'on' if v is True else v}" for key, v in defaults.items()})
+    args = cli.parse_run_args(parser, argv)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -81,12 +78,22 @@ def parse_args(argv=None):
         raise UserError(f"--image-size {args.image_size}: ResNet50 needs at least 32 pixels")
     cli.check_positive(args, "epochs", "pretrain_epochs", "batch_size", "lr", "pretrain_lr", "head_lr",
                        "scratch_lr")
-    cli.check_non_negative(args, "class_weight_power", "bn_recalibrate")
+    cli.check_non_negative(args, "class_weight_power", "bn_recalibrate", "patience")
     if args.bn_momentum is not None and not 0 < args.bn_momentum < 1:
         raise UserError(f"--bn-momentum {args.bn_momentum}: expected a number between 0 and 1")
     if args.head_epochs < 0:
         raise UserError(f"--head-epochs {args.head_epochs}: expected 0 or more")
     return args
+
+
+def stage2_defaults() -> dict:
+    """The project's WBC recipe (recipes.RECIPES['default']) for what the user leaves unset, without its
+    small-split and batch-norm extras; --lr is the fine-tuning rate of an unfrozen pre-trained backbone, so
+    lower."""
+    defaults = {key: RECIPES["default"][key] for key in ("lr_schedule", "label_smoothing", "class_weight",
+                                                        "class_weight_power", "rotation", "shear")}
+    defaults.update(lr=FINETUNE_LR, zoom=0.0, shift=0.0, min_steps=0, bn_recalibrate=0)
+    return defaults
 
 
 def resolve_init(init: str):
@@ -191,7 +198,7 @@ def finetune(args, out: Path, start, train_set, val_set, arm: str) -> dict:
         def build():  # noqa: F811 - continue from the selected frozen-phase model
             return runfiles.load_core_model(frozen / "model.h5")
     return training.train(out / "finetune", build, train_set, val_set, config_for(args, args.epochs, args.lr),
-                          args=cli.args_dict(args), resume=args.resume,
+                          args=cli.args_dict(args), resume=args.resume, test_set=args._test_set,
                           before_fit=lambda core: models.set_backbone_trainable(core, True),
                           extra_metadata={**meta, "stage": "finetune"})
 
@@ -202,7 +209,7 @@ def scratch_baseline(args, out: Path, train_set, val_set) -> dict:
     return training.train(out / "finetune", lambda: build_from_init(None, len(train_set.classes), args.image_size,
                                                                      args.bn_momentum),
                           train_set, val_set, config_for(args, args.head_epochs + args.epochs, args.scratch_lr),
-                          args=cli.args_dict(args), resume=args.resume,
+                          args=cli.args_dict(args), resume=args.resume, test_set=args._test_set,
                           extra_metadata={"model": "resnet50", "arm": "scratch", "stage": "finetune",
                                           "split": args.split, "demo_data": args.demo})
 
@@ -277,12 +284,15 @@ def write_comparison(out: Path, rows: list[dict], split: str) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    cli.import_keras_quietly()
     out = cli.resolve_run_dir(args, f"resnet_{args.split}_seed{args.seed}")
+    if args.resume:
+        cli.check_resume(args, out)
+    cli.import_keras_quietly()
     args.out_root = out
     init_name = args.init if args.init in ("scratch", "imagenet") else "file"
     weights = resolve_init(args.init)
     train_set, val_set = cli.load_wbc_split(args, verbose=not args.quiet)
+    args._test_set = cli.load_test_set(args, train_set.classes)  # every arm's final WBC model meets it once
 
     arms = [arm_path(args, weights, out, train_set, val_set, init_name, args.skip_pretrain)]
     if args.compare:
