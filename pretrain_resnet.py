@@ -40,7 +40,7 @@ def parse_args(argv=None):
     g.add_argument("--skip-pretrain", action="store_true", help="no CAM16 stage: fine-tune from --init directly")
     g.add_argument("--pretrained", type=Path, default=None,
                    help="a stage-1 run folder (or its model.h5) to fine-tune instead of pre-training again, "
-                        "e.g. OUT/pretrain of an earlier run on another split")
+                        "e.g. OUT/pretrain of an earlier run on another split (default: none, pre-train here)")
     g.add_argument("--pretrain-epochs", type=int, default=None, help="CAM16 epochs (default 4 on demo data, 10)")
     g.add_argument("--pretrain-lr", type=float, default=None,
                    help="CAM16 learning rate (default 1e-3 from scratch, 1e-4 from pre-trained weights)")
