@@ -360,9 +360,10 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
                         "never looks at the validation set")
     if config.tensorboard:
         import importlib.util
-        if importlib.util.find_spec("tensorflow") is None:
-            raise UserError("--tensorboard: needs the tensorflow package (it writes the event files); "
-                            "pip install tensorflow, or drop --tensorboard")
+        missing = [m for m in ("tensorflow", "tensorboard") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UserError(f"--tensorboard: needs the package{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                            f"to write its event files (pip install {' '.join(missing)}), or drop --tensorboard")
     # A run that fails before its first epoch leaves no folder behind: remember the first folder created here.
     created = next((p for p in reversed((run_dir, *run_dir.parents)) if not p.exists()), None)
     try:

@@ -181,11 +181,11 @@ def test_resume_takes_the_runs_arguments_and_a_larger_epochs_extends_a_finished_
     args = json.loads((run / "args.json").read_text())
     assert args["epochs"] == 4 and args["image_size"] == 16 and args["width"] == 4 and args["min_steps"] == 4
     lrs = [float(r["lr"]) for r in history(run)]
-    # Cosine to 1% of 0.002: the 2-epoch run ended at the floor; extended to 4 epochs (4 steps each), the lr
-    # after epoch 3 (step 8 of 16) is the longer schedule's midpoint, and after epoch 4 the floor again.
+    # Cosine to 1% of 0.002: the 2-epoch run ended at the floor; extended to 4 epochs, the lr after epoch 3
+    # (three quarters of the steps) is where the 4-epoch cosine stands there, and after epoch 4 the floor again.
     floor = 0.002 * 0.01
     assert lrs[1] == pytest.approx(floor, rel=1e-3)
-    assert lrs[2] == pytest.approx(0.002 * (0.99 * 0.5 + 0.01), rel=1e-3)
+    assert lrs[2] == pytest.approx(0.002 * (0.99 * 0.5 * (1 + np.cos(0.75 * np.pi)) + 0.01), rel=1e-3)
     assert lrs[3] == pytest.approx(floor, rel=1e-3)
     code, out, err = run_in_process(["--data", str(root), "--cache-dir", str(cache), "--out", str(run), "--resume",
                                      "--quiet"], capsys)
@@ -395,7 +395,8 @@ def test_exported_models_predict_what_the_h5_predicts_on_real_images(tmp_path, h
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
     assert export(h5_model, "savedmodel", tmp_path / "saved") == 0
-    served = tf.saved_model.load(str(tmp_path / "saved")).serve(tf.constant(real_images))
+    saved = tf.saved_model.load(str(tmp_path / "saved"))  # held: its variables live as long as it does
+    served = saved.serve(tf.constant(real_images))
     np.testing.assert_allclose(np.asarray(served), expected, atol=1e-5)
 
     assert export(h5_model, "tflite", tmp_path / "m.tflite") == 0
