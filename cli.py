@@ -173,7 +173,11 @@ def check_resume(args, run_dir: Path):
             elif key not in given:
                 args.epochs = value
             continue
-        if key in given and not (key == "precision" and asked == "auto") and asked != value:
+        if isinstance(getattr(args, key), Path) and value is not None:
+            same = Path(value).resolve() == getattr(args, key).resolve()  # ROOT and ./ROOT are one folder
+        else:
+            same = asked == value
+        if key in given and not (key == "precision" and asked == "auto") and not same:
             problems.append(f"--{key.replace('_', '-')}: run has {_show(value)}, asked {_show(asked)}")
         elif key not in given or asked == "auto":
             setattr(args, key, Path(value) if isinstance(getattr(args, key), Path) and value is not None else value)
