@@ -348,7 +348,6 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
                             "(backup/) is missing; start a new run with --epochs instead")
     if not resume and (run_dir / "history.csv").exists():
         raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or --out to start another")
-    classes = train_set.classes
     if len(train_set) == 0:
         raise UserError("the training split holds no images")
     if len(val_set) == 0:
