@@ -53,14 +53,16 @@ def parse_args(argv=None):
     g.add_argument("--split", default="WBC_100", help="training split to read")
     g.add_argument("--demo-size", type=int, default=None,
                    help="re-encode the demo data's WBC_100 as SIZE x SIZE JPEGs first (575: like Raabin-WBC "
-                        "files), so decoding costs what real files cost; the cells are still synthetic")
+                        "files), so decoding costs what real files cost; the cells are still synthetic "
+                        "(default: the demo images as generated)")
     g.add_argument("--image-size", type=int, default=224, help="side the images are resized to")
     g = parser.add_argument_group("model and training")
     g.add_argument("--model", choices=("cnn", "resnet50"), default="cnn", help="dropout CNN or ResNet50 (random init)")
     g.add_argument("--recipe", choices=sorted(recipes.RECIPES), default="report",
                    help="the CNN's shape and the augmentation (rotation, shear; flips on) come from this recipe")
     g.add_argument("--stem-stride", choices=("auto", "1", "2"), default=None,
-                   help="override the recipe's first-convolution stride for (a), (b) and (c)")
+                   help="override the recipe's first-convolution stride for (a), (b) and (c) "
+                        "(default: the recipe's)")
     g.add_argument("--batch-size", type=int, default=32, help="images per step")
     g.add_argument("--epochs", type=int, default=3, help="epochs per pipeline; the first is not timed")
     g.add_argument("--steps", type=int, default=None,

@@ -3,6 +3,7 @@ defaults, run-folder naming, loading a WBC split, and the rule that a user's mis
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -68,9 +69,135 @@ class Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USER_ERROR)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's '(default: X)' after each option's help, except where it would mislead: an option whose
+    default is None says in its own help what fills it (the data, the recipe), and a flag (--no-augment,
+    --no-batchnorm) is off unless given, whatever argparse stores for it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.nargs == 0 or "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def make_parser(description: str, prog: str | None = None) -> Parser:
-    return Parser(description=description, prog=prog,
-                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return Parser(description=description, prog=prog, formatter_class=HelpFormatter)
+
+
+def describe_defaults(parser, texts: dict):
+    """Append '(TEXT)' to the help of the option storing each dest in `texts` (its first option only: not
+    to the --no-... twin), e.g. {'lr': 'default recipe 0.002, report recipe 0.001'}."""
+    seen = set()
+    for action in parser._actions:
+        if action.dest in texts and action.dest not in seen and action.option_strings:
+            seen.add(action.dest)
+            action.help = f"{action.help} ({texts[action.dest].replace('%', '%%')})"
+
+
+def given_options(parser, argv) -> set[str]:
+    """The dests the command line sets itself (not by default): parsed again with every default suppressed."""
+    saved = [(action, action.default) for action in parser._actions]
+    saved_defaults = dict(parser._defaults)
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        parser._defaults.clear()
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in saved:
+            action.default = default
+        parser._defaults.update(saved_defaults)
+
+
+def parse_run_args(parser, argv=None):
+    """parse_args for a training script: remembers which options the command line set (args._given), and
+    takes the rest from --config FILE (an earlier run's args.json) where given."""
+    args = parser.parse_args(argv)
+    args._given = given_options(parser, argv)
+    if getattr(args, "config", None) is not None:
+        take_config(args, parser)
+    return args
+
+
+# What a run's args.json holds that is not to be copied into another run by --config.
+_NOT_FROM_CONFIG = {"out", "resume", "config", "cache_dir", "no_cache"}
+
+
+def take_config(args, parser):
+    """--config FILE: every option the command line leaves unset takes its value from FILE (an args.json, or a
+    run folder holding one); the command line wins."""
+    path = Path(args.config)
+    if path.is_dir():
+        path = path / "args.json"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--config {args.config}: no such file (expected a run folder or its args.json)") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"--config {args.config}: not a readable JSON file ({e})") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"--config {args.config}: expected a JSON object of option values (a run's args.json)")
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    for key, value in saved.items():
+        if key not in actions or key in args._given or key in _NOT_FROM_CONFIG:
+            continue
+        if key == "data" and saved.get("demo"):
+            continue  # the demo data: found again on this machine
+        action = actions[key]
+        if isinstance(value, str) and action.type is not None and action.nargs != 0:
+            value = action.type(value)
+        if action.choices is not None and value is not None and value not in action.choices:
+            raise UserError(f"--config {args.config}: {key} {value!r} is not one of {', '.join(map(str, action.choices))}")
+        setattr(args, key, value)
+
+
+# Options that say how a run is watched, stored or fed, not what it trains: --resume may change them.
+_RUN_INDEPENDENT = {"out", "resume", "config", "quiet", "cache_dir", "no_cache", "tensorboard", "test", "devices",
+                    "epochs", "out_root"}
+
+
+def check_resume(args, run_dir: Path):
+    """--resume: the run's own arguments for every option the command line leaves unset, and one line naming
+    each option the command line sets to another value than the run's (nothing is touched then). --epochs may
+    grow (the run is extended), never shrink."""
+    run_dir = Path(run_dir)
+    found = [run_dir / "args.json"] + sorted(run_dir.glob("*/args.json"))
+    found = [p for p in found if p.is_file()]
+    if not found:
+        return  # nothing trained yet: a fresh start
+    try:
+        saved = json.loads(found[0].read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{found[0]}: unreadable ({e}); cannot check the run's arguments") from None
+    current = args_dict(args)
+    given = getattr(args, "_given", set())
+    problems = []
+    for key, value in saved.items():
+        if key not in current or key in _RUN_INDEPENDENT - {"epochs"}:
+            continue
+        asked = current[key]
+        if key == "epochs":
+            if key in given and value is not None and asked < value:
+                problems.append(f"--epochs: run has {value}, asked {asked} (--epochs may grow, not shrink)")
+            elif key not in given:
+                args.epochs = value
+            continue
+        if isinstance(getattr(args, key), Path) and value is not None:
+            same = Path(value).resolve() == getattr(args, key).resolve()  # ROOT and ./ROOT are one folder
+        else:
+            same = asked == value
+        if key in given and not (key == "precision" and asked == "auto") and not same:
+            problems.append(f"--{key.replace('_', '-')}: run has {_show(value)}, asked {_show(asked)}")
+        elif key not in given or asked == "auto":
+            setattr(args, key, Path(value) if isinstance(getattr(args, key), Path) and value is not None else value)
+    if problems:
+        raise UserError(f"{run_dir} was trained with other arguments; --resume continues a run as it was "
+                        f"started: {'; '.join(problems)}")
+
+
+def _show(value):
+    return "none" if value is None else str(value)
 
 
 def add_data_args(parser, split=True, image_size=True, masks=False):
@@ -113,30 +240,31 @@ def max_pixels_value(text: str) -> int:
     return value
 
 
-def add_training_args(parser, epochs=None, batch_size=32):
-    """Options marked 'from --recipe' default to None here and are filled in by recipes.apply_recipe."""
+def add_training_args(parser, epochs="12 on the demo data, 30 otherwise", batch_size=32):
+    """Options defaulting to None are filled in later (recipes.apply_recipe, or the script); the script says
+    with what through describe_defaults, so that --help shows each effective default."""
     g = parser.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=epochs, help="training epochs (default depends on the data)")
+    g.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {epochs})")
     g.add_argument("--batch-size", type=int, default=batch_size, help="images per step")
-    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (from --recipe)")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
-                   help="learning-rate schedule over the whole run (from --recipe)")
+                   help="learning-rate schedule over the whole run (cosine: to 1%% of --lr at the last epoch)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (AdamW) when > 0")
     g.add_argument("--label-smoothing", type=float, default=None,
-                   help="label smoothing of the cross-entropy (from --recipe)")
+                   help="label smoothing of the cross-entropy")
     g.add_argument("--seed", type=int, default=0, help="seed for the hold-out split, initialisation, shuffling "
                                                         "and augmentation")
     g.add_argument("--min-steps", type=int, default=None,
                    help="at least this many optimizer steps per epoch: small splits pass over their images "
-                        "several times per epoch (0: one pass; from --recipe)")
+                        "several times per epoch (0: one pass)")
     g.add_argument("--bn-recalibrate", type=int, default=None, metavar="N",
                    help="before each epoch's evaluation, recompute batch-norm statistics from N un-augmented "
-                        "training images (0: keep the training-time moving averages; from --recipe)")
+                        "training images (0: keep the training-time moving averages)")
     g.add_argument("--holdout", type=float, default=0.15,
                    help="fraction of each training class held out for model selection (0: train on all, "
                         "select the last epoch); the validation set is never used to select")
     g.add_argument("--class-weight", dest="class_weight", action="store_const", const=True, default=None,
-                   help="weight the loss by inverse class frequency (from --recipe)")
+                   help="weight the loss by inverse class frequency")
     g.add_argument("--no-class-weight", dest="class_weight", action="store_const", const=False,
                    help="do not weight the loss by inverse class frequency")
     g.add_argument("--class-weight-power", type=float, default=None,
@@ -147,6 +275,9 @@ def add_training_args(parser, epochs=None, batch_size=32):
     g.add_argument("--loader", choices=("cached", "generator"), default="cached",
                    help="cached: decode once, augment on the device; generator: the report's "
                         "ImageDataGenerator pipeline, decoding from disk every epoch (TensorFlow only)")
+    g.add_argument("--patience", type=int, default=0, metavar="N",
+                   help="stop when N epochs pass without a better hold-out epoch (0: train every epoch); "
+                        "never looks at the validation set")
     devices.add_device_args(parser.add_argument_group(
         "devices (docs/distributed.md; --batch-size is the global batch over all devices)"))
     return g
@@ -155,12 +286,10 @@ def add_training_args(parser, epochs=None, batch_size=32):
 def add_augmentation_args(parser):
     g = parser.add_argument_group("augmentation (ImageDataGenerator's meanings; applied on the device while "
                                   "training only)")
-    g.add_argument("--rotation", type=float, default=None,
-                   help="random rotation range, degrees (+/-) (from --recipe)")
-    g.add_argument("--shear", type=float, default=None, help="random shear range, degrees (+/-) (from --recipe)")
-    g.add_argument("--zoom", type=float, default=None, help="random zoom range, fraction (+/-) (from --recipe)")
-    g.add_argument("--shift", type=float, default=None,
-                   help="random shift range, fraction of the side (+/-) (from --recipe)")
+    g.add_argument("--rotation", type=float, default=None, help="random rotation range, degrees (+/-)")
+    g.add_argument("--shear", type=float, default=None, help="random shear range, degrees (+/-)")
+    g.add_argument("--zoom", type=float, default=None, help="random zoom range, fraction (+/-)")
+    g.add_argument("--shift", type=float, default=None, help="random shift range, fraction of the side (+/-)")
     g.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")
     g.add_argument("--no-vflip", action="store_true", help="no random vertical flips")
     g.add_argument("--no-augment", action="store_true", help="no augmentation at all")
@@ -173,7 +302,18 @@ def add_output_args(parser):
                    help="run folder (default runs/<script>_<split>_seed<seed>, numbered if taken)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out (or the newest default run folder) after its last "
-                        "finished epoch")
+                        "finished epoch, with the run's own arguments (a different value for one of them is "
+                        "refused); a larger --epochs extends a finished run")
+    g.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="take every option not on the command line from FILE, an earlier run's args.json (or "
+                        "its run folder), to repeat or vary that run (default: none)")
+    g.add_argument("--test", type=Path, default=None, metavar="DIR",
+                   help="evaluate the selected model once at the end on DIR (a folder per class, or a "
+                        "course-layout root: its validation set of --split) into metrics.json under \"test\" "
+                        "and test_predictions.csv (default: none)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="write TensorBoard logs to the run folder's tensorboard/: scalars per epoch, the "
+                        "confusion matrix at the end (tensorboard --logdir RUN/tensorboard)")
     g.add_argument("--quiet", action="store_true", help="print only the summary")
     return g
 
@@ -244,7 +384,17 @@ def check_non_negative(args, *names):
 
 def args_dict(args) -> dict:
     """Parsed arguments as JSON-friendly values, for args.json and the model's metadata."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def load_test_set(args, classes):
+    """--test DIR decoded like the training images (None without --test)."""
+    if getattr(args, "test", None) is None:
+        return None
+    import data
+    files = data.find_labelled(args.test, tuple(classes), getattr(args, "split", "WBC_100"))
+    return data.load_images(files, size=args.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                            name="test", verbose=not args.quiet)
 
 
 def add_cnn_training_args(parser):
@@ -253,6 +403,7 @@ def add_cnn_training_args(parser):
     add_training_args(parser)
     add_augmentation_args(parser)
     add_output_args(parser)
+    describe_defaults(parser, recipes.default_texts())
 
 
 def resolve_cnn_args(args):
@@ -262,5 +413,5 @@ def resolve_cnn_args(args):
     if args.epochs is None:
         args.epochs = 12 if args.demo else 30
     check_positive(args, "epochs", "batch_size", "lr")
-    check_non_negative(args, "class_weight_power", "bn_recalibrate")
+    check_non_negative(args, "class_weight_power", "bn_recalibrate", "patience")
     return args

@@ -276,6 +276,28 @@ def find_split(root: Path, split: str = "WBC_100") -> SplitFiles:
     return SplitFiles(split, train, val)
 
 
+def find_labelled(folder: Path, classes=WBC_CLASSES, split: str = "WBC_100") -> FileList:
+    """Labelled images to evaluate on: a folder with one sub-folder per class (or one holding data/<class>/,
+    like WBC_100/val), or a course-layout root (its validation set of `split`; CAM16's val or test for the
+    classes normal and tumor)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder (expected one sub-folder per class, or a course-layout root)")
+    if is_course_root(folder):
+        if tuple(classes) == WBC_CLASSES:
+            return find_split(folder, split).val
+        cam16 = find_cam16(folder)
+        part = "val" if "val" in cam16 else "test" if "test" in cam16 else None
+        if set(classes) == {"normal", "tumor"} and part:
+            return cam16[part]
+        raise UserError(f"{folder}: a course-layout root, but no validation set for the classes "
+                        f"{', '.join(classes)}; pass a folder with one sub-folder per class")
+    if (folder / "data").is_dir() and not any(canonical_class(d.name, tuple(classes))
+                                              for d in folder.iterdir() if d.is_dir()):
+        folder = folder / "data"
+    return scan_class_folders(folder, tuple(classes))
+
+
 def find_cam16(root: Path) -> dict[str, FileList]:
     """CAM16 train/val/test (classes normal, tumor) under a course root, or a folder with train/val/test."""
     root = Path(root)

@@ -103,12 +103,18 @@ class Endless(keras.utils.PyDataset):
     the old one down waits for tf.data's autotuning thread, on the 2-core CPU about as long as the epoch
     itself in roughly half the epochs (100 instead of 190 images/s for the default CNN at 224 px). One
     iterator for the whole fit has no such pause. Batch `index` is always step index % len(b) of pass
-    index // len(b), however far a prefetching reader runs ahead of the epoch callbacks."""
+    index // len(b), however far a prefetching reader runs ahead of the epoch callbacks.
 
-    def __init__(self, batches):
+    start_epoch: a resumed run's fit counts batches from 0 again, but its data must continue from the restored
+    epoch: the shuffling generator is advanced over the finished epochs' orders, so the resumed run reads the
+    batches the uninterrupted run read."""
+
+    def __init__(self, batches, start_epoch: int = 0):
         super().__init__()
         self.batches = batches
         self.steps_per_epoch = len(batches)
+        for _ in range(int(start_epoch)):
+            batches.on_epoch_end()
         self._pass = 0
 
     @property

@@ -4,12 +4,14 @@
     python inspect_model.py MODEL.h5 evaluate ROOT_OR_CLASS_FOLDERS [--out DIR]
     python inspect_model.py MODEL.h5 predict IMAGE_OR_FOLDER... [--out predictions.csv]
     python inspect_model.py MODEL.h5 gradcam IMAGE_OR_FOLDER... --out DIR
+    python inspect_model.py MODEL.h5 export --format keras|savedmodel|onnx|tflite --out PATH
 
 Works on every .h5 this project saves (train_cnn.py, train_masked.py, pretrain_resnet.py) and on plain Keras
 models that take (N, H, W, 3) images. Models load in Keras' safe mode: nothing in a model file runs code.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -25,7 +27,10 @@ import gradcam
 from runfiles import UserError
 import runfiles
 
-COMMANDS = ("summary", "evaluate", "predict", "gradcam")
+COMMANDS = ("summary", "evaluate", "predict", "gradcam", "export")
+# --format: Keras' own name for it, and the packages its exporter needs beyond Keras.
+EXPORT_FORMATS = {"keras": (None, ()), "savedmodel": ("tf_saved_model", ("tensorflow",)),
+                  "onnx": ("onnx", ("tensorflow", "onnx", "tf2onnx")), "tflite": ("litert", ("tensorflow",))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,6 +83,15 @@ def parse_args(argv=None):
                    help="side of the heatmap picture in pixels, caption and colour bar around it (default: the "
                         "model's input size, at least 224)")
     p.add_argument("--overwrite", action="store_true", help="replace existing PNGs of the same name")
+
+    p = sub.add_parser("export", parents=[common],
+                       help="the model for serving, through Keras' own saving and export",
+                       formatter_class=parser.formatter_class)
+    p.add_argument("--format", choices=tuple(EXPORT_FORMATS), default="keras",
+                   help="keras: a .keras file (keras.models.load_model); savedmodel: a TensorFlow SavedModel "
+                        "folder (endpoint 'serve'); onnx: a .onnx file; tflite: a LiteRT .tflite file")
+    p.add_argument("--out", type=Path, required=True, help="the file or folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     args.command = args.command or "summary"
     cli.check_positive(args, "batch_size")
@@ -91,7 +105,7 @@ def main(argv=None):
     cli.import_keras_quietly()
     loaded = load(args.model, args.classes)
     return {"summary": cmd_summary, "evaluate": cmd_evaluate, "predict": cmd_predict,
-            "gradcam": cmd_gradcam}[args.command](loaded, args)
+            "gradcam": cmd_gradcam, "export": cmd_export}[args.command](loaded, args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,12 +204,29 @@ def preprocessing(model) -> list[str]:
     return steps
 
 
+@contextlib.contextmanager
+def _columns(width: int | None):
+    """Set $COLUMNS (what rich and shutil take as the terminal width) for a while."""
+    saved = os.environ.get("COLUMNS")
+    if width:
+        os.environ["COLUMNS"] = str(width)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = saved
+
+
 def cmd_summary(loaded: Loaded, args):
     info = describe(loaded)
     if args.as_json:
         print(json.dumps(info, indent=2, default=str))
         return 0
-    loaded.model.summary(expand_nested=args.expand, line_length=110)
+    # Keras prints through rich, which cuts a table to 80 columns when the output is not a terminal.
+    with _columns(120 if not sys.stdout.isatty() else None):
+        loaded.model.summary(expand_nested=args.expand, line_length=110)
     p, t = info["parameters"], info["training"]
     print(f"file: {info['file']} ({info['file_mb']} MB)")
     print(f"model: {info['model'] or info['name']}   parameters: {p['total']:,} "
@@ -331,7 +362,8 @@ def cmd_predict(loaded: Loaded, args):
         tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
         stream = open(tmp, "w", newline="")
     else:
-        tmp, stream = None, sys.stdout
+        # Standard output gets the CSV only once every image is predicted: never a header before an error.
+        tmp, stream = None, io.StringIO()
     n, start = 0, time.perf_counter()
     try:
         writer = csv.writer(stream)
@@ -361,6 +393,8 @@ def cmd_predict(loaded: Loaded, args):
         raise UserError(f"{', '.join(map(str, args.paths))}: none of the {len(files)} files is a readable image")
     if tmp:
         os.replace(tmp, args.out)
+    else:
+        sys.stdout.write(stream.getvalue())
     seconds = time.perf_counter() - start
     data.warn_skipped_files(skipped)
     print(f"predicted {n} image{'s' if n != 1 else ''} in {seconds:.1f}s ({n / seconds:.0f} images/s)"
@@ -425,5 +459,53 @@ def _unique_name(folder: Path, name: str, taken: set) -> Path:
     return folder / name
 
 
+# ----------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------
+
+def cmd_export(loaded: Loaded, args):
+    """Keras' own writers: model.save for .keras, model.export for the serving formats."""
+    import importlib.util
+    import shutil
+    keras_name, needs = EXPORT_FORMATS[args.format]
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"--format {args.format}: Keras' exporter needs the package{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(missing)}, not installed here (pip install {' '.join(missing)})")
+    out = Path(args.out)
+    suffix = {"keras": ".keras", "onnx": ".onnx", "tflite": ".tflite"}.get(args.format)
+    if suffix and out.suffix.lower() != suffix:
+        raise UserError(f"--out {out}: a {args.format} file must end in {suffix}")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out {out}: already exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: the folder {out.parent} does not exist")
+    # Written beside, then renamed into place: never half an exported model under the final name.
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
+    try:
+        if args.format == "keras":
+            loaded.model.save(tmp)
+        else:
+            with contextlib.redirect_stdout(sys.stderr):  # the exporters' own progress lines
+                loaded.model.export(str(tmp), format=keras_name, verbose=False)
+        if out.is_dir():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an exporter's failure is reported in one line, not a traceback
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"--format {args.format}: Keras could not export {loaded.path} ({reason})") from None
+    finally:
+        if Path(tmp).is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            Path(tmp).unlink(missing_ok=True)
+    print(f"wrote {out} ({args.format}); input: uint8 RGB (N, {loaded.image_size}, {loaded.image_size}, 3); "
+          f"outputs in class order: {', '.join(loaded.classes)}")
+    return 0
+
+
 if __name__ == "__main__":
     cli.run_main(main)
+

@@ -37,7 +37,8 @@ def parse_args(argv=None):
     parser.add_argument("source", type=Path, help="folder with one sub-folder of images per class")
     parser.add_argument("out", type=Path, help="new folder for the course layout (must not exist or be empty)")
     parser.add_argument("--masks", type=Path, default=None,
-                        help="folder of masks laid out like SOURCE (same class folder, same file stem)")
+                        help="folder of masks laid out like SOURCE (same class folder, same file stem) "
+                             "(default: none, no masks)")
     parser.add_argument("--mask-fraction", type=float, default=0.1,
                         help="share of each class's training images that keep their mask (as in the course)")
     parser.add_argument("--proportions", choices=("natural",) + tuple(PROPORTIONS), default="natural",

@@ -42,7 +42,7 @@ def parse_args(argv=None):
     g.add_argument("--skip-pretrain", action="store_true", help="no CAM16 stage: fine-tune from --init directly")
     g.add_argument("--pretrained", type=Path, default=None,
                    help="a stage-1 run folder (or its model.h5) to fine-tune instead of pre-training again, "
-                        "e.g. OUT/pretrain of an earlier run on another split")
+                        "e.g. OUT/pretrain of an earlier run on another split (default: none, pre-train here)")
     g.add_argument("--pretrain-epochs", type=int, default=None, help="CAM16 epochs (default 4 on demo data, 10)")
     g.add_argument("--pretrain-lr", type=float, default=None,
                    help="CAM16 learning rate (default 1e-3 from scratch, 1e-4 from pre-trained weights)")
@@ -55,12 +55,14 @@ def parse_args(argv=None):
                         "moving statistics lag behind on small datasets: validation stuck at chance)")
     g.add_argument("--compare", action="store_true", default=True,
                    help="also train the baselines (WBC from scratch; CAM16 from scratch when --init is weights) "
-                        "and print one comparison table")
+                        "and print one comparison table (default: on)")
     g.add_argument("--no-compare", dest="compare", action="store_false", help="train only the --init path")
-    cli.add_training_args(parser, batch_size=32)
+    cli.add_training_args(parser, epochs="3 on the demo data, 10 otherwise", batch_size=32)
     cli.add_augmentation_args(parser)
     cli.add_output_args(parser)
-    args = parser.parse_args(argv)
+    cli.describe_defaults(parser, {key: f"default {'on' if v is True else v}"
+                                  for key, v in recipes.RESNET_RECIPES["default"].items()})
+    args = cli.parse_run_args(parser, argv)
     recipes.apply_recipe(args, table=recipes.RESNET_RECIPES)
     cli.resolve_data(args)
     if args.epochs is None:
@@ -76,7 +78,7 @@ def parse_args(argv=None):
         raise UserError(f"--image-size {args.image_size}: ResNet50 needs at least 32 pixels")
     cli.check_positive(args, "epochs", "pretrain_epochs", "batch_size", "lr", "pretrain_lr", "head_lr",
                        "scratch_lr")
-    cli.check_non_negative(args, "class_weight_power", "bn_recalibrate")
+    cli.check_non_negative(args, "class_weight_power", "bn_recalibrate", "patience")
     if args.bn_momentum is not None and not 0 < args.bn_momentum < 1:
         raise UserError(f"--bn-momentum {args.bn_momentum}: expected a number between 0 and 1")
     if args.head_epochs < 0:
@@ -161,7 +163,7 @@ def finetune(args, out: Path, start, train_set, val_set, arm: str) -> dict:
         def build():  # noqa: F811 - continue from the selected frozen-phase model
             return runfiles.load_core_model(frozen / "model.h5")
     return training.train(out / "finetune", build, train_set, val_set, config_for(args, args.epochs, args.lr),
-                          args=cli.args_dict(args), resume=args.resume,
+                          args=cli.args_dict(args), resume=args.resume, test_set=args._test_set,
                           hooks=training.Hooks(before_fit=lambda core: models.set_backbone_trainable(core, True)),
                           extra_metadata={**meta, "stage": "finetune"})
 
@@ -174,7 +176,7 @@ def scratch_baseline(args, out: Path, train_set, val_set) -> dict:
     def build():
         return models.build_from_init(None, len(train_set.classes), args.image_size, args.bn_momentum)
     return training.train(out / "finetune", build, train_set, val_set, config_for(args, args.head_epochs + args.epochs, args.scratch_lr),
-                          args=cli.args_dict(args), resume=args.resume,
+                          args=cli.args_dict(args), resume=args.resume, test_set=args._test_set,
                           extra_metadata={"model": "resnet50", "arm": "scratch", "stage": "finetune",
                                           "split": args.split, "demo_data": args.demo})
 
@@ -249,13 +251,16 @@ def write_comparison(out: Path, rows: list[dict], split: str) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    cli.import_keras_quietly(args)
     out = cli.resolve_run_dir(args, f"resnet_{args.split}_seed{args.seed}")
+    if args.resume:
+        cli.check_resume(args, out)
+    cli.import_keras_quietly(args)
     args.out_root = out
     init_name = args.init if args.init in ("scratch", "imagenet") else "file"
     import models
     weights = models.resolve_init(args.init)
     train_set, val_set = cli.load_wbc_split(args, verbose=not args.quiet)
+    args._test_set = cli.load_test_set(args, train_set.classes)  # every arm's final WBC model meets it once
 
     arms = [arm_path(args, weights, out, train_set, val_set, init_name, args.skip_pretrain)]
     if args.compare:

@@ -41,13 +41,31 @@ def apply_recipe(args, name: str | None = None, table: dict = RECIPES):
     return args
 
 
+def default_texts() -> dict[str, str]:
+    """Each recipe-filled option's default in words for --help, e.g. lr: 'default recipe 0.002, report
+    recipe 0.001' (cli.describe_defaults)."""
+    def show(value):
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    texts = {}
+    for key in RECIPES["default"]:
+        values = {name: show(recipe[key]) for name, recipe in sorted(RECIPES.items())}
+        if len(set(values.values())) == 1:
+            texts[key] = f"default {next(iter(values.values()))} in every recipe"
+        else:
+            texts[key] = ", ".join(f"{name} recipe {value}" for name, value in values.items())
+    return texts
+
+
 def model_kwargs(args) -> dict:
     return {k: getattr(args, k) for k in MODEL_KEYS}
 
 
 def add_cnn_args(parser):
     """The CNN's shape; each default comes from --recipe."""
-    g = parser.add_argument_group("model (defaults from --recipe)")
+    g = parser.add_argument_group("model (defaults from --recipe, shown for each)")
     g.add_argument("--recipe", choices=sorted(RECIPES), default="default",
                    help="report: the course report's CNN and training; default: the project's measured recipe")
     g.add_argument("--width", type=int, default=None, help="filters in the first conv block (doubling per block)")
@@ -57,8 +75,10 @@ def add_cnn_args(parser):
     g.add_argument("--dense", type=int, default=None, help="units of the dense layer before the softmax (0: none)")
     g.add_argument("--pooling", choices=("flatten", "avg"), default=None,
                    help="flatten (the report's) or global average pooling before the head")
-    g.add_argument("--batchnorm", action="store_true", default=None, help="batch normalisation after each conv")
-    g.add_argument("--no-batchnorm", dest="batchnorm", action="store_false", help="no batch normalisation")
+    g.add_argument("--batchnorm", action="store_const", const=True, default=None,
+                   help="batch normalisation after each conv")
+    g.add_argument("--no-batchnorm", dest="batchnorm", action="store_const", const=False,
+                   help="no batch normalisation")
     g.add_argument("--stem-stride", choices=("auto", "1", "2"), default=None,
                    help="stride of the first convolution: 2 runs the later blocks on a quarter of the pixels; "
                         "auto: 2 from 160 px up, else 1")

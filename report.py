@@ -43,19 +43,21 @@ def plot_curves(history: list[dict], path: Path, selected_epoch: int | None = No
 
 
 def plot_confusion(matrix, classes, path: Path, title: str = "validation confusion matrix"):
-    """Counts with row-normalised colour, so small classes are as visible as large ones."""
+    """Each cell: its count and its share of the true class's images (row-normalised, also the colour), so a
+    rare class's row reads as clearly as a common one's."""
     cm = np.asarray(matrix, dtype=np.float64)
     rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.1 * len(classes) + 1.8))
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    fig, ax = plt.subplots(figsize=(1.3 * len(classes) + 2.5, 1.1 * len(classes) + 1.8))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center",
+            ax.text(j, i, f"{int(cm[i, j])}\n{rates[i, j]:.0%}", ha="center", va="center", fontsize=9,
                     color="white" if rates[i, j] > 0.5 else "black")
     ax.set_xticks(range(len(classes)), classes, rotation=35, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set_ylabel("true (row: % of its images)")
     ax.set_title(title)
     _save(fig, path)
 

@@ -104,6 +104,13 @@ def all_rows(imagenet_weights: Path | None = None, include_imagenet: bool = Fals
     return rows
 
 
+def row_names_text() -> str:
+    """The row names for --help, brace-compressed: SPLIT_METHOD_RECIPE and SPLIT_resnet-..."""
+    splits = "{" + ",".join(SPLIT_ORDER) + "}"
+    return (f"{splits}_{{{','.join(CNN_METHODS)}}}_{{{','.join(CNN_RECIPES)}}}, "
+            f"{splits}_{{resnet-scratch,resnet-cam16}}, and with --imagenet-weights {splits}_resnet-imagenet-cam16")
+
+
 def select_rows(rows: list[Row], patterns: str | None) -> list[Row]:
     """--rows: comma-separated names or shell patterns; each must match at least one row."""
     if not patterns:
@@ -127,7 +134,7 @@ def parse_args(argv=None):
     g = parser.add_argument_group("the table")
     g.add_argument("--rows", default=None,
                    help=f"comma-separated row names or patterns (default: every row; on the demo data "
-                        f"'{DEMO_ROWS}'; see the list above)")
+                        f"'{DEMO_ROWS}'). Rows: {row_names_text()}")
     g.add_argument("--seeds", type=int, default=None, help="seeds per row, 0..K-1 (default 3; 2 on the demo data)")
     g.add_argument("--epochs", type=int, default=None, help="training epochs per run (default 30; 6 on the demo data)")
     g.add_argument("--pretrain-epochs", type=int, default=None,
@@ -139,7 +146,7 @@ def parse_args(argv=None):
                    help="passed to every run")
     g.add_argument("--imagenet-weights", default=None, metavar="PATH",
                    help="Keras ResNet50 ImageNet weights without top (.h5 file, or 'imagenet' to let Keras "
-                        "download them): adds the ImageNet -> CAM16 rows")
+                        "download them): adds the ImageNet -> CAM16 rows (default: none, no such rows)")
     g.add_argument("--jobs", type=int, default=1,
                    help="runs trained at once, each in its own process: for a GPU (they share its memory) or "
                         "a machine with cores to spare; on a small CPU one at a time is fastest")

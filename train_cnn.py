@@ -15,17 +15,20 @@ def parse_args(argv=None):
     parser = cli.make_parser(__doc__.split("\n")[0], prog="train_cnn.py")
     cli.add_data_args(parser)
     cli.add_cnn_training_args(parser)
-    return cli.resolve_cnn_args(parser.parse_args(argv))
+    return cli.resolve_cnn_args(cli.parse_run_args(parser, argv))
 
 
 def main(argv=None):
     args = parse_args(argv)
+    run_dir = cli.resolve_run_dir(args, f"cnn_{args.split}_seed{args.seed}")
+    if args.resume:
+        cli.check_resume(args, run_dir)
     cli.import_keras_quietly(args)
     import models
     import training
 
-    run_dir = cli.resolve_run_dir(args, f"cnn_{args.split}_seed{args.seed}")
     train_set, val_set = cli.load_wbc_split(args, verbose=not args.quiet)
+    test_set = cli.load_test_set(args, train_set.classes)
     config = training.TrainConfig.from_args(args)
     config.verbose = 0 if args.quiet else 1
 
@@ -33,8 +36,9 @@ def main(argv=None):
         return models.build_cnn(len(train_set.classes), args.image_size, **recipes.model_kwargs(args))
 
     result = training.train(run_dir, build, train_set, val_set, config, args=cli.args_dict(args),
-                            resume=args.resume, extra_metadata={"model": "dropout_cnn", "recipe": args.recipe,
-                                                                "split": args.split, "demo_data": args.demo})
+                            resume=args.resume, test_set=test_set,
+                            extra_metadata={"model": "dropout_cnn", "recipe": args.recipe, "split": args.split,
+                                            "demo_data": args.demo})
     training.print_summary(run_dir, result)
 
 

@@ -25,7 +25,7 @@ def parse_args(argv=None):
                    help="> 0: train on raw images and penalise WEIGHT x the symmetric KL divergence between the "
                         "predictions for each image and its masked copy (--masks is then not used)")
     cli.add_cnn_training_args(parser)
-    args = cli.resolve_cnn_args(parser.parse_args(argv))
+    args = cli.resolve_cnn_args(cli.parse_run_args(parser, argv))
     if args.consistency < 0:
         raise cli.UserError(f"--consistency {args.consistency}: expected a weight >= 0")
     args.mask_mode = "consistency" if args.consistency > 0 else args.masks
@@ -71,13 +71,16 @@ def load_data(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    run_dir = cli.resolve_run_dir(args, f"masked_{args.mask_mode}_{args.split}_seed{args.seed}")
+    if args.resume:
+        cli.check_resume(args, run_dir)
     cli.import_keras_quietly(args)
     import consistency
     import models
     import training
 
-    run_dir = cli.resolve_run_dir(args, f"masked_{args.mask_mode}_{args.split}_seed{args.seed}")
     train_set, paired, val_set = load_data(args)
+    test_set = cli.load_test_set(args, train_set.classes)
     counts = mask_counts(train_set, paired)
     print_counts(args.mask_mode, counts)
     config = training.TrainConfig.from_args(args)
@@ -94,7 +97,7 @@ def main(argv=None):
             "mask_mode": args.mask_mode, "mask_fill": args.mask_fill, "consistency_weight": args.consistency,
             "mask_counts": counts}
     result = training.train(run_dir, build, train_set, val_set, config, args=cli.args_dict(args),
-                            resume=args.resume, extra_metadata=meta, hooks=hooks)
+                            resume=args.resume, extra_metadata=meta, test_set=test_set, hooks=hooks)
     training.print_summary(run_dir, result)
 
 

@@ -70,6 +70,9 @@ class TrainConfig:
     # Before each epoch's evaluation, recompute batch-norm statistics from this many un-augmented training
     # images (recalibrate_batchnorm). 0 or None = off, the moving averages collected during training are kept.
     bn_recalibrate: int | None = 0
+    # Stop when this many epochs pass without a new best hold-out epoch (0: off). Looks only at the hold-out.
+    patience: int = 0
+    tensorboard: bool = False  # scalars per epoch and the confusion matrix in the run folder's tensorboard/
 
     @classmethod
     def from_args(cls, args) -> "TrainConfig":
@@ -118,8 +121,21 @@ def class_weights(labels, num_classes: int, power: float = 1.0) -> dict[int, flo
 # ----------------------------------------------------------------------------------------------
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras' BackupAndRestore, but each backup file is written beside and renamed into place: Keras overwrites
-    its weights file in place, so a run killed during that write could not resume (a half-written .h5)."""
+    """Keras' BackupAndRestore, with three changes for exact resumes:
+
+    - each backup file is written beside and renamed into place: Keras overwrites its weights file in place, so
+      a run killed during that write could not resume (a half-written .h5);
+    - the state of every SeedGenerator (augmentation, dropout) is saved with the weights and restored: Keras'
+      weights files leave it out, and a resumed run would otherwise draw the first epoch's random numbers again;
+    - the backup is kept when training ends (delete_checkpoint=False): it is the last epoch's full training
+      state (weights, optimizer moments, seeds), from which a finished run is extended with a larger --epochs.
+    """
+
+    def __init__(self, backup_dir):
+        super().__init__(backup_dir, delete_checkpoint=False)
+
+    def _seed_states(self):
+        return [v for v in self.model.variables if v.name == "seed_generator_state"]
 
     def _save_model(self):
         if not devices.is_chief():  # several processes: process 0 keeps the backup, every process reads it
@@ -130,12 +146,33 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             self.model.save_weights(tmp, overwrite=True)
         # Weights before the epoch number: a kill between the two renames repeats one epoch, never skips one.
         os.replace(tmp, self._weights_path)
+        seeds = [np.asarray(keras.ops.convert_to_numpy(v)).tolist() for v in self._seed_states()]
         atomic_write_text(Path(self._training_metadata_path),
-                          json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
+                          json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen,
+                                      "seed_states": seeds}))
+
+    def _load_model(self):
+        super()._load_model()
+        if not os.path.exists(self._training_metadata_path):
+            return
+        saved = json.loads(Path(self._training_metadata_path).read_text()).get("seed_states")
+        states = self._seed_states()
+        if saved is not None and len(saved) == len(states):
+            for variable, value in zip(states, saved):
+                variable.assign(np.asarray(value, dtype=variable.dtype))
 
     def on_train_end(self, logs=None):
         if devices.is_chief():  # another process may finish first, while process 0 still writes the backup
             super().on_train_end(logs)
+
+
+def backup_epoch(run_dir: Path) -> int:
+    """The last epoch whose training state is in the run's backup/ (0: none); fit continues after it."""
+    path = Path(run_dir) / "backup" / "training_metadata.json"
+    try:
+        return int(json.loads(path.read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 class EpochEvaluator(keras.callbacks.Callback):
@@ -147,7 +184,7 @@ class EpochEvaluator(keras.callbacks.Callback):
     """
 
     def __init__(self, run_dir, core, holdout: ImageSet, val: ImageSet, n_train: int, batch_size: int,
-                 metadata: dict, verbose: int = 1, recalibration: tuple | None = None):
+                 metadata: dict, verbose: int = 1, recalibration: tuple | None = None, patience: int = 0):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.core, self.holdout, self.val = core, holdout, val
@@ -158,6 +195,8 @@ class EpochEvaluator(keras.callbacks.Callback):
         self.rows: list[dict] = []
         self.selected_epoch = 0
         self.diverged_epoch = None
+        self.patience = patience
+        self.stopped_early = False
         self._epoch_start = None
 
     # -- state --
@@ -165,15 +204,17 @@ class EpochEvaluator(keras.callbacks.Callback):
         done = int(getattr(self.model, "_initial_epoch", 0) or 0)
         rows = [r for r in read_history(self.run_dir / "history.csv") if int(r["epoch"]) <= done]
         self.rows = [{k: _num(v) for k, v in r.items()} for r in rows]
-        model_path = self.run_dir / "model.h5"
-        self.selected_epoch = 0
-        if model_path.exists():
-            with contextlib.suppress(Exception):
-                epoch = int(read_h5_metadata(model_path).get("epoch", 0))
-                self.selected_epoch = epoch if epoch <= done else 0
+        # From the rows, not from model.h5: a run killed after saving model.h5 but before its backup redoes
+        # that epoch, and the file may hold an epoch the rows do not have yet.
+        self.selected_epoch = selected_epoch(self.rows, len(self.holdout) > 0)
         if done and (not self.rows or int(self.rows[-1]["epoch"]) < done):
             # Killed after the backup of epoch `done` but before its row: its weights are the restored ones.
             self._record(done, {"loss": float("nan"), "accuracy": float("nan")}, seconds=float("nan"))
+        elif done and self.recalibration:
+            # The uninterrupted run recalibrated after the backup was written, so the next epoch started from
+            # recalibrated statistics; recalibration replaces them entirely, so redoing it restores them.
+            images, n_images, seed = self.recalibration
+            recalibrate_batchnorm(self.core, images, n_images, self.batch_size, seed + done)
         if done:
             print(f"resuming after epoch {done} of {self.params.get('epochs')}")
 
@@ -188,6 +229,15 @@ class EpochEvaluator(keras.callbacks.Callback):
             self.model.stop_training = True
             return
         self._record(epoch + 1, logs, seconds)
+        # The hold-out and validation figures, for the callbacks after this one (TensorBoard).
+        logs.update({k: self.rows[-1][k] for k in ("holdout_loss", "holdout_accuracy", "val_loss", "val_accuracy",
+                                                   "val_balanced_accuracy")})
+        if early_stop_due(self.rows, self.patience, len(self.holdout) > 0):
+            self.stopped_early = True
+            self.model.stop_training = True
+            if self.verbose:
+                print(f"stopping early: no better hold-out epoch than {self.selected_epoch} in {self.patience} "
+                      f"epochs (--patience {self.patience})")
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
@@ -229,11 +279,27 @@ class EpochEvaluator(keras.callbacks.Callback):
                   + ("  *saved" if self.selected_epoch == epoch else ""))
 
     def _improved(self, row) -> bool:
-        if len(self.holdout) == 0 or not self.selected_epoch:
-            return True  # no hold-out: the last epoch is the selected one
-        acc = [r["holdout_accuracy"] for r in self.rows]
-        loss = [r["holdout_loss"] for r in self.rows]
-        return self.rows[wbc_metrics.select_epoch(acc, loss)]["epoch"] == row["epoch"]
+        return selected_epoch(self.rows, len(self.holdout) > 0) == row["epoch"]
+
+
+def selected_epoch(rows: list[dict], has_holdout: bool) -> int:
+    """The epoch model selection picks from history rows: best hold-out (metrics.select_epoch), or the last."""
+    if not rows:
+        return 0
+    if not has_holdout:
+        return int(rows[-1]["epoch"])
+    acc = [float(r["holdout_accuracy"]) for r in rows]
+    loss = [float(r["holdout_loss"]) for r in rows]
+    return int(rows[wbc_metrics.select_epoch(acc, loss)]["epoch"])
+
+
+def early_stop_due(rows: list[dict], patience: int, has_holdout: bool) -> bool:
+    """--patience: `patience` epochs have passed since the selected (best hold-out) epoch. Computed from the
+    history rows, not kept in a callback's memory (keras.callbacks.EarlyStopping), so that a resumed run stops
+    where the uninterrupted run stopped."""
+    if not patience or not has_holdout or not rows:
+        return False
+    return int(rows[-1]["epoch"]) - selected_epoch(rows, True) >= patience
 
 
 def _num(v):
@@ -284,30 +350,63 @@ class Hooks:
 
 def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, config: TrainConfig,
           args: dict | None = None, resume: bool = False, extra_metadata: dict | None = None,
-          hooks: Hooks | None = None) -> dict:
+          hooks: Hooks | None = None, test_set: ImageSet | None = None) -> dict:
     """Train one model and write its run folder. Returns metrics.json's content.
 
     build_core() -> keras.Model is called inside the distribution scope. Hold-out and validation always use the
-    core model on un-augmented images; `hooks` changes the rest (Hooks).
+    core model on un-augmented images; `hooks` changes the rest (Hooks). test_set, when given, is evaluated once
+    with the selected model at the end (metrics.json, "test").
+
+    A finished run resumed with a larger config.epochs is extended from its last training state (backup/).
     """
     hooks = hooks or Hooks()
     run_dir = Path(run_dir)
     if resume and run_is_complete(run_dir):
-        print(f"{run_dir}: run already complete; nothing to do")
-        return json.loads((run_dir / "metrics.json").read_text())
+        finished = json.loads((run_dir / "metrics.json").read_text())
+        if finished.get("stopped_early"):
+            print(f"{run_dir}: run already complete (stopped early at epoch {finished.get('epochs')}); nothing to do")
+            return finished
+        if int(finished.get("epochs", 0)) >= config.epochs:
+            print(f"{run_dir}: run already complete; nothing to do")
+            return finished
+        if backup_epoch(run_dir) < int(finished.get("epochs", 0)):
+            raise UserError(f"{run_dir}: cannot extend to {config.epochs} epochs: the run's last training state "
+                            "(backup/) is missing; start a new run with --epochs instead")
     if not resume and (run_dir / "history.csv").exists():
         raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or --out to start another")
+    if len(train_set) == 0:
+        raise UserError("the training split holds no images")
+    if len(val_set) == 0:
+        raise UserError(f"the validation set holds no readable images ({len(val_set.skipped)} skipped as unreadable)")
+    if test_set is not None and len(test_set) == 0:
+        raise UserError(f"--test: none of the test images could be decoded ({len(test_set.skipped)} skipped)")
+    if config.patience and config.holdout <= 0 and hooks.selection_set is None:
+        raise UserError(f"--patience {config.patience} needs a hold-out to watch (--holdout > 0); early stopping "
+                        "never looks at the validation set")
+    if config.tensorboard:
+        import importlib.util
+        missing = [m for m in ("tensorflow", "tensorboard") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UserError(f"--tensorboard: needs the package{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                            f"to write its event files (pip install {' '.join(missing)}), or drop --tensorboard")
+    # A run that fails before its first epoch leaves no folder behind: remember the first folder created here.
+    created = next((p for p in reversed((run_dir, *run_dir.parents)) if not p.exists()), None)
+    try:
+        return _train(run_dir, build_core, train_set, val_set, config, args, resume, extra_metadata, hooks, test_set)
+    except BaseException:
+        if created is not None and not (run_dir / "history.csv").exists() and devices.is_chief():
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _train(run_dir, build_core, train_set, val_set, config, args, resume, extra_metadata, hooks, test_set) -> dict:
+    classes = train_set.classes
     chief = devices.is_chief()
     if chief:
         run_dir.mkdir(parents=True, exist_ok=True)
     precision = set_precision(config.precision)
     seed_everything(config.seed)
-    classes = train_set.classes
-    if len(train_set) == 0:
-        raise UserError("the training split holds no images")
-    if len(val_set) == 0:
-        raise UserError(f"the validation set holds no readable images ({len(val_set.skipped)} skipped as unreadable)")
-    for stale in run_dir.glob(".*.tmp-*") if chief else ():  # left by a killed run's atomic writes (write beside, then rename)
+    for stale in run_dir.glob(".*.tmp-*") if chief else ():  # left by a killed run's atomic writes
         stale.unlink(missing_ok=True)
     train_idx, holdout_idx = holdout_split(train_set, config, hooks.selection_set)
     fit_set = train_set.subset(train_idx)
@@ -329,27 +428,42 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
                                            "versions": versions(), "distribution": devices.describe(), "argv": sys.argv,
                                            "holdout_images": len(holdout_set), "train_images": len(fit_set)})
 
-    done = read_history(run_dir / "history.csv") if resume else []
-    if len(done) >= config.epochs and (run_dir / "model.h5").exists() and not (run_dir / "backup").exists():
+    done = [{k: _num(v) for k, v in r.items()} for r in read_history(run_dir / "history.csv")] if resume else []
+    has_holdout = len(holdout_set) > 0
+    if ((len(done) >= config.epochs or early_stop_due(done, config.patience, has_holdout))
+            and (run_dir / "model.h5").exists()):
         # Killed after its last epoch, while the folder was being finished: finish it, train nothing again.
-        rows = [{k: _num(v) for k, v in r.items()} for r in done[:config.epochs]]
+        rows = done[:config.epochs]
         if not chief:
             return _after_chief(run_dir)
         try:
             return finish_run(run_dir, rows, val_set, classes, config, meta,
-                              float(np.nansum([float(r["seconds"]) for r in rows])), len(fit_set))
+                              float(np.nansum([float(r["seconds"]) for r in rows])), len(fit_set), test_set,
+                              stopped_early=len(rows) < config.epochs)
         finally:
             devices.barrier("run finished")
+    # An extended run is in progress again until it finishes: metrics.json marks a finished run.
+    if chief:
+        (run_dir / "metrics.json").unlink(missing_ok=True)
 
     passes = epoch_passes(len(fit_set), config)
     paired = None if hooks.paired_x is None else np.asarray(hooks.paired_x)[train_idx]
-    stream = Endless(training_batches(fit_set, config, passes, paired))  # one epoch = one pass of the batches
+    # One epoch = one pass of the batches: stream.steps_per_epoch optimizer steps. A resumed fit continues after
+    # the backup's epoch (BackupAndRestore), and so does the data order.
+    stream = Endless(training_batches(fit_set, config, passes, paired), start_epoch=backup_epoch(run_dir))
     fed = devices.local_share(stream)  # several JAX devices or processes: what each process feeds
+    # The schedule spans config.epochs: a run extended with a larger --epochs continues on the longer cosine from
+    # the step it reached (its optimizer step count is restored), so its learning rate rises to where the longer
+    # schedule stands at that step and decays to the new end.
     core, train_model = build_and_compile(build_core, config, hooks, stream.steps_per_epoch)
     evaluator = EpochEvaluator(run_dir, core, holdout_set, val_set, passes * len(fit_set), config.batch_size,
                                meta, config.verbose,
-                               (fit_set.x, config.bn_recalibrate, config.seed) if config.bn_recalibrate else None)
+                               (fit_set.x, config.bn_recalibrate, config.seed) if config.bn_recalibrate else None,
+                               config.patience)
     callbacks = [AtomicBackupAndRestore(str(run_dir / "backup")), evaluator]
+    if config.tensorboard:  # after the evaluator, which adds the hold-out and validation figures to the logs
+        callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False,
+                                                     profile_batch=0))
     start = time.perf_counter()
     train_model.fit(fed, steps_per_epoch=stream.steps_per_epoch, epochs=config.epochs, class_weight=weights,
                     callbacks=callbacks, verbose=_fit_verbosity(config.verbose), shuffle=False)
@@ -364,7 +478,8 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
                     else "no model was saved")
             raise TrainingDiverged(f"loss became NaN in epoch {evaluator.diverged_epoch}; {kept}; "
                                    f"try a lower --lr (now {config.lr:g})")
-        return finish_run(run_dir, evaluator.rows, val_set, classes, config, meta, seconds, len(fit_set))
+        return finish_run(run_dir, evaluator.rows, val_set, classes, config, meta, seconds, len(fit_set),
+                          test_set, stopped_early=evaluator.stopped_early)
     finally:
         devices.barrier("run finished")  # the other processes wait for the finished folder
 
@@ -432,8 +547,9 @@ def _fit_verbosity(verbose: int):
 
 
 def finish_run(run_dir: Path, rows: list[dict], val_set: ImageSet, classes, config: TrainConfig, meta: dict,
-               seconds: float, n_train: int) -> dict:
-    """Final metrics from the selected model on the validation set; plots; metadata into model.h5."""
+               seconds: float, n_train: int, test_set: ImageSet | None = None, stopped_early: bool = False) -> dict:
+    """Final metrics from the selected model on the validation set (and once on test_set); plots; metadata
+    into model.h5."""
     model_path = run_dir / "model.h5"
     core = load_core_model(model_path)
     selected = int(read_h5_metadata(model_path).get("epoch", len(rows)))
@@ -455,7 +571,15 @@ def finish_run(run_dir: Path, rows: list[dict], val_set: ImageSet, classes, conf
         "images_per_second": (n_train * len(rows) / train_seconds) if train_seconds else float("nan"),
         "precision": meta.get("precision"), "backend": keras.backend.backend(),
         "selection": "best hold-out accuracy" if meta.get("holdout_images") else "last epoch (no hold-out)",
+        "stopped_early": bool(stopped_early), "patience": config.patience,
     }
+    if test_set is not None:
+        test_probs = predict(core, test_set.x, config.batch_size)
+        result["test"] = {"data": (meta.get("args") or {}).get("test"),
+                          "images": len(test_set), "counts": test_set.counts(),
+                          "skipped_images": list(test_set.skipped),
+                          **wbc_metrics.classification_metrics(test_set.y, test_probs, classes)}
+        write_predictions(run_dir / "test_predictions.csv", test_set, test_probs, classes)
     for key in ("mask_counts", "mask_mode"):
         if key in meta:
             result[key] = meta[key]
@@ -464,7 +588,11 @@ def finish_run(run_dir: Path, rows: list[dict], val_set: ImageSet, classes, conf
     update_h5_metadata(model_path, metrics=summary)
     report.plot_curves(rows, run_dir / "curves.png", selected, title=run_dir.name)
     report.plot_confusion(m["confusion_matrix"], classes, run_dir / "confusion.png",
-                          title=f"validation, epoch {selected} (selected on hold-out)")
+                          title=f"{run_dir.name}: validation, epoch {selected} "
+                                f"({'selected on hold-out' if meta.get('holdout_images') else 'last epoch'})")
+    if config.tensorboard:
+        tensorboard_image(run_dir / "tensorboard" / "validation", "confusion_matrix", run_dir / "confusion.png",
+                          selected)
     # metrics.json last: it marks the run complete (run_is_complete), so a run killed while finishing is
     # finished again by --resume instead of being taken as done without its plots or model metadata.
     write_json(run_dir / "metrics.json", result)
@@ -475,6 +603,16 @@ def finish_run(run_dir: Path, rows: list[dict], val_set: ImageSet, classes, conf
               f"{m['balanced_accuracy']:.3f}); accuracy {m['accuracy']:.4f} vs majority baseline "
               f"{m['majority_baseline']:.4f}", file=sys.stderr)
     return result
+
+
+def tensorboard_image(log_dir: Path, name: str, png: Path, step: int):
+    """A PNG into TensorBoard's Images tab (tf.summary.image; TensorFlow writes the event files)."""
+    import tensorflow as tf
+    image = tf.image.decode_png(tf.io.read_file(str(png)), channels=3)[None]
+    writer = tf.summary.create_file_writer(str(log_dir))
+    with writer.as_default():
+        tf.summary.image(name, image, step=step)
+    writer.close()
 
 
 def write_predictions(path: Path, images: ImageSet, probs: np.ndarray, classes):
