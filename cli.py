@@ -268,8 +268,7 @@ def add_training_args(parser, epochs="12 on the demo data, 30 otherwise", batch_
     g.add_argument("--no-class-weight", dest="class_weight", action="store_const", const=False,
                    help="do not weight the loss by inverse class frequency")
     g.add_argument("--class-weight-power", type=float, default=None,
-                   help="exponent on the inverse-frequency weights: 1 = fully balanced, 0.5 = square root "
-                        "(from --recipe)")
+                   help="exponent on the inverse-frequency weights: 1 = fully balanced, 0.5 = square root")
     g.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: mixed_bfloat16 on GPUs and bf16-capable CPUs, else float32")
     g.add_argument("--loader", choices=("cached", "generator"), default="cached",

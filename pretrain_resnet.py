@@ -32,7 +32,7 @@ def parse_args(argv=None):
     cli.add_data_args(parser)
     g = parser.add_argument_group("ResNet50 and pre-training")
     g.add_argument("--recipe", choices=sorted(recipes.RESNET_RECIPES), default="default",
-                   help=f"fills every option marked 'from --recipe': default is the project's CNN recipe's loss, "
+                   help=f"fills every option left unset: default is the project's CNN recipe's loss, "
                         "class weights, schedule, rotation and shear at the fine-tuning rate --lr "
                         f"{recipes.RESNET_RECIPES['default']['lr']:g}")
     g.add_argument("--init", default="scratch",
