@@ -203,3 +203,15 @@ def test_three_concurrent_table_processes_train_each_run_once_and_match_one_proc
     assert not list((shared / "claims").iterdir())  # every claim released
     _finish(run("--out", shared, "--report-only"))
     assert (shared / "table.md").read_text() == (tmp_path / "single" / "table.md").read_text()
+
+
+def test_device_mistakes_end_in_one_line_before_keras_starts(tmp_path):
+    from conftest import run_script
+    for argv, fragment in ((["--devices", "gpu:x"], "expected auto, cpu, all"),
+                           (["--devices", "cpu:0,0"], "named twice"),
+                           (["--num-processes", "2", "--process-id", "2"], "below --num-processes 2"),
+                           (["--num-processes", "0"], "expected a number >= 1")):
+        done = run_script("train_cnn.py", *argv, "--out", tmp_path / "r")
+        assert done.returncode == 2 and fragment in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "r").exists()
