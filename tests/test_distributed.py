@@ -113,9 +113,10 @@ AUDIT = textwrap.dedent("""
             if event == "open" and (not isinstance(args[1], str) or not set(args[1]) & set("wax+")):
                 if not (isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)):
                     return
-            path = args[0]
-            if isinstance(path, (str, bytes, os.PathLike)) and os.path.realpath(os.fsdecode(path)).startswith(watched):
-                changes.append(f"{event} {os.fsdecode(path)}")
+            paths = [os.fsdecode(p) for p in args[:2 if event in ("os.rename", "os.replace") else 1]
+                     if isinstance(p, (str, bytes, os.PathLike))]
+            if any(os.path.realpath(p).startswith(watched) for p in paths):
+                changes.append(f"{event} {' -> '.join(paths)}")
     sys.addaudithook(hook)
     atexit.register(lambda: open(log, "w").write("\\n".join(changes)))
     script = sys.argv[3]
