@@ -126,6 +126,9 @@ def start():
             raise UserError(f"--num-processes {_env_int(ENV_COUNT, 1)}: also give --coordinator HOST:PORT "
                             f"(the address of process 0)")
         keras.distribution.initialize()
+    elif backend != "jax" and _env_int(ENV_COUNT, 1) > 1:
+        raise UserError(f"--num-processes {_env_int(ENV_COUNT, 1)}: several processes are joined this way under "
+                        f"KERAS_BACKEND=jax; under TensorFlow set TF_CONFIG on each host (docs/distributed.md)")
     elif backend == "tensorflow" and os.environ.get("TF_CONFIG") and _tf_strategy is None:
         import tensorflow as tf
         _tf_strategy = tf.distribute.MultiWorkerMirroredStrategy()

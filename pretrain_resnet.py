@@ -135,7 +135,9 @@ def evaluate_cam16(run_dir: Path, test) -> dict:
     auc = float(roc_auc_score(test.y == tumor, probs[:, tumor])) if len(set(test.y)) == 2 else float("nan")
     out = {"accuracy": m["accuracy"], "roc_auc": auc, "balanced_accuracy": m["balanced_accuracy"],
            "confusion_matrix": m["confusion_matrix"], "images": len(test), "counts": test.counts()}
-    runfiles.write_json(run_dir / "cam16_test.json", out)
+    import devices
+    if devices.is_chief():  # several processes: process 0 writes
+        runfiles.write_json(run_dir / "cam16_test.json", out)
     return out
 
 
@@ -238,14 +240,16 @@ def write_comparison(out: Path, rows: list[dict], split: str) -> str:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    runfiles.atomic_write_text(out / "comparison.csv", buf.getvalue())
     cols = ["arm", "wbc_val_accuracy", "wbc_balanced_accuracy", "wbc_macro_f1", "majority_baseline",
             "collapsed", "cam16_test_accuracy", "cam16_test_roc_auc"]
     lines = [f"WBC {split} validation (epoch selected on the training hold-out)", "",
              "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
     text = "\n".join(lines) + "\n"
-    runfiles.atomic_write_text(out / "comparison.md", text)
+    import devices
+    if devices.is_chief():  # several processes: process 0 writes
+        runfiles.atomic_write_text(out / "comparison.csv", buf.getvalue())
+        runfiles.atomic_write_text(out / "comparison.md", text)
     return text
 
 
