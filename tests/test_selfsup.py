@@ -311,3 +311,17 @@ def test_prepare_splits_unlabeled_pool_is_every_left_over_image_and_no_validatio
     assert pool | val | train == real(data.list_images(source))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["unlabeled_images"] == len(pool)
+
+
+def test_table_ssl_rows_pretrain_once_per_seed_and_start_from_that_encoder(tmp_path):
+    result = run_script("reproduce_table.py", "--rows", "WBC_1_ssl_default,WBC_10_ssl_default,WBC_1_raw_default",
+                        "--seeds", "2", "--dry-run", "--out", tmp_path / "table", timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = [ln for ln in result.stdout.splitlines() if "python" in ln or ln.startswith("/")]
+    pretrain = [ln for ln in lines if "pretrain_ssl.py" in ln]
+    assert len(pretrain) == 2 and all("--split WBC_100" in ln for ln in pretrain)
+    for seed in (0, 1):
+        encoder = str(tmp_path / "table" / "runs" / f"ssl_pretrain_seed{seed}" / "encoder.h5")
+        ssl_runs = [ln for ln in lines if "_ssl_default_seed" in ln and f"--seed {seed} " in ln]
+        assert len(ssl_runs) == 2 and all(ln.endswith(f"--init {encoder}") for ln in ssl_runs)
+    assert not any("--init" in ln for ln in lines if "_raw_default_" in ln)
