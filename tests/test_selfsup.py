@@ -187,7 +187,7 @@ def test_a_validation_image_offered_to_the_pool_is_refused(demo_root, tmp_path):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, demo_root):
     out = tmp_path_factory.mktemp("ssl") / "run"
-    result = run_script("pretrain_ssl.py", "--data", demo_root, "--split", "WBC_10", *TINY, "--epochs", "4",
+    result = run_script("pretrain_ssl.py", "--data", demo_root, "--split", "WBC_100", *TINY, "--epochs", "4",
                         "--probe-every", "2", "--seed", "1", "--out", out, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return out
@@ -202,8 +202,9 @@ def test_pretraining_writes_its_run_folder_and_the_loss_falls(pretrained):
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3, 4]  # epoch 0: the random encoder's probe
     losses = [float(r["loss"]) for r in rows[1:]]
     assert losses[-1] < losses[0] - 0.05, losses
-    probes = [float(r["probe_balanced_accuracy"]) for r in rows if r["probe_balanced_accuracy"]]
-    assert len(probes) == 3 and all(0.0 <= p <= 1.0 for p in probes)
+    probes = [float(r["probe_balanced_accuracy"]) for r in rows]
+    assert [e for e, p in enumerate(probes) if np.isfinite(p)] == [0, 2, 4]  # epoch 0, every 2nd, the last
+    assert all(0.0 <= p <= 1.0 for p in probes if np.isfinite(p))
     m = json.loads((pretrained / "metrics.json").read_text())
     assert m["kept_epoch"] == 4 and m["selection"] == "last epoch"
     # the pool is the split's training images (labels ignored), nothing from val
@@ -218,7 +219,7 @@ def test_encoder_h5_loads_with_plain_keras_in_a_fresh_process(pretrained, tmp_pa
     result = subprocess.run([sys.executable, "-c", code, str(pretrained / "encoder.h5")], capture_output=True,
                             text=True, cwd=tmp_path, env=env, timeout=120)  # cwd: the project is not importable
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "(2, 128)" in result.stdout  # the default recipe's CNN: 4 blocks from width 32, pooled
+    assert "(2, 256)" in result.stdout  # the default recipe's CNN: 4 blocks from width 32 (32 x 2^3), pooled
 
 
 def test_init_puts_exactly_the_encoders_weights_into_the_classifier(pretrained):
