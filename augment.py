@@ -180,9 +180,15 @@ def from_args(args) -> dict | None:
     """make_augmentation's keywords from parsed command-line arguments; None with --no-augment."""
     if getattr(args, "no_augment", False):
         return None
-    return dict(rotation=args.rotation, shear=args.shear, horizontal_flip=not args.no_hflip,
-                vertical_flip=not args.no_vflip, zoom=getattr(args, "zoom", None) or 0.0,
-                shift=getattr(args, "shift", None) or 0.0)
+    out = dict(rotation=args.rotation, shear=args.shear, horizontal_flip=not args.no_hflip,
+               vertical_flip=not args.no_vflip, zoom=getattr(args, "zoom", None) or 0.0,
+               shift=getattr(args, "shift", None) or 0.0)
+    # The photometric options join the dict only when switched on (PHOTOMETRIC_KEYS).
+    for key, off in (("color_jitter", 0.0), ("grayscale", 0.0), ("blur", 0.0), ("crop_scale", 1.0)):
+        value = getattr(args, key, None)
+        if value is not None and value != off:
+            out[key] = value
+    return out
 
 
 def with_augmentation(core, augment: dict | None, seed: int):
@@ -192,5 +198,274 @@ def with_augmentation(core, augment: dict | None, seed: int):
     keras = _keras()
     size = core.input_shape[1]
     inputs = keras.Input((size, size, 3), dtype="uint8", name="image")
-    x = make_augmentation(**augment, seed=seed)(inputs)
+    affine = {k: v for k, v in augment.items() if k not in PHOTOMETRIC_KEYS}
+    photometric = {k: v for k, v in augment.items() if k in PHOTOMETRIC_KEYS}
+    layers = photometric_layers(**photometric, seed=seed)
+    # The crop first (it zooms in), then the affine warp, then colour: the order of make_two_views.
+    crops = [l for l in layers if l.__class__.__name__ == "RandomResizedCrop"]
+    x = inputs
+    for layer in crops + [make_augmentation(**affine, seed=seed)] + [l for l in layers if l not in crops]:
+        x = layer(x)
     return keras.Model(inputs, core(x), name=f"{core.name}_train")
+
+
+# ----------------------------------------------------------------------------------------------
+# Photometric and crop augmentation (colour jitter, greyscale, blur, random resized crop) and the two views of
+# self-supervised pre-training. Each layer takes and returns uint8 RGB batches, draws from its own seeded
+# keras.random.SeedGenerator, is active only when training=True, and is the identity at zero strength.
+# ----------------------------------------------------------------------------------------------
+
+# The keys with_augmentation passes to photometric_layers rather than to the affine warp; each is absent from an
+# augmentation dict unless its option is switched on, so recipes and the other wrappers see the dict they knew.
+PHOTOMETRIC_KEYS = ("color_jitter", "grayscale", "blur", "crop_scale")
+# Colour-jitter strength S scales SimCLR's jitter: brightness, contrast and saturation factors in [1-0.8S, 1+0.8S]
+# (S=0.5 gives SimCLR's 0.4), hue shifted by up to 0.2S of a full turn (S=0.5: 0.1), applied to 80% of the images.
+JITTER_SCALE = {"brightness": 0.8, "contrast": 0.8, "saturation": 0.8, "hue": 0.2}
+# Gaussian blur sigma, as SimCLR draws it at 224 px (0.1 to 2.0 pixels), scaled with the image side.
+BLUR_SIGMA_AT_224 = (0.1, 2.0)
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
+
+
+def _to_unit(images):
+    return _keras().ops.cast(images, "float32") / 255.0
+
+
+def _to_uint8(x, dtype):
+    ops = _keras().ops
+    return ops.cast(ops.clip(ops.round(x * 255.0), 0.0, 255.0), dtype)
+
+
+def _grey(x):
+    """Luma of float RGB (B, H, W, 3) -> (B, H, W, 1)."""
+    ops = _keras().ops
+    return ops.expand_dims(ops.einsum("bhwc,c->bhw", x, ops.convert_to_tensor(_LUMA)), -1)
+
+
+@functools.cache
+def photometric_classes():
+    """The layer classes, built on first use so that importing this module does not import Keras."""
+    keras = _keras()
+    ops = keras.ops
+
+    class _Random(keras.layers.Layer):
+        def __init__(self, seed=None, **kwargs):
+            kwargs.setdefault("dtype", "float32")
+            super().__init__(**kwargs)
+            self.seed = seed
+            self.seed_generator = keras.random.SeedGenerator(seed)
+
+        def uniform(self, batch, low, high):
+            return keras.random.uniform((batch,), low, high, seed=self.seed_generator)
+
+        def chosen(self, batch, probability):
+            """1.0 for the images (a `probability` share) that get the change, else 0.0, as (B,) float32."""
+            return ops.cast(self.uniform(batch, 0.0, 1.0) < probability, "float32")
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+        def get_config(self):
+            return {**super().get_config(), "seed": self.seed}
+
+    @keras.saving.register_keras_serializable(package="wbc")
+    class RandomColorJitter(_Random):
+        """Brightness and contrast factors, saturation factor, hue rotation (YIQ), each drawn per image;
+        `probability` of the images are jittered, the rest pass unchanged."""
+
+        def __init__(self, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, probability=1.0, **kwargs):
+            super().__init__(**kwargs)
+            self.brightness, self.contrast = float(brightness), float(contrast)
+            self.saturation, self.hue, self.probability = float(saturation), float(hue), float(probability)
+
+        @property
+        def is_identity(self):
+            return self.probability <= 0 or not (self.brightness or self.contrast or self.saturation or self.hue)
+
+        def call(self, images, training=None):
+            if not training or self.is_identity:
+                return images
+            batch = ops.shape(images)[0]
+            on = self.chosen(batch, self.probability)
+
+            def factor(strength):  # per image, broadcast over (H, W, C); 1 for images not chosen
+                f = 1.0 + on * self.uniform(batch, -strength, strength)
+                return ops.reshape(f, (-1, 1, 1, 1))
+
+            x = _to_unit(images)
+            if self.brightness:
+                x = x * factor(self.brightness)
+            if self.contrast:
+                mean = ops.mean(_grey(x), axis=(1, 2, 3), keepdims=True)
+                x = (x - mean) * factor(self.contrast) + mean
+            if self.saturation:
+                grey = _grey(x)
+                x = grey + (x - grey) * factor(self.saturation)
+            if self.hue:
+                x = self._rotate_hue(ops.clip(x, 0.0, 1.0), on * self.uniform(batch, -self.hue, self.hue))
+            return _to_uint8(x, images.dtype)
+
+        @staticmethod
+        def _rotate_hue(x, turns):
+            # A hue shift is a rotation of the chroma plane (I, Q) of YIQ around the luma axis.
+            angle = turns * (2.0 * np.pi)
+            cos, sin = ops.cos(angle), ops.sin(angle)
+            one, zero = ops.ones_like(cos), ops.zeros_like(cos)
+            rot = ops.stack([ops.stack([one, zero, zero], -1), ops.stack([zero, cos, -sin], -1),
+                             ops.stack([zero, sin, cos], -1)], 1)  # (B, 3, 3)
+            to_yiq = ops.convert_to_tensor(_RGB_TO_YIQ)
+            from_yiq = ops.convert_to_tensor(np.linalg.inv(_RGB_TO_YIQ).astype(np.float32))
+            matrix = ops.einsum("ij,bjk,kl->bil", from_yiq, rot, to_yiq)
+            return ops.einsum("bhwc,bdc->bhwd", x, matrix)
+
+        def get_config(self):
+            return {**super().get_config(), "brightness": self.brightness, "contrast": self.contrast,
+                    "saturation": self.saturation, "hue": self.hue, "probability": self.probability}
+
+    @keras.saving.register_keras_serializable(package="wbc")
+    class RandomGrayscale(_Random):
+        """`probability` of the images become grey (luma in all three channels)."""
+
+        def __init__(self, probability=0.0, **kwargs):
+            super().__init__(**kwargs)
+            self.probability = float(probability)
+
+        def call(self, images, training=None):
+            if not training or self.probability <= 0:
+                return images
+            on = ops.reshape(self.chosen(ops.shape(images)[0], self.probability), (-1, 1, 1, 1))
+            x = _to_unit(images)
+            x = on * ops.repeat(_grey(x), 3, axis=-1) + (1.0 - on) * x
+            return _to_uint8(x, images.dtype)
+
+        def get_config(self):
+            return {**super().get_config(), "probability": self.probability}
+
+    @keras.saving.register_keras_serializable(package="wbc")
+    class RandomGaussianBlur(_Random):
+        """`probability` of the images are blurred with a Gaussian of sigma drawn per image from `sigma`
+        (pixels; default SimCLR's 0.1-2.0 at 224 px, scaled to the image side). Separable, edges mirrored."""
+
+        def __init__(self, probability=0.0, sigma=None, **kwargs):
+            super().__init__(**kwargs)
+            self.probability = float(probability)
+            self.sigma = None if sigma is None else tuple(float(s) for s in sigma)
+
+        def call(self, images, training=None):
+            if not training or self.probability <= 0:
+                return images
+            height = images.shape[1]
+            low, high = self.sigma or tuple(s * height / 224.0 for s in BLUR_SIGMA_AT_224)
+            radius = max(1, int(np.ceil(3.0 * high)))
+            batch = ops.shape(images)[0]
+            on = self.chosen(batch, self.probability)
+            sigma = ops.maximum(self.uniform(batch, low, high), 1e-3)
+            offsets = ops.convert_to_tensor(np.arange(-radius, radius + 1, dtype=np.float32))
+            weights = ops.exp(-ops.square(offsets)[None, :] / (2.0 * ops.square(sigma)[:, None]))
+            weights = weights / ops.sum(weights, axis=1, keepdims=True)
+            delta = ops.convert_to_tensor((np.arange(-radius, radius + 1) == 0).astype(np.float32))
+            weights = on[:, None] * weights + (1.0 - on[:, None]) * delta[None, :]  # (B, 2r+1)
+            x = _to_unit(images)
+            x = self._blur_axis(x, weights, radius, axis=1)
+            x = self._blur_axis(x, weights, radius, axis=2)
+            return _to_uint8(x, images.dtype)
+
+        @staticmethod
+        def _blur_axis(x, weights, radius, axis):
+            size = x.shape[axis]
+            pad = [(0, 0)] * 4
+            pad[axis] = (radius, radius)
+            padded = ops.pad(x, pad, mode="symmetric")
+            out = 0.0
+            for k in range(2 * radius + 1):
+                window = padded[:, k:k + size] if axis == 1 else padded[:, :, k:k + size]
+                out = out + ops.reshape(weights[:, k], (-1, 1, 1, 1)) * window
+            return out
+
+        def get_config(self):
+            return {**super().get_config(), "probability": self.probability, "sigma": self.sigma}
+
+    @keras.saving.register_keras_serializable(package="wbc")
+    class RandomResizedCrop(_Random):
+        """A crop of `scale` of the image's area (uniform) and aspect ratio in `ratio` (log-uniform), at a
+        random place, resized back to the full side (bilinear, through warp_images). scale (1, 1) and ratio
+        (1, 1) is the identity."""
+
+        def __init__(self, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), warp="auto", **kwargs):
+            super().__init__(**kwargs)
+            self.scale, self.ratio = tuple(float(s) for s in scale), tuple(float(r) for r in ratio)
+            self.warp = warp
+
+        def call(self, images, training=None):
+            if not training or (self.scale[0] >= 1.0 and self.ratio == (1.0, 1.0)):
+                return images
+            batch, height, width = ops.shape(images)[0], images.shape[1], images.shape[2]
+            area = self.uniform(batch, *self.scale)
+            aspect = ops.exp(self.uniform(batch, float(np.log(self.ratio[0])), float(np.log(self.ratio[1]))))
+            h = ops.minimum(ops.sqrt(area / aspect), 1.0) * height  # crop side in pixels
+            w = ops.minimum(ops.sqrt(area * aspect), 1.0) * width
+            top = self.uniform(batch, 0.0, 1.0) * (height - h)
+            left = self.uniform(batch, 0.0, 1.0) * (width - w)
+            # Output pixel centre (row + 0.5) maps to top + (row + 0.5) * h / height in input pixel units.
+            sy, sx = h / height, w / width
+            zero = ops.zeros_like(sy)
+            rows = [ops.stack([sy, zero, top + 0.5 * sy - 0.5], -1), ops.stack([zero, sx, left + 0.5 * sx - 0.5], -1)]
+            return warp_images(images, ops.stack(rows, 1), "gather" if self.warp == "auto" else self.warp)
+
+        def get_config(self):
+            return {**super().get_config(), "scale": self.scale, "ratio": self.ratio, "warp": self.warp}
+
+    @keras.saving.register_keras_serializable(package="wbc")
+    class TwoViews(keras.layers.Layer):
+        """The two-view generator of self-supervised pre-training: the same random pipeline applied twice to a
+        batch, each time with fresh random draws, giving (view_a, view_b) of every image."""
+
+        def __init__(self, pipeline, **kwargs):
+            super().__init__(**kwargs)
+            self.pipeline = list(pipeline)
+
+        def _one(self, images, training):
+            for layer in self.pipeline:
+                images = layer(images, training=training)
+            return images
+
+        def call(self, images, training=None):
+            return self._one(images, training), self._one(images, training)
+
+        def compute_output_shape(self, input_shape):
+            return input_shape, input_shape
+
+    return {c.__name__: c for c in (RandomColorJitter, RandomGrayscale, RandomGaussianBlur, RandomResizedCrop,
+                                    TwoViews)}
+
+
+def photometric_layers(color_jitter=0.0, grayscale=0.0, blur=0.0, crop_scale=1.0, seed=None) -> list:
+    """The layers for the options that are on, in the order crop, colour, greyscale, blur (SimCLR's order);
+    each gets its own seed derived from `seed`, so the layers draw independently. [] when all are off."""
+    classes = photometric_classes()
+    base = 0 if seed is None else int(seed)
+    out = []
+    if crop_scale is not None and crop_scale < 1.0:
+        out.append(classes["RandomResizedCrop"](scale=(float(crop_scale), 1.0), seed=base + 101))
+    if color_jitter:
+        out.append(classes["RandomColorJitter"](**{k: v * color_jitter for k, v in JITTER_SCALE.items()},
+                                                probability=0.8, seed=base + 102))
+    if grayscale:
+        out.append(classes["RandomGrayscale"](grayscale, seed=base + 103))
+    if blur:
+        out.append(classes["RandomGaussianBlur"](blur, seed=base + 104))
+    return out
+
+
+# SimCLR's view recipe, with the rotations and flips a cell image allows (a cell has no up or left).
+SSL_VIEW_DEFAULTS = dict(crop_scale=0.2, color_jitter=0.5, grayscale=0.2, blur=0.5, rotation=180.0)
+
+
+def make_two_views(crop_scale=0.2, color_jitter=0.5, grayscale=0.2, blur=0.5, rotation=180.0, seed=None):
+    """The two-view layer for self-supervised pre-training: random resized crop, rotation and flips (one affine
+    warp), colour jitter, greyscale, blur; every view drawn independently."""
+    pipeline = photometric_layers(crop_scale=crop_scale, seed=seed)
+    pipeline.append(make_augmentation(rotation=rotation, shear=0.0, horizontal_flip=True, vertical_flip=True,
+                                      seed=None if seed is None else int(seed) + 100))
+    pipeline += photometric_layers(color_jitter, grayscale, blur, seed=seed)
+    return photometric_classes()["TwoViews"](pipeline, name="two_views")

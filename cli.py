@@ -292,7 +292,29 @@ def add_augmentation_args(parser):
     g.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")
     g.add_argument("--no-vflip", action="store_true", help="no random vertical flips")
     g.add_argument("--no-augment", action="store_true", help="no augmentation at all")
+    g.add_argument("--color-jitter", type=float, default=0.0, metavar="S",
+                   help="colour jitter of strength S on 80%% of the images: brightness, contrast and saturation "
+                        "x[1-0.8S, 1+0.8S], hue +/-0.2S of a turn (0.5 = SimCLR's; 0: off)")
+    g.add_argument("--grayscale", type=float, default=0.0, metavar="P", help="share of images made grey (0: off)")
+    g.add_argument("--blur", type=float, default=0.0, metavar="P",
+                   help="share of images blurred (Gaussian, sigma 0.1-2 px at 224 px, scaled with the side; 0: off)")
+    g.add_argument("--crop-scale", type=float, default=1.0, metavar="MIN",
+                   help="random resized crops of MIN to 1 of the image's area, resized back (1: off)")
     return g
+
+
+def check_augmentation_args(args):
+    """The photometric options: strengths and shares within their ranges; the legacy loader has none of them."""
+    for name in ("color_jitter", "grayscale", "blur"):
+        value = getattr(args, name, 0.0)
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"--{name.replace('_', '-')} {value}: expected a number between 0 and 1")
+    if not 0.0 < getattr(args, "crop_scale", 1.0) <= 1.0:
+        raise UserError(f"--crop-scale {args.crop_scale}: expected a fraction of the area in (0, 1]")
+    photometric = args.color_jitter or args.grayscale or args.blur or args.crop_scale < 1.0
+    if photometric and getattr(args, "loader", "cached") == "generator":
+        raise UserError("--color-jitter, --grayscale, --blur and --crop-scale run on the device: use "
+                        "--loader cached (the default), not --loader generator")
 
 
 def add_output_args(parser):
@@ -401,6 +423,13 @@ def add_cnn_training_args(parser):
     recipes.add_cnn_args(parser)
     add_training_args(parser)
     add_augmentation_args(parser)
+    g = parser.add_argument_group("start from a pre-trained encoder")
+    g.add_argument("--init", type=Path, default=None, metavar="ENCODER",
+                   help="an encoder.h5 written by pretrain_ssl.py --model cnn: its layers' weights, exactly, "
+                        "replace the fresh ones of the same names (default: random initialisation)")
+    g.add_argument("--freeze-epochs", type=int, default=0, metavar="N",
+                   help="with --init: the first N of --epochs train the head alone, the encoder frozen "
+                        "(written to RUN/head_frozen/); the rest train everything")
     add_output_args(parser)
     describe_defaults(parser, recipes.default_texts())
 
@@ -412,5 +441,13 @@ def resolve_cnn_args(args):
     if args.epochs is None:
         args.epochs = 12 if args.demo else 30
     check_positive(args, "epochs", "batch_size", "lr")
-    check_non_negative(args, "class_weight_power", "bn_recalibrate", "patience")
+    check_non_negative(args, "class_weight_power", "bn_recalibrate", "patience", "freeze_epochs")
+    check_augmentation_args(args)
+    if args.freeze_epochs and args.init is None:
+        raise UserError(f"--freeze-epochs {args.freeze_epochs}: needs --init ENCODER (a fresh encoder has nothing "
+                        "worth freezing)")
+    if args.freeze_epochs >= args.epochs:
+        raise UserError(f"--freeze-epochs {args.freeze_epochs}: expected fewer than --epochs {args.epochs}")
+    if args.init is not None and not Path(args.init).is_file():
+        raise UserError(f"--init {args.init}: no such file (expected an encoder.h5 written by pretrain_ssl.py)")
     return args

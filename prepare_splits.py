@@ -46,6 +46,10 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     parser.add_argument("--copy", action="store_true", help="copy the files instead of symlinking them")
     cli.add_max_pixels_arg(parser)
+    parser.add_argument("--unlabeled", action="store_true",
+                        help="also write the source images that land in no split (never a validation image) to "
+                             "OUT/WBC_unlabeled/data/, one flat folder without class names, as a pool for "
+                             "self-supervised pre-training (pretrain_ssl.py --unlabeled)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.mask_fraction <= 1.0:
         raise UserError(f"--mask-fraction {args.mask_fraction}: expected a fraction between 0 and 1")
@@ -136,6 +140,21 @@ def write_layout(out: Path, files, plan: dict, copy: bool) -> dict:
     return {"counts": counts, "mask_counts": mask_counts}
 
 
+def unlabeled_indices(n_files: int, plan: dict) -> list[int]:
+    """The source images in no split: neither WBC_100/train (which holds every smaller split) nor WBC_100/val."""
+    used = set(plan["WBC_100/train"]) | set(plan["WBC_100/val"])
+    return [i for i in range(n_files) if i not in used]
+
+
+def write_unlabeled(out: Path, files, plan: dict, copy: bool) -> int:
+    """OUT/WBC_unlabeled/data/<file>: one flat folder, names made unique across classes."""
+    idx = unlabeled_indices(len(files.paths), plan)
+    names = _names([files.paths[i] for i in idx], [0] * len(idx))
+    for i, name in zip(idx, names):
+        _link(files.paths[i], out / "WBC_unlabeled" / "data" / name, copy)
+    return len(idx)
+
+
 def main(argv=None):
     args = parse_args(argv)
     # Files training would skip (special files, unreadable headers, over --max-pixels) stay out of the layout.
@@ -159,6 +178,8 @@ def main(argv=None):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         written = write_layout(tmp, files, plan, args.copy)
+        if args.unlabeled:
+            written["unlabeled_images"] = write_unlabeled(tmp, files, plan, args.copy)
         manifest = {"source": str(args.source.resolve()), "masks": str(args.masks.resolve()) if args.masks else None,
                     "proportions": args.proportions, "proportion_shares": PROPORTIONS.get(args.proportions),
                     "mask_fraction": args.mask_fraction, "val_fraction": VAL_FRACTION, "seed": args.seed,
@@ -183,6 +204,8 @@ def main(argv=None):
     for key in ("WBC_100/train", "WBC_100/val", "WBC_50/train", "WBC_10/train", "WBC_1/train"):
         c = written["counts"][key]
         print(f"  {key:14s} {sum(c.values()):5d}  " + "  ".join(f"{k} {v}" for k, v in c.items()))
+    if args.unlabeled:
+        print(f"  WBC_unlabeled  {written['unlabeled_images']:5d}  (no labels; no validation image)")
     if args.masks:
         print(f"  masks (WBC_100/train) {sum(written['mask_counts']['WBC_100/train'].values())}")
     if ignored:

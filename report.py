@@ -127,6 +127,29 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_pretraining(history: list[dict], path: Path, kept_epoch: int | None = None, title: str = ""):
+    """Self-supervised pre-training: its loss per epoch, and the frozen-feature probe's validation scores."""
+    epochs = [int(r["epoch"]) for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    trained = [(e, float(r["loss"])) for e, r in zip(epochs, history) if np.isfinite(float(r["loss"]))]
+    if trained:
+        axes[0].plot(*zip(*trained), marker=".", label="pre-training loss")
+    for key, label in (("probe_balanced_accuracy", "balanced accuracy"), ("probe_macro_f1", "macro-F1")):
+        points = [(e, float(r[key])) for e, r in zip(epochs, history) if np.isfinite(float(r[key]))]
+        if points:
+            axes[1].plot(*zip(*points), marker="o", label=f"probe, val {label}")
+    for ax, ylabel in zip(axes, ("loss", "score")):
+        if kept_epoch:
+            ax.axvline(kept_epoch, color="grey", lw=0.8, ls=":", label=f"encoder.h5 (epoch {kept_epoch})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
 # ----------------------------------------------------------------------------------------------
 # The accuracy table's files (reproduce_table.py): results.csv, table.md, comparisons.md, label_efficiency.png.
 # A record is one finished run (metrics.py): {"row": its table row (.name, .split, .method, .recipe, .label,

@@ -20,6 +20,9 @@ Rows (names for --rows; shell-style patterns such as 'WBC_100_*' or '*_report' w
     <split>_resnet-scratch     ResNet50 from random weights, fine-tuned on the split (pretrain_resnet.py)
     <split>_resnet-cam16       ResNet50 pre-trained on CAM16, then fine-tuned
     <split>_resnet-imagenet-cam16   ImageNet weights (--imagenet-weights PATH) -> CAM16 -> fine-tuned
+    <split>_ssl_default        the default recipe started from a self-supervised encoder (train_cnn.py --init):
+                               pretrain_ssl.py runs once per seed (OUT/runs/ssl_pretrain_seed<k>, pool: WBC_100's
+                               training images without labels + ROOT/WBC_unlabeled when present) for every split
 
 Results folder OUT: results.csv (a row per run), table.md (mean +- std across seeds), comparisons.md (paired
 McNemar tests and bootstrap intervals on the same validation images), label_efficiency.png.
@@ -58,8 +61,10 @@ PAIRS = [(f"{a}_{r}", f"{b}_{r}") for r in CNN_RECIPES
 PAIRS += [(f"{m}_default", f"{m}_report") for m in CNN_METHODS]
 PAIRS += [("resnet-cam16", "resnet-scratch"), ("resnet-imagenet-cam16", "resnet-cam16"),
           ("resnet-scratch", "raw_report"), ("resnet-cam16", "raw_report")]
+PAIRS += [("ssl_default", "raw_default")]
 # Settings that change what a finished run means: a results folder keeps one value of each.
-CONFIG_KEYS = ("data", "image_size", "epochs", "pretrain_epochs", "batch_size", "holdout", "imagenet_weights")
+CONFIG_KEYS = ("data", "image_size", "epochs", "pretrain_epochs", "batch_size", "holdout", "imagenet_weights",
+               "ssl_epochs")
 # The no-argument demo: the report's 12 rows (Table 1) and the project recipe's raw rows; the ResNet50 rows are
 # one --rows away ('WBC_100_resnet-*'): on a 2-core CPU each costs minutes.
 DEMO_ROWS = "*_report,*_raw_default"
@@ -93,6 +98,8 @@ def all_rows(imagenet_weights: Path | None = None, include_imagenet: bool = Fals
             for method, (script, extra) in CNN_METHODS.items():
                 rows.append(Row(f"{split}_{method}_{recipe}", split, method, recipe, script,
                                 [*extra, "--recipe", recipe]))
+    for split in SPLIT_ORDER:
+        rows.append(Row(f"{split}_ssl_default", split, "ssl", "default", "train_cnn.py", ["--recipe", "default"]))
     for split in SPLIT_ORDER:
         rows.append(Row(f"{split}_resnet-scratch", split, "resnet-scratch", "resnet", "pretrain_resnet.py",
                         ["--init", "scratch", "--skip-pretrain", "--no-compare"], "finetune"))
@@ -139,6 +146,8 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type=int, default=None, help="training epochs per run (default 30; 6 on the demo data)")
     g.add_argument("--pretrain-epochs", type=int, default=None,
                    help="CAM16 pre-training epochs of the ResNet50 rows (default: --epochs; 1 on the demo data)")
+    g.add_argument("--ssl-epochs", type=int, default=None,
+                   help="pre-training epochs of the ssl rows (pretrain_ssl.py; default 30; 2 on the demo data)")
     g.add_argument("--batch-size", type=int, default=32, help="images per step")
     g.add_argument("--holdout", type=float, default=0.15,
                    help="fraction of each training class held out for model selection")
@@ -181,11 +190,13 @@ def parse_args(argv=None):
         args.epochs = 6 if args.demo else 30
     if args.pretrain_epochs is None:
         args.pretrain_epochs = 1 if args.demo else args.epochs
+    if args.ssl_epochs is None:
+        args.ssl_epochs = 2 if args.demo else 30
     if args.rows is None and args.demo:
         args.rows = DEMO_ROWS
     if args.out is None:
         args.out = Path("runs/table_demo" if args.demo else "runs/table")
-    cli.check_positive(args, "seeds", "epochs", "pretrain_epochs", "batch_size", "bootstrap", "jobs")
+    cli.check_positive(args, "seeds", "epochs", "pretrain_epochs", "ssl_epochs", "batch_size", "bootstrap", "jobs")
     if args.imagenet_weights not in (None, "imagenet"):
         args.imagenet_weights = Path(args.imagenet_weights).resolve()
         if not args.imagenet_weights.is_file():
@@ -261,6 +272,8 @@ def command(row: Row, seed: int, args, out: Path) -> list[str]:
            "--seed", str(seed), "--out", str(run_folder(out, row, seed)), "--resume", "--quiet"]
     if row.recipe == "resnet" and "--skip-pretrain" not in row.script_args:
         cmd += ["--pretrain-epochs", str(args.pretrain_epochs)]
+    if row.method == "ssl":
+        cmd += ["--init", str(ssl_folder(out, seed) / "encoder.h5")]
     if args.cache_dir is not None:
         cmd += ["--cache-dir", str(args.cache_dir)]
     if args.no_cache:
@@ -313,6 +326,23 @@ def _stale(path: Path) -> bool:
     return False
 
 
+def ssl_folder(out: Path, seed: int) -> Path:
+    return out / "runs" / f"ssl_pretrain_seed{seed}"
+
+
+def ssl_command(seed: int, args, out: Path) -> list[str]:
+    """Pre-training for the ssl rows of one seed: WBC_100's training images (labels ignored; the probe uses them)
+    and ROOT/WBC_unlabeled (prepare_splits.py --unlabeled) when it exists."""
+    cmd = [sys.executable, str(PROJECT / "pretrain_ssl.py"), "--data", str(args.data), "--split", "WBC_100",
+           "--image-size", str(args.image_size), "--epochs", str(args.ssl_epochs), "--precision", args.precision,
+           "--seed", str(seed), "--out", str(ssl_folder(out, seed)), "--resume", "--quiet"]
+    if (Path(args.data) / "WBC_unlabeled").is_dir():
+        cmd += ["--unlabeled", str(Path(args.data) / "WBC_unlabeled")]
+    if args.cache_dir is not None:
+        cmd += ["--cache-dir", str(args.cache_dir)]
+    return cmd
+
+
 def launch(cmd: list[str], log: Path, jobs: int = 1) -> int:
     """Run one training in its own process, output appended to its log; returns the exit status.
     A crash, an out-of-memory kill or a Ctrl-C ends that run only; its finished epochs stay for --resume."""
@@ -354,10 +384,15 @@ def train_rows(rows: list[Row], args, out: Path) -> list[dict]:
     pending = [(r, s) for r, s in todo if not is_complete(out, r, s)]
     share = f" (shard {index}/{count})" if count > 1 else ""
     print(f"{len(todo)} runs{share}: {len(todo) - len(pending)} finished, {len(pending)} to train -> {out}/runs")
+    ssl_seeds = sorted({s for r, s in pending if r.method == "ssl"})
     if args.dry_run:
+        for seed in ssl_seeds:
+            print(" ".join(ssl_command(seed, args, out)))
         for row, seed in pending:
             print(shlex.join(command(row, seed, args, out)))
         return []
+    import threading
+    ssl_locks = {seed: threading.Lock() for seed in ssl_seeds}
 
     def run_one(row: Row, seed: int) -> tuple[int | None, float, Path]:
         folder = run_folder(out, row, seed)
@@ -369,10 +404,30 @@ def train_rows(rows: list[Row], args, out: Path) -> list[dict]:
             if is_complete(out, row, seed):  # finished by another process since the list was made
                 return 0, 0.0, log
             start = time.perf_counter()
+            if row.method == "ssl":
+                code = pretrain_once(seed, log)
+                if code != 0:
+                    return code, time.perf_counter() - start, log
             code = launch(command(row, seed, args, out), log, args.jobs)
             return code, time.perf_counter() - start, log
         finally:
             path.unlink(missing_ok=True)
+
+    def pretrain_once(seed: int, log: Path) -> int:
+        """One pre-training per seed, shared by that seed's ssl rows, in this process and across shards."""
+        encoder = ssl_folder(out, seed)
+        with ssl_locks[seed]:
+            while not (encoder / "metrics.json").exists():
+                held = out / "claims" / f"{encoder.name}.claim"
+                if claim(held):
+                    try:
+                        if not (encoder / "metrics.json").exists():
+                            return launch(ssl_command(seed, args, out), log, args.jobs)
+                    finally:
+                        held.unlink(missing_ok=True)
+                else:
+                    time.sleep(5)  # another table process pre-trains this seed
+        return 0
 
     def report(i: int, row: Row, seed: int, code: int | None, seconds: float, log: Path):
         prefix = f"[{i}/{len(pending)}] {row.name} seed {seed}"

@@ -4,6 +4,7 @@
     python train_cnn.py --data ROOT --split WBC_10       # your data in the course layout
     python train_cnn.py --data ROOT --recipe report      # the original report's recipe
     python train_cnn.py --out runs/x --resume            # continue an interrupted run
+    python train_cnn.py --init runs/ssl/encoder.h5 --freeze-epochs 2   # from a pretrain_ssl.py encoder
 
 Run folder: args.json, history.csv, metrics.json, model.h5, val_predictions.csv, curves.png, confusion.png.
 """
@@ -25,6 +26,7 @@ def main(argv=None):
         cli.check_resume(args, run_dir)
     cli.import_keras_quietly(args)
     import models
+    import selfsup
     import training
 
     train_set, val_set = cli.load_wbc_split(args, verbose=not args.quiet)
@@ -35,10 +37,10 @@ def main(argv=None):
     def build():
         return models.build_cnn(len(train_set.classes), args.image_size, **recipes.model_kwargs(args))
 
-    result = training.train(run_dir, build, train_set, val_set, config, args=cli.args_dict(args),
-                            resume=args.resume, test_set=test_set,
-                            extra_metadata={"model": "dropout_cnn", "recipe": args.recipe, "split": args.split,
-                                            "demo_data": args.demo})
+    result = selfsup.train_from_init(run_dir, build, train_set, val_set, config, cli.args_dict(args), args.resume,
+                                     {"model": "dropout_cnn", "recipe": args.recipe, "split": args.split,
+                                      "demo_data": args.demo}, args.init, args.freeze_epochs,
+                                     test_set=test_set)
     training.print_summary(run_dir, result)
 
 

@@ -28,6 +28,9 @@ def parse_args(argv=None):
     args = cli.resolve_cnn_args(cli.parse_run_args(parser, argv))
     if args.consistency < 0:
         raise cli.UserError(f"--consistency {args.consistency}: expected a weight >= 0")
+    if args.consistency > 0 and (args.color_jitter or args.grayscale or args.blur or args.crop_scale < 1.0):
+        raise cli.UserError("--consistency warps each image and its masked copy as one 6-channel image: it takes "
+                            "no --color-jitter, --grayscale, --blur or --crop-scale")
     args.mask_mode = "consistency" if args.consistency > 0 else args.masks
     return args
 
@@ -77,6 +80,7 @@ def main(argv=None):
     cli.import_keras_quietly(args)
     import consistency
     import models
+    import selfsup
     import training
 
     train_set, paired, val_set = load_data(args)
@@ -96,8 +100,9 @@ def main(argv=None):
     meta = {"model": "dropout_cnn", "recipe": args.recipe, "split": args.split, "demo_data": args.demo,
             "mask_mode": args.mask_mode, "mask_fill": args.mask_fill, "consistency_weight": args.consistency,
             "mask_counts": counts}
-    result = training.train(run_dir, build, train_set, val_set, config, args=cli.args_dict(args),
-                            resume=args.resume, extra_metadata=meta, test_set=test_set, hooks=hooks)
+    result = selfsup.train_from_init(run_dir, build, train_set, val_set, config, cli.args_dict(args), args.resume,
+                                     meta, args.init, args.freeze_epochs, hooks=hooks,
+                                     test_set=test_set)
     training.print_summary(run_dir, result)
 
 

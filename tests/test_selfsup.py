@@ -1,0 +1,328 @@
+"""Self-supervised pre-training (pretrain_ssl.py, selfsup.py), the photometric augmentation layers, --init and
+prepare_splits.py --unlabeled."""
+import importlib.util
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import run_script
+
+TINY = ["--image-size", "24", "--batch-size", "32", "--no-cache"]
+
+
+def _images(n=6, size=24, seed=0):
+    rng = np.random.default_rng(seed)
+    # smooth colour gradients plus noise: every photometric change is visible on them
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    base = np.stack([yy, xx, 1 - yy], -1)[None] * 200 + 20
+    return np.clip(base + rng.normal(0, 10, (n, size, size, 3)), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation layers
+# ----------------------------------------------------------------------------------------------
+
+def _layers(strength):
+    import augment
+    classes = augment.photometric_classes()
+    on = strength > 0
+    return {
+        "jitter": lambda seed: classes["RandomColorJitter"](0.4 * strength, 0.4 * strength, 0.4 * strength,
+                                                            0.1 * strength, seed=seed),
+        "grayscale": lambda seed: classes["RandomGrayscale"](1.0 if on else 0.0, seed=seed),
+        "blur": lambda seed: classes["RandomGaussianBlur"](1.0 if on else 0.0, sigma=(1.0, 2.0), seed=seed),
+        "crop": lambda seed: classes["RandomResizedCrop"](scale=(0.2, 1.0) if on else (1.0, 1.0),
+                                                          ratio=(0.75, 1.33) if on else (1.0, 1.0), seed=seed),
+    }
+
+
+@pytest.mark.parametrize("name", ["jitter", "grayscale", "blur", "crop"])
+def test_augmentation_layers_keep_shape_dtype_are_identity_at_zero_and_seeded(name):
+    from keras import ops
+    x = _images()
+    active = _layers(1.0)[name]
+    out = ops.convert_to_numpy(active(1)(x, training=True))
+    assert out.shape == x.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - x).mean() > 1.0, "the layer at full strength changed nothing"
+    # identity at zero strength, and when not training
+    assert np.array_equal(ops.convert_to_numpy(_layers(0.0)[name](1)(x, training=True)), x)
+    assert np.array_equal(ops.convert_to_numpy(active(1)(x, training=False)), x)
+    # seeded: the same seed draws the same change, another seed another one
+    again = ops.convert_to_numpy(active(1)(x, training=True))
+    other = ops.convert_to_numpy(active(2)(x, training=True))
+    assert np.array_equal(out, again)
+    if name != "grayscale":  # greyscale at probability 1 has nothing random left to draw
+        assert not np.array_equal(out, other)
+
+
+def test_jitter_at_tiny_strength_moves_pixels_by_little():
+    from keras import ops
+    import augment
+    x = _images()
+    layer = augment.photometric_classes()["RandomColorJitter"](0.01, 0.01, 0.01, 0.002, seed=0)
+    out = ops.convert_to_numpy(layer(x, training=True)).astype(int)
+    assert np.abs(out - x).max() <= 6
+
+
+def test_supervised_flags_add_the_layers_and_default_off():
+    import argparse
+    import augment
+    import cli
+    import models
+    parser = cli.make_parser("t")
+    cli.add_data_args(parser)
+    cli.add_cnn_training_args(parser)
+    plain = cli.resolve_cnn_args(parser.parse_args([]))
+    assert not set(augment.from_args(plain)) & set(augment.PHOTOMETRIC_KEYS)
+    args = cli.resolve_cnn_args(parser.parse_args(["--color-jitter", "0.5", "--grayscale", "0.2", "--blur", "0.5",
+                                                   "--crop-scale", "0.3"]))
+    kw = augment.from_args(args)
+    assert kw["color_jitter"] == 0.5 and kw["crop_scale"] == 0.3
+    core = models.build_cnn(5, 24, width=4, depth=2)
+    wrapped = augment.with_augmentation(core, kw, seed=0)
+    names = [l.__class__.__name__ for l in wrapped.layers]
+    for expected in ("RandomResizedCrop", "RandomAffine", "RandomColorJitter", "RandomGrayscale",
+                     "RandomGaussianBlur"):
+        assert expected in names
+    assert isinstance(args, argparse.Namespace)
+
+
+@pytest.mark.parametrize("argv", [["--color-jitter", "2"], ["--crop-scale", "0"],
+                                  ["--freeze-epochs", "2"], ["--init", "no/such/encoder.h5"]])
+def test_bad_flags_are_one_line_exit_2(argv):
+    result = run_script("train_cnn.py", *argv, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The joint-embedding model and the probe
+# ----------------------------------------------------------------------------------------------
+
+def test_two_views_differ_and_labels_never_enter_the_loss():
+    from keras import ops
+    import augment
+    import selfsup
+    x = _images(8)
+    views = augment.make_two_views(seed=3)
+    a, b = (ops.convert_to_numpy(v) for v in views(x, training=True))
+    assert a.shape == b.shape == x.shape and a.dtype == np.uint8
+    assert not np.array_equal(a, b)
+    encoder = selfsup.build_encoder("cnn", 24, dict(width=4, depth=2, pooling="avg", batchnorm=True))
+    model = selfsup.JointEmbedding(encoder, views, proj_width=16, proj_dim=8)
+    z = model(x, training=False)  # no views when not training: both projections equal
+    assert np.allclose(ops.convert_to_numpy(z[0]), ops.convert_to_numpy(z[1]), atol=1e-5)
+    z = model(x, training=True)
+    labels = [np.eye(5)[np.random.default_rng(s).integers(0, 5, 8)] for s in (0, 1)]
+    losses = [float(ops.convert_to_numpy(model.compute_loss(x, y, z))) for y in (None, *labels)]
+    assert losses[0] == losses[1] == losses[2] and np.isfinite(losses[0])
+
+
+def test_losses_reward_agreeing_views():
+    from keras import ops
+    import selfsup
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(16, 8)).astype("float32")
+    noise = rng.normal(size=(16, 8)).astype("float32")
+    for loss in (selfsup.nt_xent_loss, selfsup.vicreg_loss):
+        same = float(ops.convert_to_numpy(loss(z, z + 0.01 * noise)))
+        unrelated = float(ops.convert_to_numpy(loss(z, noise)))
+        assert same < unrelated
+
+
+def test_probe_on_a_toy_problem_with_known_answer():
+    import selfsup
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 10, (3, 16))
+    y_train, y_val = np.repeat(np.arange(3), 10), np.repeat(np.arange(3), 20)
+    f_train = centres[y_train] + rng.normal(0, 0.5, (30, 16))
+    f_val = centres[y_val] + rng.normal(0, 0.5, (60, 16))
+    for method in ("logreg", "knn"):
+        s = selfsup.probe_scores(f_train, y_train, f_val, y_val, method)
+        assert s["balanced_accuracy"] == 1.0 and s["macro_f1"] == 1.0
+        # features that carry no class information score near chance (1/3)
+        noise = selfsup.probe_scores(rng.normal(size=(30, 16)), y_train, rng.normal(size=(60, 16)), y_val, method)
+        assert noise["balanced_accuracy"] < 0.6
+
+
+# ----------------------------------------------------------------------------------------------
+# The pool: validation images refused
+# ----------------------------------------------------------------------------------------------
+
+def test_a_validation_image_offered_to_the_pool_is_refused(demo_root, tmp_path):
+    import data
+    import selfsup
+    from runfiles import UserError
+    files = data.find_split(demo_root, "WBC_10")
+    val = list(files.val.paths)
+    copied = tmp_path / "copied" / "deep"
+    copied.mkdir(parents=True)
+    shutil.copy(val[3], copied / "renamed.png")  # the same bytes under another name
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    os.symlink(val[5], linked / "x.png")
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    shutil.copy(files.train.paths[0], clean / "a.png")
+    for folder in (tmp_path / "copied", linked):
+        with pytest.raises(UserError, match="validation image"):
+            selfsup.gather_pool([folder], list(files.train.paths), val, demo_root)
+    pool, info = selfsup.gather_pool([clean], list(files.train.paths), val, demo_root)
+    assert len(pool) == len(files.train.paths) + 1  # a copy of a training image is allowed in
+    result = run_script("pretrain_ssl.py", "--data", demo_root, "--split", "WBC_10", "--unlabeled", clean,
+                        tmp_path / "copied", *TINY, "--out", tmp_path / "run", timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("error: --unlabeled") and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "encoder.h5").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# pretrain_ssl.py end to end, then --init
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, demo_root):
+    out = tmp_path_factory.mktemp("ssl") / "run"
+    result = run_script("pretrain_ssl.py", "--data", demo_root, "--split", "WBC_100", *TINY, "--epochs", "4",
+                        "--probe-every", "2", "--seed", "1", "--out", out, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return out
+
+
+def test_pretraining_writes_its_run_folder_and_the_loss_falls(pretrained):
+    import csv
+    for name in ("args.json", "history.csv", "curves.png", "encoder.h5", "metrics.json"):
+        assert (pretrained / name).is_file(), name
+    with open(pretrained / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3, 4]  # epoch 0: the random encoder's probe
+    losses = [float(r["loss"]) for r in rows[1:]]
+    assert losses[-1] < losses[0] - 0.05, losses
+    probes = [float(r["probe_balanced_accuracy"]) for r in rows]
+    assert [e for e, p in enumerate(probes) if np.isfinite(p)] == [0, 2, 4]  # epoch 0, every 2nd, the last
+    assert all(0.0 <= p <= 1.0 for p in probes if np.isfinite(p))
+    m = json.loads((pretrained / "metrics.json").read_text())
+    assert m["kept_epoch"] == 4 and m["selection"] == "last epoch"
+    # the pool is the split's training images (labels ignored), nothing from val
+    assert m["pool_images"] == json.loads((pretrained / "args.json").read_text())["pool"]["images"]
+
+
+def test_encoder_h5_loads_with_plain_keras_in_a_fresh_process(pretrained, tmp_path):
+    code = ("import keras, numpy as np, sys; m = keras.models.load_model(sys.argv[1], compile=False); "
+            "x = np.zeros((2,) + m.input_shape[1:], 'uint8'); print(m(x).shape, m.layers[1].name)")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    import subprocess
+    result = subprocess.run([sys.executable, "-c", code, str(pretrained / "encoder.h5")], capture_output=True,
+                            text=True, cwd=tmp_path, env=env, timeout=120)  # cwd: the project is not importable
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(2, 256)" in result.stdout  # the default recipe's CNN: 4 blocks from width 32 (32 x 2^3), pooled
+
+
+def test_init_puts_exactly_the_encoders_weights_into_the_classifier(pretrained):
+    import models
+    import recipes
+    import selfsup
+    from runfiles import load_core_model
+    encoder = load_core_model(pretrained / "encoder.h5")
+    kwargs = {k: v for k, v in recipes.RECIPES["default"].items() if k in recipes.MODEL_KEYS}
+    core = models.build_cnn(5, 24, **kwargs)
+    before = {l.name: [w.copy() for w in l.get_weights()] for l in core.layers}
+    names = selfsup.load_encoder_weights(core, pretrained / "encoder.h5")
+    assert names and all(n.startswith("block") for n in names)
+    for layer in encoder.layers:
+        for mine, theirs in zip(core.get_layer(layer.name).get_weights(), layer.get_weights()):
+            assert np.array_equal(mine, theirs)
+    assert any(not np.array_equal(a, b) for n in names for a, b in zip(before[n], core.get_layer(n).get_weights()))
+    # the head is not in the encoder: it keeps its fresh weights
+    assert all(np.array_equal(a, b) for a, b in zip(before["predictions"], core.get_layer("predictions").get_weights()))
+
+
+def test_train_cnn_init_with_frozen_head_phase_names_the_encoder(pretrained, demo_root, tmp_path):
+    from runfiles import load_core_model, read_h5_metadata
+    import selfsup
+    out = tmp_path / "ft"
+    result = run_script("train_cnn.py", "--data", demo_root, "--split", "WBC_10", *TINY, "--epochs", "2",
+                        "--freeze-epochs", "1", "--init", pretrained / "encoder.h5", "--out", out, "--quiet",
+                        timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    digest = selfsup.file_sha256(pretrained / "encoder.h5")
+    args = json.loads((out / "args.json").read_text())
+    assert args["init_sha256"] == digest and args["init"] == str(pretrained / "encoder.h5")
+    meta = read_h5_metadata(out / "model.h5")
+    assert meta["init_encoder"]["sha256"] == digest
+    # during the frozen phase the encoder's weights (batch-norm statistics included) did not move at all
+    encoder = load_core_model(pretrained / "encoder.h5")
+    frozen = load_core_model(out / "head_frozen" / "model.h5")
+    for layer in encoder.layers:
+        for a, b in zip(layer.get_weights(), frozen.get_layer(layer.name).get_weights()):
+            assert np.array_equal(a, b), layer.name
+    assert (out / "metrics.json").is_file()
+
+
+def test_init_shape_mismatch_is_one_line_naming_both_shapes(demo_root, tmp_path):
+    import models
+    import selfsup
+    from runfiles import save_model_h5
+    narrow = selfsup.encoder_of(models.build_cnn(5, 24, width=4, depth=4, pooling="avg", batchnorm=True))
+    save_model_h5(narrow, tmp_path / "narrow.h5", {})
+    result = run_script("train_cnn.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--epochs", "1",
+                        "--init", tmp_path / "narrow.h5", "--out", tmp_path / "ft", timeout=300)
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and line.startswith("error: --init")
+    assert "(3, 3, 3, 4)" in line and "(3, 3, 3, 32)" in line
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+def test_pretraining_under_jax(demo_root, tmp_path):
+    result = run_script("pretrain_ssl.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--epochs", "3",
+                        "--probe-every", "3", "--out", tmp_path / "run", env={"KERAS_BACKEND": "jax"}, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["backend"] == "jax" and m["final_loss"] < m["first_loss"]
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare_splits.py --unlabeled
+# ----------------------------------------------------------------------------------------------
+
+def test_prepare_splits_unlabeled_pool_is_every_left_over_image_and_no_validation_image(demo_root, tmp_path):
+    import data
+    # The demo's training images plus its validation neutrophils: more neutrophils than the course's share
+    # allows, so --proportions course leaves some images out.
+    source = tmp_path / "source"
+    for folder in sorted((demo_root / "WBC_100" / "train" / "data").iterdir()):
+        (source / folder.name).mkdir(parents=True)
+        extra = data.list_images(demo_root / "WBC_100" / "val" / "data" / folder.name) \
+            if folder.name == "Neutrophil" else []
+        for i, f in enumerate(data.list_images(folder) + extra):
+            os.symlink(f, source / folder.name / f"{i}{f.suffix}")
+    out = tmp_path / "splits"
+    result = run_script("prepare_splits.py", source, out, "--proportions", "course", "--unlabeled", timeout=120)
+    assert result.returncode == 0, result.stderr
+    real = lambda paths: {os.path.realpath(p) for p in paths}  # noqa: E731
+    pool = real(data.list_images(out / "WBC_unlabeled"))
+    val = real(data.list_images(out / "WBC_100" / "val"))
+    train = real(data.list_images(out / "WBC_100" / "train"))
+    assert pool and not pool & val and not pool & train
+    assert pool | val | train == real(data.list_images(source))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["unlabeled_images"] == len(pool)
+
+
+def test_table_ssl_rows_pretrain_once_per_seed_and_start_from_that_encoder(tmp_path):
+    result = run_script("reproduce_table.py", "--rows", "WBC_1_ssl_default,WBC_10_ssl_default,WBC_1_raw_default",
+                        "--seeds", "2", "--dry-run", "--out", tmp_path / "table", timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = [ln for ln in result.stdout.splitlines() if "python" in ln or ln.startswith("/")]
+    pretrain = [ln for ln in lines if "pretrain_ssl.py" in ln]
+    assert len(pretrain) == 2 and all("--split WBC_100" in ln for ln in pretrain)
+    for seed in (0, 1):
+        encoder = str(tmp_path / "table" / "runs" / f"ssl_pretrain_seed{seed}" / "encoder.h5")
+        ssl_runs = [ln for ln in lines if "_ssl_default_seed" in ln and f"--seed {seed} " in ln]
+        assert len(ssl_runs) == 2 and all(ln.endswith(f"--init {encoder}") for ln in ssl_runs)
+    assert not any("--init" in ln for ln in lines if "_raw_default_" in ln)
