@@ -15,12 +15,14 @@ def parse_args(argv=None):
     parser = cli.make_parser(__doc__.split("\n")[0], prog="train_cnn.py")
     cli.add_data_args(parser)
     cli.add_cnn_training_args(parser)
-    return cli.resolve_cnn_args(parser.parse_args(argv))
+    cli.add_domain_args(parser)
+    return cli.resolve_domain_args(cli.resolve_cnn_args(parser.parse_args(argv)))
 
 
 def main(argv=None):
     args = parse_args(argv)
     cli.import_keras_quietly()
+    import domain
     import models
     import training
 
@@ -29,12 +31,17 @@ def main(argv=None):
     config = training.TrainConfig.from_args(args)
     config.verbose = 0 if args.quiet else 1
 
+    domain_meta = domain.metadata(args, train_set.x)
+
     def build():
-        return models.build_cnn(len(train_set.classes), args.image_size, **recipes.model_kwargs(args))
+        core = models.build_cnn(len(train_set.classes), args.image_size, norm=args.norm,
+                                **recipes.model_kwargs(args))
+        return domain.wrap_core(core, domain_meta)
 
     result = training.train(run_dir, build, train_set, val_set, config, args=cli.args_dict(args),
-                            resume=args.resume, extra_metadata={"model": "dropout_cnn", "recipe": args.recipe,
-                                                                "split": args.split, "demo_data": args.demo})
+                            resume=args.resume, build_train_model=domain.training_wrapper(args),
+                            extra_metadata={"model": "dropout_cnn", "recipe": args.recipe, "split": args.split,
+                                            "demo_data": args.demo, **domain_meta})
     training.print_summary(run_dir, result)
 
 
