@@ -74,3 +74,43 @@ def save_adapted(model, path: Path, metadata: dict, folder: Path, n_images: int)
         raise UserError(f"--save-adapted {path}: the folder {path.parent} does not exist")
     runfiles.save_model_h5(model, path, {**metadata, "adapted_batchnorm": {"folder": str(folder),
                                                                              "images": int(n_images)}})
+
+
+# ----------------------------------------------------------------------------------------------
+# The command-line options of inspect_model.py evaluate / predict
+# ----------------------------------------------------------------------------------------------
+
+def add_arguments(parser):
+    parser.add_argument("--tta", type=int, default=1, metavar="N",
+                        help=f"average the predictions over N symmetric views of each image (flips, rotations; "
+                             f"1 to {MAX_TTA}; 1: the image alone)")
+    parser.add_argument("--adapt-bn", type=Path, default=None, metavar="DIR",
+                        help="first re-estimate the batch-norm statistics on the unlabeled images in DIR (e.g. your "
+                             "own microscope's; no labels used, no weights changed)")
+    parser.add_argument("--save-adapted", type=Path, default=None, metavar="PATH",
+                        help="with --adapt-bn: also save the adapted model as this .h5")
+
+
+def check_arguments(args):
+    check_tta(args.tta)
+    if args.save_adapted is not None and args.adapt_bn is None:
+        raise UserError("--save-adapted: needs --adapt-bn DIR (there is nothing adapted to save)")
+
+
+def apply_arguments(model, metadata: dict, image_size: int, args):
+    """--adapt-bn and --save-adapted on a loaded model, in place."""
+    import sys
+    import domain
+    if args.adapt_bn is None:
+        return
+    x = unlabeled_images(args.adapt_bn, image_size, domain.frame_share(metadata),
+                         getattr(args, "cache_dir", None), not getattr(args, "no_cache", False))
+    n = adapt_batchnorm(model, x, args.batch_size)
+    if not n:
+        print("warning: --adapt-bn: the model has no batch-norm layers (or too few images); nothing adapted",
+              file=sys.stderr)
+        return
+    print(f"batch-norm statistics re-estimated on {n} images of {args.adapt_bn}", file=sys.stderr)
+    if args.save_adapted is not None:
+        save_adapted(model, args.save_adapted, metadata, args.adapt_bn, n)
+        print(f"wrote the adapted model to {args.save_adapted}", file=sys.stderr)

@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import adapt
 import cli
 from runfiles import UserError
 import runfiles
@@ -61,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where decoded images are cached (default $WBC_CACHE_DIR or ~/.cache/wbc_keras)")
     p.add_argument("--no-cache", action="store_true", help="decode into memory only, write no cache")
+    adapt.add_arguments(p)
 
     p = sub.add_parser("predict", parents=[common],
                        help="a CSV of file, predicted class and one probability per class",
@@ -68,6 +70,7 @@ def parse_args(argv=None):
     p.add_argument("paths", type=Path, nargs="+", help="images and/or folders (searched recursively)")
     p.add_argument("--out", type=Path, default=None, help="CSV file to write (default: standard output)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    adapt.add_arguments(p)
 
     p = sub.add_parser("gradcam", parents=[common],
                        help="Grad-CAM heatmaps over the input images, as PNGs",
@@ -82,6 +85,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.command = args.command or "summary"
     cli.check_positive(args, "batch_size")
+    if args.command in ("evaluate", "predict"):
+        adapt.check_arguments(args)
     if getattr(args, "display_size", None) is not None and not 8 <= args.display_size <= 4096:
         raise UserError(f"--display-size {args.display_size}: expected a side between 8 and 4096 pixels")
     return args
@@ -91,6 +96,8 @@ def main(argv=None):
     args = parse_args(argv)
     cli.import_keras_quietly()
     loaded = load(args.model, args.classes)
+    if args.command in ("evaluate", "predict"):
+        adapt.apply_arguments(loaded.model, loaded.metadata, loaded.image_size, args)
     return {"summary": cmd_summary, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "gradcam": cmd_gradcam}[args.command](loaded, args)
 
@@ -272,7 +279,7 @@ def eval_files(folder: Path, classes: list[str], split: str):
 
 def cmd_evaluate(loaded: Loaded, args):
     import data
-    import feeding
+    import domain
     import metrics
     import report
     import training
@@ -280,11 +287,11 @@ def cmd_evaluate(loaded: Loaded, args):
 
     files = eval_files(args.dir, loaded.classes, args.split)
     images = data.load_images(files, size=loaded.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                              name=Path(args.dir).name)
+                              name=Path(args.dir).name, frame_share=domain.frame_share(loaded.metadata))
     if len(images) == 0:
         raise UserError(f"{args.dir}: none of the images could be decoded")
     start = time.perf_counter()
-    probs = feeding.predict(loaded.model, images.x, args.batch_size)
+    probs = adapt.predict(loaded.model, images.x, args.batch_size, args.tta)
     seconds = time.perf_counter() - start
     m = metrics.classification_metrics(images.y, probs, loaded.classes)
     args.resume = False
@@ -307,6 +314,9 @@ def cmd_evaluate(loaded: Loaded, args):
           + ("   COLLAPSED to one class" if m["collapsed_to_majority"] else ""))
     if loaded.metadata.get("demo_data"):
         print("note: this model was trained on the SYNTHETIC demo data")
+    for reason in domain.ood_warnings(loaded.metadata.get("image_stats", {}), images.x):
+        print(f"warning: these images look unlike the model's training images: {reason}; expect lower accuracy "
+              "(docs/microscopes.md)", file=sys.stderr)
     print(f"wrote {out}/: metrics.json, predictions.csv, report.txt, confusion.png")
     return 0
 
@@ -330,7 +340,7 @@ def collect_images(paths) -> list[Path]:
     return found
 
 
-def image_batches(files: list[Path], size: int, batch_size: int, skipped: list[str]):
+def image_batches(files: list[Path], size: int, batch_size: int, skipped: list[str], frame_share: float = 0.0):
     """Yield (paths, uint8 array) per batch, decoded exactly as in training (data.decode_image) by a thread
     pool; unreadable files are appended to `skipped` and left out."""
     import numpy as np
@@ -338,7 +348,7 @@ def image_batches(files: list[Path], size: int, batch_size: int, skipped: list[s
 
     def decode(path):
         try:
-            return data.decode_image(path, size)
+            return data.decode_image(path, size, frame_share)
         except Exception:  # noqa: BLE001 - any decoding failure means: not a readable image
             return None
 
@@ -388,6 +398,7 @@ def check_writable_file(path: Path, overwrite: bool):
 
 def cmd_predict(loaded: Loaded, args):
     import numpy as np
+    import domain
     files = collect_images(args.paths)
     if args.out is not None:
         check_writable_file(args.out, args.overwrite)
@@ -401,8 +412,9 @@ def cmd_predict(loaded: Loaded, args):
         writer = csv.writer(stream)
         writer.writerow(["file", "predicted"] + [f"p_{c}" for c in loaded.classes])
         with progress(len(files), "image") as update:
-            for paths, x in image_batches(files, loaded.image_size, args.batch_size, skipped):
-                probs = np.asarray(loaded.model.predict_on_batch(x), dtype=np.float64)
+            for paths, x in image_batches(files, loaded.image_size, args.batch_size, skipped,
+                                          domain.frame_share(loaded.metadata)):
+                probs = adapt.predict_batch(loaded.model, x, args.tta)
                 # Low-precision softmax sums to 1 only within rounding: renormalise what we report.
                 probs /= np.maximum(probs.sum(1, keepdims=True), 1e-12)
                 for path, pr in zip(paths, probs):
@@ -592,6 +604,7 @@ def overlay(image, cam, size: int):
 
 def cmd_gradcam(loaded: Loaded, args):
     import data
+    import domain
     from PIL import Image
     files = collect_images(args.paths)
     target = None
@@ -608,14 +621,15 @@ def cmd_gradcam(loaded: Loaded, args):
     print(f"Grad-CAM at {cam.layer_name} {tuple(cam.layer.output.shape[1:])}", file=sys.stderr)
     names, skipped, rows = set(), [], []
     with progress(len(files), "image") as update:
-        for paths, x in image_batches(files, loaded.image_size, args.batch_size, skipped):
+        for paths, x in image_batches(files, loaded.image_size, args.batch_size, skipped,
+                                      domain.frame_share(loaded.metadata)):
             heat, probs, ids = cam(x, None if target is None else [target] * len(x))
             for path, h, p, c in zip(paths, heat, probs, ids):
                 out = _unique_name(args.out, f"{path.stem}_gradcam_{loaded.classes[c]}.png", names)
                 if out.exists() and not args.overwrite:
                     raise UserError(f"{out}: already exists; pass --overwrite to replace it")
                 # The picture under the heatmap is decoded like the model's input, only larger.
-                Image.fromarray(overlay(data.decode_image(path, size), h, size)).save(out)
+                Image.fromarray(overlay(data.decode_image(path, size, domain.frame_share(loaded.metadata)), h, size)).save(out)
                 rows.append([str(path), str(out), loaded.classes[c], f"{p[c]:.6f}",
                              loaded.classes[int(p.argmax())]])
             update(len(rows) + len(skipped))
