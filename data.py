@@ -232,17 +232,28 @@ def _child_ci(folder: Path, name: str) -> Path | None:
 def decode_image(path: Path, size: int, frame_share: float = 0.0) -> np.ndarray:
     """Any image file as uint8 RGB size x size: EXIF orientation applied, 16-bit scaled, alpha dropped.
     frame_share > 0: cut out a frame centred on the white cell, the cell spanning that share of it (framing.py)."""
+    if frame_share:
+        return decode_framed(path, size, frame_share)[0]
     with Image.open(path) as img:
         if img.format == "JPEG":
-            # let libjpeg decode at 1/2, 1/4, 1/8 scale: big speed-up (framing crops, so it keeps 4x the pixels)
-            img.draft("RGB", (4 * size, 4 * size) if frame_share else (size, size))
+            img.draft("RGB", (size, size))  # let libjpeg decode at 1/2, 1/4, 1/8 scale: big speed-up
         img = ImageOps.exif_transpose(img)
         img = _to_rgb(img)
-        if frame_share:
-            import framing
-            return framing.frame_image(np.asarray(img), size, frame_share)
         img = img.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
         return np.asarray(img, dtype=np.uint8)
+
+
+def decode_framed(path: Path, size: int, frame_share: float, mask_path: Path | None = None):
+    """(image, cell mask or None), both cut to the frame centred on the white cell: found by its mask where one
+    is given, else by its stain (framing.py)."""
+    import framing
+    with Image.open(path) as img:
+        if img.format == "JPEG":
+            img.draft("RGB", (4 * size, 4 * size))  # the frame is a crop: keep more pixels than the output
+        image = np.asarray(_to_rgb(ImageOps.exif_transpose(img)))
+    cell = decode_mask(mask_path, image.shape[1::-1]) if mask_path is not None else None
+    box = framing.frame_box(image, frame_share, cell)
+    return framing.crop(image, box, size), (None if cell is None else framing.crop(cell, box, size, nearest=True))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -260,11 +271,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_mask(path: Path, size: int) -> np.ndarray:
+def decode_mask(path: Path, size) -> np.ndarray:
     """A mask as a boolean size x size array: the cell is every pixel clearly above background.
 
     Binary (0/255), JPEG-noisy and 3-level (0 background, 128 cytoplasm, 255 nucleus) masks all give
-    the whole cell. Nearest-neighbour resizing keeps the edge crisp.
+    the whole cell. Nearest-neighbour resizing keeps the edge crisp. size: a side, or (width, height).
     """
     with Image.open(path) as m:
         m = ImageOps.exif_transpose(m)
@@ -273,7 +284,7 @@ def decode_mask(path: Path, size: int) -> np.ndarray:
             rgba = m.convert("RGBA")
             m = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
         # The brightest channel, not luminance: a coloured label (e.g. dark red 128,0,0) is still the cell.
-        arr = np.asarray(_to_rgb(m).resize((size, size), Image.NEAREST)).max(-1)
+        arr = np.asarray(_to_rgb(m).resize(size if isinstance(size, tuple) else (size, size), Image.NEAREST)).max(-1)
     if arr.max() <= 8:
         return arr > 0  # a label map (0/1 or 0/1/2 values): everything not 0 is the cell
     return arr > 64
@@ -441,7 +452,10 @@ def _decode_into(x, entries, size, mask_fill, verbose, name, frame_share=0.0):
             return i, None, False
         if mask is not None:
             try:
-                cell = decode_mask(mask, size)
+                if frame_share:  # framed on the mask's cell, and the mask framed with it
+                    img, cell = decode_framed(image, size, frame_share, mask)
+                else:
+                    cell = decode_mask(mask, size)
                 if not cell.any():
                     raise ValueError("empty mask")
                 img = apply_mask(img, cell, mask_fill)

@@ -3,7 +3,7 @@
 Labs crop their cells differently (in PBC the white cell spans about a third of the frame among red cells; in BCCD
 it fills most of it). The nucleus is the darkest, most saturated thing in a blood smear, so the cell is found as the
 largest blob of high nucleus score (darkness times saturation, thresholded by Otsu's method, small lobes merged by a
-morphological closing); with a mask, the mask's cell is used instead. A frame centred on that blob, its side the
+morphological closing); with a mask, only inside the mask's cell. A frame centred on that blob, its side the
 blob's extent divided by `share`, is cut out (edge pixels repeated where it leaves the image) and resized.
 
 Applied at decode time (data.decode_image's `frame_share`), so training, evaluation and prediction see the same
@@ -38,21 +38,21 @@ def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
 
 
 def find_cell(image, mask=None) -> tuple[float, float, float]:
-    """(row, col, extent) of the white cell in pixels: its centre and the larger side of its bounding box.
-
-    With a mask (any nonzero pixel = cell) the mask's largest region is the cell; otherwise the nucleus found by
-    its stain. An image with no clear blob gives its centre and half its side."""
+    """(row, col, extent) of the white cell's nucleus in pixels: its centre and the larger side of its bounding
+    box. With a mask (nonzero = cell) the nucleus is looked for inside the mask only (the mask itself when no
+    nucleus shows there), so that the extent means the same with and without masks. An image with no clear blob
+    gives its centre and half its side."""
     image = np.asarray(image)
     h, w = image.shape[:2]
-    if mask is not None:
-        blob = np.asarray(mask) > 0
-    else:
-        # Smoothed first: a nucleus's granular texture must not break it into specks.
-        score = ndimage.gaussian_filter(nucleus_score(image), sigma=max(0.5, min(h, w) / 100))
-        blob = score > max(otsu_threshold(score), 0.05)
-        radius = max(1, round(min(h, w) / 50))
-        blob = ndimage.binary_opening(blob, iterations=radius)
-        blob = ndimage.binary_closing(blob, iterations=2 * radius)  # merges a neutrophil's lobes
+    # Smoothed first: a nucleus's granular texture must not break it into specks.
+    score = ndimage.gaussian_filter(nucleus_score(image), sigma=max(0.5, min(h, w) / 100))
+    inside = np.ones((h, w), bool) if mask is None else np.asarray(mask) > 0
+    blob = (score > max(otsu_threshold(score[inside] if inside.any() else score), 0.05)) & inside
+    radius = max(1, round(min(h, w) / 50))
+    blob = ndimage.binary_opening(blob, iterations=radius)
+    blob = ndimage.binary_closing(blob, iterations=2 * radius)  # merges a neutrophil's lobes
+    if mask is not None and not blob.any():
+        blob = inside
     labels, n = ndimage.label(blob)
     if n == 0:
         return (h - 1) / 2.0, (w - 1) / 2.0, min(h, w) / 2.0
@@ -68,18 +68,32 @@ def apparent_size(image, mask=None) -> float:
     return find_cell(image, mask)[2] / min(image.shape[:2])
 
 
-def frame_image(image, size: int, share: float, mask=None) -> np.ndarray:
-    """A size x size uint8 crop centred on the cell, the cell's extent `share` of the side (bilinear resize)."""
+def frame_box(image, share: float, mask=None) -> tuple[int, int, int]:
+    """(top, left, side) of the square frame centred on the cell, the cell's extent `share` of its side."""
     image = np.asarray(image)
     h, w = image.shape[:2]
     cy, cx, extent = find_cell(image, mask)
     # Bounds: a speck must not blow up into the whole frame, a failed detection must not shrink the image to a dot.
     side = float(np.clip(extent / share, 0.25 * min(h, w), 2.0 * max(h, w)))
-    top, left = int(round(cy - side / 2)), int(round(cx - side / 2))
-    side = int(round(side))
+    return int(round(cy - side / 2)), int(round(cx - side / 2)), int(round(side))
+
+
+def crop(array, box: tuple[int, int, int], size: int, nearest: bool = False) -> np.ndarray:
+    """The box of an image (H, W, 3) or mask (H, W) resized to size x size; edge pixels repeated outside."""
+    array = np.asarray(array)
+    top, left, side = box
+    h, w = array.shape[:2]
     pad = max(0, -top, -left, top + side - h, left + side - w)
     if pad:
-        image = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+        array = np.pad(array, ((pad, pad), (pad, pad)) + ((0, 0),) * (array.ndim - 2), mode="edge")
         top, left = top + pad, left + pad
-    crop = Image.fromarray(np.ascontiguousarray(image[top:top + side, left:left + side]))
-    return np.asarray(crop.resize((size, size), Image.BILINEAR, reducing_gap=3.0), dtype=np.uint8)
+    part = Image.fromarray(np.ascontiguousarray(array[top:top + side, left:left + side]))
+    if nearest:
+        return np.asarray(part.resize((size, size), Image.NEAREST))
+    return np.asarray(part.resize((size, size), Image.BILINEAR, reducing_gap=3.0), dtype=np.uint8)
+
+
+def frame_image(image, size: int, share: float, mask=None) -> np.ndarray:
+    """A size x size uint8 crop centred on the cell, the cell's extent `share` of the side (bilinear resize):
+    what a model trained with --frame-cell SHARE expects, from a full-size RGB image."""
+    return crop(image, frame_box(image, share, mask), size)

@@ -103,11 +103,27 @@ def test_framing_finds_a_drawn_cells_centre_and_size(centre, radius):
 
 
 def test_framing_uses_a_mask_where_given():
-    img = smear(seed=8)
-    mask = np.zeros((64, 64), np.uint8)
-    mask[10:31, 40:51] = 255
+    img = smear(cell=(20.0, 20.0), radius=11.0, seed=8)
+    rows, cols = np.mgrid[:64, :64]
+    img[np.hypot(rows - 46, cols - 46) < 7] = (80, 40, 130)  # a second, smaller nucleus
+    assert np.hypot(*np.subtract(framing.find_cell(img)[:2], (20, 20))) < 1.5  # the larger one, by stain
+    mask = np.hypot(rows - 46, cols - 46) < 12  # the whole second cell
     cy, cx, extent = framing.find_cell(img, mask)
-    assert (cy, cx, extent) == (20.0, 45.0, 21.0)
+    assert abs(cy - 46) < 1.5 and abs(cx - 46) < 1.5 and abs(extent - 13) <= 2  # its nucleus, not the mask
+
+
+def test_decoding_frames_an_image_and_its_mask_alike(tmp_path):
+    import data
+    from PIL import Image
+    img = smear(size=96, cell=(30.0, 60.0), radius=12.0, seed=9)
+    rows, cols = np.mgrid[:96, :96]
+    Image.fromarray(img).save(tmp_path / "cell.png")
+    Image.fromarray((np.hypot(rows - 30, cols - 60) < 20).astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    framed, cell = data.decode_framed(tmp_path / "cell.png", 32, 0.5, tmp_path / "mask.png")
+    assert framed.shape == (32, 32, 3) and cell.shape == (32, 32) and cell.dtype == bool
+    cy, cx = np.argwhere(cell).mean(0)
+    assert abs(cy - 15.5) < 1.5 and abs(cx - 15.5) < 1.5  # the mask moved with the image
+    np.testing.assert_array_equal(data.decode_image(tmp_path / "cell.png", 32, 0.5), framed)
 
 
 # ----------------------------------------------------------------------------------------------
