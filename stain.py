@@ -6,8 +6,8 @@ decorrelated opponent colour space (their l-alpha-beta, which LAB approximates).
 Keras, so the transform has to be built from built-in layers: LAB's and l-alpha-beta's logarithm / cube root are not
 among them, so here the opponent axes of l-alpha-beta ((R+G+B)/sqrt3, (R+G-2B)/sqrt6, (R-G)/sqrt2) are applied to
 the gamma-encoded RGB values, whose encoding is already close to LAB's perceptual lightness scale. Inside the model:
-a fixed 1x1 convolution (RGB -> opponent), LayerNormalization over height and width with no learned scale or offset
-(each image's own mean and std per channel), a fixed 1x1 convolution (times the reference std, plus the reference
+a fixed 1x1 convolution (RGB -> opponent), GroupNormalization with one group per channel and no learned scale or
+offset (each image's own mean and std per channel), a fixed 1x1 convolution (times the reference std, plus the reference
 mean, back to RGB) and ReLU(max_value=255). `reinhard_normalise` does exactly that in numpy, for anyone who wants
 to see what the model sees. A per-channel gain and offset in the opponent space (a white-balance or stain-strength
 change) leaves the normalised image unchanged.
@@ -72,7 +72,9 @@ def add_normalisation_layers(x, reference: dict, name: str = "stain_norm"):
     to_opp = layers.Conv2D(3, 1, use_bias=False, trainable=False, dtype="float32", name=f"{name}_opponent")
     x = to_opp(x)
     to_opp.set_weights([OPPONENT.T.reshape(1, 1, 3, 3).astype(np.float32)])
-    x = layers.LayerNormalization(axis=[1, 2], epsilon=EPSILON, center=False, scale=False, dtype="float32",
+    # One group per channel: each image's own mean and std per channel (instance normalisation). Not
+    # LayerNormalization(axis=[1, 2]): Keras' .h5 loader restores its axis as [-1].
+    x = layers.GroupNormalization(groups=3, epsilon=EPSILON, center=False, scale=False, dtype="float32",
                                   name=f"{name}_per_image")(x)
     back = layers.Conv2D(3, 1, trainable=False, dtype="float32", name=f"{name}_to_reference_rgb")
     x = back(x)

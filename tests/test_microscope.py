@@ -206,16 +206,22 @@ def test_saved_model_with_normalisation_inside_loads_and_predicts_with_plain_ker
     x = np.stack([framing.frame_image(smear(seed=s), 24, 0.5) for s in range(3)])
     np.save(tmp_path / "x.npy", x)
     code = ("import sys, keras, numpy as np; m = keras.models.load_model(sys.argv[1], compile=False); "
-            "np.save(sys.argv[3], m.predict_on_batch(np.load(sys.argv[2])))")
+            "x = np.load(sys.argv[2]); np.save(sys.argv[3], m.predict_on_batch(x)); "
+            "np.save(sys.argv[4], keras.Model(m.input, m.get_layer('stain_norm_clip').output)(x))")
     # A fresh interpreter in another folder, without this project on its path: built-in layers only.
     done = subprocess.run([sys.executable, "-c", code, str(run_dir / "model.h5"), str(tmp_path / "x.npy"),
-                           str(tmp_path / "p.npy")], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           str(tmp_path / "p.npy"), str(tmp_path / "n.npy")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300,
                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert done.returncode == 0, done.stderr[-2000:]
     plain = np.load(tmp_path / "p.npy")
     ours = runfiles.load_core_model(run_dir / "model.h5").predict_on_batch(x)
     np.testing.assert_allclose(plain, np.asarray(ours), atol=1e-5)
     assert plain.shape == (3, 5) and np.allclose(plain.sum(1), 1, atol=1e-3)
+    # The loaded model normalises exactly as the documented function does (Keras' .h5 loader once lost a
+    # LayerNormalization's axes here, silently).
+    np.testing.assert_allclose(np.load(tmp_path / "n.npy"),
+                               stain.reinhard_normalise(x, meta["stain_normalisation"]), atol=0.01)
 
 
 def call(argv):
