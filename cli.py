@@ -239,9 +239,9 @@ def resolve_cnn_args(args):
 def add_domain_args(parser):
     """Levers for models that must work on other labs' microscopes (docs/microscopes.md)."""
     g = parser.add_argument_group("other microscopes (docs/microscopes.md)")
-    g.add_argument("--norm", choices=("batch", "group", "layer"), default=None,
-                   help="normalisation after each convolution: batch (the default recipe's), or group / layer norm, "
-                        "which use no batch statistics (either turns normalisation on with --recipe report too)")
+    g.add_argument("--norm", choices=("batch", "group", "layer"), default="batch",
+                   help="normalisation after each convolution where the recipe has one (the default recipe's: batch); "
+                        "group / layer norm use no batch statistics and turn it on with --recipe report too")
     g.add_argument("--stain-norm", choices=("none", "reinhard"), default="none",
                    help="reinhard: each image's colour mean and std matched to the training set's, by built-in "
                         "layers inside the saved model (stain.py)")
@@ -249,7 +249,7 @@ def add_domain_args(parser):
                    help="while training, scale each image's haematoxylin / eosin amounts by U(1-S, 1+S) and shift "
                         "them by U(-S, S) (0: off; 0.05 is Tellez et al.'s light setting)")
     g.add_argument("--frame-cell", type=float, default=0.0, metavar="SHARE",
-                   help="decode each image as a frame centred on its white cell, the cell (found by its nucleus) "
+                   help="decode each image as a frame centred on its white cell, the nucleus (found by its stain) "
                         "spanning SHARE of the side, in training and whenever the model is used (0: off)")
     return g
 
@@ -258,7 +258,6 @@ def resolve_domain_args(args):
     """Check add_domain_args' values; --norm group|layer turns normalisation on."""
     if args.norm in ("group", "layer"):
         args.batchnorm = True
-    args.norm = args.norm or "batch"
     if not 0 <= args.stain_jitter < 1:
         raise UserError(f"--stain-jitter {args.stain_jitter}: expected a strength in [0, 1)")
     if not 0 <= args.frame_cell <= 1:
