@@ -247,7 +247,7 @@ def add_domain_args(parser):
                         "layers inside the saved model (stain.py)")
     g.add_argument("--stain-jitter", type=float, default=0.0, metavar="S",
                    help="while training, scale each image's haematoxylin / eosin amounts by U(1-S, 1+S) and shift "
-                        "them by U(-S, S) (0: off; 0.05 is Tellez et al.'s light setting)")
+                        "them by U(-S, S) (0: off; e.g. 0.05 light, 0.2 strong)")
     g.add_argument("--frame-cell", type=float, default=0.0, metavar="SHARE",
                    help="decode each image as a frame centred on its white cell, the nucleus (found by its stain) "
                         "spanning SHARE of the side, in training and whenever the model is used (0: off)")

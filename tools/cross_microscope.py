@@ -24,7 +24,7 @@ import cli  # noqa: E402
 
 # Each lever alone against today's default recipe, plus the report's recipe and one combination. Settings are
 # taken from their sources, not tuned here: zoom 0.5 makes cells 0.67-2x their size (BCCD's cells are about
-# twice PBC's); stain jitter 0.2 is Tellez et al. 2019's 'HED-strong'; framing 0.5 = the nucleus spans half the frame.
+# twice PBC's); stain jitter 0.2 is a strong setting in the range Tellez et al. 2019 studied; framing 0.5 = the nucleus spans half the frame.
 LEVERS = {
     "report": ["--recipe", "report"],
     "default": [],
