@@ -380,7 +380,8 @@ def load_wbc_split(args, mask_mode: str = "none", mask_fill: str = "black", verb
     import data
     files = data.find_split(args.data, args.split)
     kw = dict(size=args.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache, verbose=verbose,
-              max_pixels=getattr(args, "max_pixels", data.DEFAULT_MAX_PIXELS))
+              max_pixels=getattr(args, "max_pixels", data.DEFAULT_MAX_PIXELS),
+              frame_share=getattr(args, "frame_cell", 0.0) or 0.0)
     train = data.load_images(files.train, mask_mode=mask_mode, mask_fill=mask_fill, name=f"{args.split} train", **kw)
     val = data.load_images(files.val, name="val", **kw)
     if verbose:
@@ -450,4 +451,33 @@ def resolve_cnn_args(args):
         raise UserError(f"--freeze-epochs {args.freeze_epochs}: expected fewer than --epochs {args.epochs}")
     if args.init is not None and not Path(args.init).is_file():
         raise UserError(f"--init {args.init}: no such file (expected an encoder.h5 written by pretrain_ssl.py)")
+    return args
+
+
+def add_domain_args(parser):
+    """Levers for models that must work on other labs' microscopes (docs/microscopes.md)."""
+    g = parser.add_argument_group("other microscopes (docs/microscopes.md)")
+    g.add_argument("--norm", choices=("batch", "group", "layer"), default="batch",
+                   help="normalisation after each convolution where the recipe has one (the default recipe's: batch); "
+                        "group / layer norm use no batch statistics and turn it on with --recipe report too")
+    g.add_argument("--stain-norm", choices=("none", "reinhard"), default="none",
+                   help="reinhard: each image's colour mean and std matched to the training set's, by built-in "
+                        "layers inside the saved model (stain.py)")
+    g.add_argument("--stain-jitter", type=float, default=0.0, metavar="S",
+                   help="while training, scale each image's haematoxylin / eosin amounts by U(1-S, 1+S) and shift "
+                        "them by U(-S, S) (0: off; e.g. 0.05 light, 0.2 strong)")
+    g.add_argument("--frame-cell", type=float, default=0.0, metavar="SHARE",
+                   help="decode each image as a frame centred on its white cell, the nucleus (found by its stain) "
+                        "spanning SHARE of the side, in training and whenever the model is used (0: off)")
+    return g
+
+
+def resolve_domain_args(args):
+    """Check add_domain_args' values; --norm group|layer turns normalisation on."""
+    if args.norm in ("group", "layer"):
+        args.batchnorm = True
+    if not 0 <= args.stain_jitter < 1:
+        raise UserError(f"--stain-jitter {args.stain_jitter}: expected a strength in [0, 1)")
+    if not 0 <= args.frame_cell <= 1:
+        raise UserError(f"--frame-cell {args.frame_cell}: expected a share of the frame in (0, 1], or 0 for off")
     return args

@@ -463,11 +463,14 @@ def probe_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
         return img.size
 
 
-def decode_image(path: Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(path: Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, frame_share: float = 0.0) -> np.ndarray:
     """Any image file as uint8 RGB size x size: EXIF orientation applied, 16-bit scaled, alpha dropped.
+    frame_share > 0: cut out a frame centred on the white cell, the cell spanning that share of it (framing.py).
 
     Raises SkippedFile for a special file or an image over `max_pixels` (checked from the header, nothing
     decoded); other exceptions mean the file is not a readable image."""
+    if frame_share:
+        return decode_framed(path, size, frame_share, max_pixels=max_pixels)[0]
     with _open_image(path, size, max_pixels, draft="RGB") as img:
         sixteen = img.mode.startswith("I;16")
         img = _shrink(img, size)
@@ -475,6 +478,22 @@ def decode_image(path: Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         img = _to_rgb(img, sixteen)
         img = img.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
         return np.asarray(img, dtype=np.uint8)
+
+
+def decode_framed(path: Path, size: int, frame_share: float, mask_path: Path | None = None,
+                  max_pixels: int = DEFAULT_MAX_PIXELS):
+    """(image, cell mask or None), both cut to the frame centred on the white cell: found by its mask where one
+    is given, else by its stain (framing.py)."""
+    import framing
+    # The frame is a crop: keep more pixels than the output (a JPEG decodes at no less than 4x the side).
+    with _open_image(path, 4 * size, max_pixels, draft="RGB") as img:
+        sixteen = img.mode.startswith("I;16")
+        img = _shrink(img, 4 * size)
+        ImageOps.exif_transpose(img, in_place=True)
+        image = np.asarray(_to_rgb(img, sixteen))
+    cell = decode_mask(mask_path, image.shape[1::-1], max_pixels) if mask_path is not None else None
+    box = framing.frame_box(image, frame_share, cell)
+    return framing.crop(image, box, size), (None if cell is None else framing.crop(cell, box, size, nearest=True))
 
 
 def _shrink(img: Image.Image, size: int) -> Image.Image:
@@ -528,7 +547,7 @@ def decode_mask(path: Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
             rgba = m.convert("RGBA")
             m = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
         # The brightest channel, not luminance: a coloured label (e.g. dark red 128,0,0) is still the cell.
-        arr = np.asarray(_to_rgb(m).resize((size, size), Image.NEAREST)).max(-1)
+        arr = np.asarray(_to_rgb(m).resize(size if isinstance(size, tuple) else (size, size), Image.NEAREST)).max(-1)
     if arr.max() <= 8:
         return arr > 0  # a label map (0/1 or 0/1/2 values): everything not 0 is the cell
     return arr > 64
@@ -596,12 +615,13 @@ def _entries(files: FileList, mask_mode: str) -> list[tuple[Path, Path | None, i
 
 
 def cache_key(entries, size: int, mask_fill: str, mask_mode: str | None = None,
-              max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+              max_pixels: int = DEFAULT_MAX_PIXELS, frame_share: float = 0.0) -> str:
     """Changes whenever any file (path, size, mtime) or any option that changes pixels changes."""
     # The mode itself is in the key: 'only' and 'replace' have the same entries when every image has a mask,
     # but treat a broken mask differently. --max-pixels decides which images are kept.
     h = hashlib.sha256(json.dumps([CACHE_FORMAT, size, mask_fill, max_pixels]
-                                  + ([mask_mode] if mask_mode else [])).encode())
+                                  + ([mask_mode] if mask_mode else [])
+                                  + ([f"frame{frame_share:g}"] if frame_share else [])).encode())
     for image, mask, label in entries:
         for p in (image, mask):
             if p is None:
@@ -618,8 +638,9 @@ def cache_key(entries, size: int, mask_fill: str, mask_mode: str | None = None,
 
 def load_images(files: FileList, size: int = 224, mask_mode: str = "none", mask_fill: str = "black",
                 cache_dir: Path | None = None, use_cache: bool = True, verbose: bool = True,
-                name: str = "images", max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageSet:
+                name: str = "images", max_pixels: int = DEFAULT_MAX_PIXELS, frame_share: float = 0.0) -> ImageSet:
     """Decode `files` once into a uint8 array; later calls with the same files and options map the cache.
+    frame_share > 0 frames each image on its white cell (decode_image).
 
     Images over `max_pixels` (from the header), special files found while scanning, unreadable files and reads
     that stall are left out, and named in one warning line."""
@@ -627,7 +648,7 @@ def load_images(files: FileList, size: int = 224, mask_mode: str = "none", mask_
     if not entries:
         raise UserError(f"{files.root}: no images for --masks {mask_mode}"
                         + (" (no image has a mask)" if mask_mode == "only" else ""))
-    key = cache_key(entries, size, mask_fill, mask_mode, max_pixels)
+    key = cache_key(entries, size, mask_fill, mask_mode, max_pixels, frame_share)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     if use_cache:
         cached = _read_cache(cache_dir, key, files.classes)
@@ -656,7 +677,7 @@ def load_images(files: FileList, size: int = 224, mask_mode: str = "none", mask_
     if not writable:
         x = np.empty((n, size, size, 3), np.uint8)
     try:
-        ok, problems, reasons = _decode_into(x, entries, size, mask_fill, verbose, name, max_pixels)
+        ok, problems, reasons = _decode_into(x, entries, size, mask_fill, verbose, name, max_pixels, frame_share)
     except BaseException:
         del x
         if tmp:
@@ -697,7 +718,7 @@ def _with_rejected(images: ImageSet, files: FileList) -> ImageSet:
                                skip_reasons=[r for _, r in files.rejected] + images.skip_reasons)
 
 
-def _decode_into(x, entries, size, mask_fill, verbose, name, max_pixels=DEFAULT_MAX_PIXELS):
+def _decode_into(x, entries, size, mask_fill, verbose, name, max_pixels=DEFAULT_MAX_PIXELS, frame_share=0.0):
     """Decode entries into x on DECODE_THREADS threads (Pillow releases the GIL); the pixel budget bounds the
     originals held at once. Returns (ok per entry, entries whose mask failed, skip reason per entry)."""
     n = len(entries)
@@ -707,10 +728,13 @@ def _decode_into(x, entries, size, mask_fill, verbose, name, max_pixels=DEFAULT_
 
     def work(i):
         image, mask, _ = entries[i]
-        img = decode_image(image, size, max_pixels)
+        img = decode_image(image, size, max_pixels, frame_share)
         if mask is not None:
             try:
-                cell = decode_mask(mask, size, max_pixels)
+                if frame_share:  # framed on the mask's cell, and the mask framed with it
+                    img, cell = decode_framed(image, size, frame_share, mask, max_pixels)
+                else:
+                    cell = decode_mask(mask, size, max_pixels)
                 if not cell.any():
                     raise ValueError("empty mask")
                 img = apply_mask(img, cell, mask_fill)
@@ -811,10 +835,10 @@ def skip_reason(error: BaseException) -> str:
     return "unreadable"
 
 
-def decode_each(paths, size: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+def decode_each(paths, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, frame_share: float = 0.0):
     """Yield (path, uint8 RGB size x size or None, skip reason or None) for each path in order, decoded on
     DECODE_THREADS threads within the pixel budget, stalls bounded (map_bounded)."""
-    for path, img, error in map_bounded(lambda p: decode_image(p, size, max_pixels), paths):
+    for path, img, error in map_bounded(lambda p: decode_image(p, size, max_pixels, frame_share), paths):
         yield path, img, None if error is None else skip_reason(error)
 
 
@@ -971,11 +995,11 @@ def images_in(paths, skipped: list | None = None) -> list[Path]:
 
 
 def decode_batches(files: list[Path], size: int, batch_size: int, skipped: list,
-                   max_pixels: int = DEFAULT_MAX_PIXELS):
+                   max_pixels: int = DEFAULT_MAX_PIXELS, frame_share: float = 0.0):
     """Yield (paths, uint8 array) per batch, decoded as in training (decode_each: threads, pixel budget, stalls
     bounded); files left out are appended to `skipped` as (path, reason)."""
     for start in range(0, len(files), batch_size):
-        decoded = list(decode_each(files[start:start + batch_size], size, max_pixels))
+        decoded = list(decode_each(files[start:start + batch_size], size, max_pixels, frame_share))
         skipped += [(path, why) for path, img, why in decoded if img is None]
         keep = [(path, img) for path, img, _ in decoded if img is not None]
         if keep:

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import adapt
 import cli
 import data
 import gradcam
@@ -68,10 +69,12 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where decoded images are cached (default $WBC_CACHE_DIR or ~/.cache/wbc_keras)")
     p.add_argument("--no-cache", action="store_true", help="decode into memory only, write no cache")
+    adapt.add_arguments(p)
 
     p = command("predict", "a CSV of file, predicted class and one probability per class", images)
     p.add_argument("--out", type=Path, default=None, help="CSV file to write (default: standard output)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    adapt.add_arguments(p)
 
     p = command("gradcam", "Grad-CAM heatmaps over the input images, as labelled PNGs (true class when the "
                            "image's folder names one, predicted class, probability, colour bar) and gradcam.csv",
@@ -95,6 +98,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.command = args.command or "summary"
     cli.check_positive(args, "batch_size")
+    if args.command in ("evaluate", "predict"):
+        adapt.check_arguments(args)
     if getattr(args, "display_size", None) is not None and not 8 <= args.display_size <= 4096:
         raise UserError(f"--display-size {args.display_size}: expected a side between 8 and 4096 pixels")
     return args
@@ -104,6 +109,8 @@ def main(argv=None):
     args = parse_args(argv)
     cli.import_keras_quietly()
     loaded = load(args.model, args.classes)
+    if args.command in ("evaluate", "predict"):
+        adapt.apply_arguments(loaded.model, loaded.metadata, loaded.image_size, args)
     return {"summary": cmd_summary, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "gradcam": cmd_gradcam, "export": cmd_export}[args.command](loaded, args)
 
@@ -300,7 +307,7 @@ def eval_files(folder: Path, classes: list[str], split: str):
 
 
 def cmd_evaluate(loaded: Loaded, args):
-    import feeding
+    import domain
     import metrics
     import report
     import training
@@ -308,11 +315,12 @@ def cmd_evaluate(loaded: Loaded, args):
 
     files = eval_files(args.dir, loaded.classes, args.split)
     images = data.load_images(files, size=loaded.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                              name=Path(args.dir).name, max_pixels=args.max_pixels)
+                              name=Path(args.dir).name, max_pixels=args.max_pixels,
+                              frame_share=domain.frame_share(loaded.metadata))
     if len(images) == 0:
         raise UserError(f"{args.dir}: none of the images could be decoded")
     start = time.perf_counter()
-    probs = feeding.predict(loaded.model, images.x, args.batch_size)
+    probs = adapt.predict(loaded.model, images.x, args.batch_size, args.tta)
     seconds = time.perf_counter() - start
     m = metrics.classification_metrics(images.y, probs, loaded.classes)
     args.resume = False
@@ -335,6 +343,9 @@ def cmd_evaluate(loaded: Loaded, args):
           + ("   COLLAPSED to one class" if m["collapsed_to_majority"] else ""))
     if loaded.metadata.get("demo_data"):
         print("note: this model was trained on the SYNTHETIC demo data")
+    for reason in domain.ood_warnings(loaded.metadata.get("image_stats", {}), images.x):
+        print(f"warning: these images look unlike the model's training images: {reason}; expect lower accuracy "
+              "(docs/microscopes.md)", file=sys.stderr)
     print(f"wrote {out}/: metrics.json, predictions.csv, report.txt, confusion.png")
     return 0
 
@@ -354,6 +365,7 @@ def check_writable_file(path: Path, overwrite: bool):
 
 def cmd_predict(loaded: Loaded, args):
     import numpy as np
+    import domain
     skipped = []
     files = data.images_in(args.paths, skipped)
     if args.out is not None:
@@ -369,8 +381,9 @@ def cmd_predict(loaded: Loaded, args):
         writer = csv.writer(stream)
         writer.writerow(["file", "predicted"] + [f"p_{c}" for c in loaded.classes])
         with data.progress(len(files) + len(skipped), stream=sys.stderr) as update:
-            for paths, x in data.decode_batches(files, loaded.image_size, args.batch_size, skipped, args.max_pixels):
-                probs = np.asarray(loaded.model.predict_on_batch(x), dtype=np.float64)
+            for paths, x in data.decode_batches(files, loaded.image_size, args.batch_size, skipped, args.max_pixels,
+                                          domain.frame_share(loaded.metadata)):
+                probs = adapt.predict_batch(loaded.model, x, args.tta)
                 # Low-precision softmax sums to 1 only within rounding: renormalise what we report.
                 probs /= np.maximum(probs.sum(1, keepdims=True), 1e-12)
                 for path, pr in zip(paths, probs):
@@ -407,6 +420,7 @@ def cmd_predict(loaded: Loaded, args):
 # ----------------------------------------------------------------------------------------------
 
 def cmd_gradcam(loaded: Loaded, args):
+    import domain
     skipped = []
     files = data.images_in(args.paths, skipped)
     target = None
@@ -423,7 +437,8 @@ def cmd_gradcam(loaded: Loaded, args):
     print(f"Grad-CAM at {cam.layer_name} {tuple(cam.layer.output.shape[1:])}", file=sys.stderr)
     names, rows = set(), []
     with data.progress(len(files) + len(skipped), stream=sys.stderr) as update:
-        for paths, x in data.decode_batches(files, loaded.image_size, args.batch_size, skipped, args.max_pixels):
+        for paths, x in data.decode_batches(files, loaded.image_size, args.batch_size, skipped, args.max_pixels,
+                                          domain.frame_share(loaded.metadata)):
             heat, probs, ids = cam(x, None if target is None else [target] * len(x))
             for path, h, p, c in zip(paths, heat, probs, ids):
                 out = _unique_name(args.out, f"{path.stem}_gradcam_{loaded.classes[c]}.png", names)
@@ -431,7 +446,7 @@ def cmd_gradcam(loaded: Loaded, args):
                     raise UserError(f"{out}: already exists; pass --overwrite to replace it")
                 true = data.canonical_class(path.parent.name, tuple(loaded.classes))  # a class folder, if any
                 # The picture under the heatmap is decoded like the model's input, only larger.
-                gradcam.save_labelled(data.decode_image(path, size, args.max_pixels), h, size,
+                gradcam.save_labelled(data.decode_image(path, size, args.max_pixels, domain.frame_share(loaded.metadata)), h, size,
                                       gradcam.caption(loaded.classes, p, int(c), true), out)
                 rows.append([str(path), str(out), true or "", loaded.classes[c], f"{p[c]:.6f}",
                              loaded.classes[int(p.argmax())], f"{p.max():.6f}"])

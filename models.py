@@ -24,6 +24,7 @@ def classifier_head(x, num_classes: int, dense: int = 128, dropout: float = 0.5)
 # On PBC at 224 px a stride-2 first convolution matched the plain CNN's accuracy (README, Results) at about a
 # quarter of the operations; below ~160 px halving the working resolution costs detail, so 'auto' keeps stride 1.
 STEM_AUTO_MIN_SIZE = 160
+NORMS = ("batch", "group", "layer")
 
 
 def resolve_stem_stride(stem_stride: int | str, image_size: int) -> int:
@@ -37,7 +38,7 @@ def resolve_stem_stride(stem_stride: int | str, image_size: int) -> int:
 def build_cnn(num_classes: int = 5, image_size: int = 224, width: int = 32, depth: int = 4,
               dropout: float = 0.1, dropout_step: float = 0.1, dense: int = 128, head_dropout: float = 0.5,
               pooling: str = "flatten", batchnorm: bool = False, stem_stride: int | str = 1,
-              name: str = "dropout_cnn") -> keras.Model:
+              norm: str = "batch", name: str = "dropout_cnn") -> keras.Model:
     """The report's CNN: `depth` blocks of conv 3x3 + max-pool + dropout, filters doubling and dropout
     rising with depth (dropout + i * dropout_step), then a dense head.
 
@@ -46,7 +47,12 @@ def build_cnn(num_classes: int = 5, image_size: int = 224, width: int = 32, dept
     strided: every later block works on a quarter of the pixels (about 4x fewer operations at 224 px), while
     the first layer still sees the full-resolution image, unlike simply training at half the size.
     stem_stride='auto' is 2 from STEM_AUTO_MIN_SIZE px up and 1 below (the default recipe's choice).
+    norm: which normalisation batchnorm=True adds: 'batch', 'group' (8 groups, fewer where a block has fewer
+    filters) or 'layer' (one group: each image's whole feature map, Wu & He's layer norm for convolutions). Group
+    and layer norm use no batch statistics, so a batch of another lab's images cannot shift them.
     """
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, not {norm!r}")
     if pooling not in ("flatten", "avg"):
         raise ValueError(f"pooling must be 'flatten' or 'avg', not {pooling!r}")
     stem_stride = resolve_stem_stride(stem_stride, image_size)
@@ -56,9 +62,12 @@ def build_cnn(num_classes: int = 5, image_size: int = 224, width: int = 32, dept
         filters = width * 2 ** i
         x = layers.Conv2D(filters, 3, strides=stem_stride if i == 0 else 1, padding="same",
                           use_bias=not batchnorm, name=f"block{i + 1}_conv")(x)
-        if batchnorm:
+        if batchnorm and norm == "batch":
             # momentum 0.9: the moving statistics must settle within a few hundred steps on small splits
             x = layers.BatchNormalization(momentum=0.9, name=f"block{i + 1}_bn")(x)
+        elif batchnorm:
+            groups = 1 if norm == "layer" else min(8, filters)
+            x = layers.GroupNormalization(groups, name=f"block{i + 1}_{norm}norm")(x)
         x = layers.Activation("relu", name=f"block{i + 1}_relu")(x)
         x = layers.MaxPooling2D(name=f"block{i + 1}_pool")(x)
         x = layers.Dropout(min(0.9, dropout + i * dropout_step), name=f"block{i + 1}_dropout")(x)

@@ -16,7 +16,8 @@ def parse_args(argv=None):
     parser = cli.make_parser(__doc__.split("\n")[0], prog="train_cnn.py")
     cli.add_data_args(parser)
     cli.add_cnn_training_args(parser)
-    return cli.resolve_cnn_args(cli.parse_run_args(parser, argv))
+    cli.add_domain_args(parser)
+    return cli.resolve_domain_args(cli.resolve_cnn_args(cli.parse_run_args(parser, argv)))
 
 
 def main(argv=None):
@@ -25,6 +26,7 @@ def main(argv=None):
     if args.resume:
         cli.check_resume(args, run_dir)
     cli.import_keras_quietly(args)
+    import domain
     import models
     import selfsup
     import training
@@ -34,13 +36,18 @@ def main(argv=None):
     config = training.TrainConfig.from_args(args)
     config.verbose = 0 if args.quiet else 1
 
-    def build():
-        return models.build_cnn(len(train_set.classes), args.image_size, **recipes.model_kwargs(args))
+    domain_meta = domain.metadata(args, train_set.x)
 
+    def build():
+        core = models.build_cnn(len(train_set.classes), args.image_size, norm=args.norm,
+                                **recipes.model_kwargs(args))
+        return domain.wrap_core(core, domain_meta)
+
+    hooks = training.Hooks(build_train_model=domain.training_wrapper(args))
     result = selfsup.train_from_init(run_dir, build, train_set, val_set, config, cli.args_dict(args), args.resume,
                                      {"model": "dropout_cnn", "recipe": args.recipe, "split": args.split,
-                                      "demo_data": args.demo}, args.init, args.freeze_epochs,
-                                     test_set=test_set)
+                                      "demo_data": args.demo, **domain_meta}, args.init, args.freeze_epochs,
+                                     hooks=hooks, test_set=test_set)
     training.print_summary(run_dir, result)
 
 

@@ -25,12 +25,16 @@ def parse_args(argv=None):
                    help="> 0: train on raw images and penalise WEIGHT x the symmetric KL divergence between the "
                         "predictions for each image and its masked copy (--masks is then not used)")
     cli.add_cnn_training_args(parser)
-    args = cli.resolve_cnn_args(cli.parse_run_args(parser, argv))
+    cli.add_domain_args(parser)
+    args = cli.resolve_domain_args(cli.resolve_cnn_args(cli.parse_run_args(parser, argv)))
     if args.consistency < 0:
         raise cli.UserError(f"--consistency {args.consistency}: expected a weight >= 0")
     if args.consistency > 0 and (args.color_jitter or args.grayscale or args.blur or args.crop_scale < 1.0):
         raise cli.UserError("--consistency warps each image and its masked copy as one 6-channel image: it takes "
                             "no --color-jitter, --grayscale, --blur or --crop-scale")
+    if args.consistency and args.stain_jitter:
+        raise cli.UserError("--stain-jitter with --consistency: not supported together (the consistency wrapper "
+                            "has its own augmentation); use one of them")
     args.mask_mode = "consistency" if args.consistency > 0 else args.masks
     return args
 
@@ -79,6 +83,7 @@ def main(argv=None):
         cli.check_resume(args, run_dir)
     cli.import_keras_quietly(args)
     import consistency
+    import domain
     import models
     import selfsup
     import training
@@ -90,16 +95,20 @@ def main(argv=None):
     config = training.TrainConfig.from_args(args)
     config.verbose = 0 if args.quiet else 1
 
-    def build():
-        return models.build_cnn(len(train_set.classes), args.image_size, **recipes.model_kwargs(args))
+    domain_meta = domain.metadata(args, train_set.x)
 
-    hooks = training.Hooks()
+    def build():
+        core = models.build_cnn(len(train_set.classes), args.image_size, norm=args.norm,
+                                **recipes.model_kwargs(args))
+        return domain.wrap_core(core, domain_meta)
+
+    hooks = training.Hooks(build_train_model=domain.training_wrapper(args))
     if paired is not None:
         hooks = training.Hooks(paired_x=paired.x, build_train_model=lambda core, cfg: consistency.consistency_model(
             core, cfg.augment, args.consistency, cfg.seed))
     meta = {"model": "dropout_cnn", "recipe": args.recipe, "split": args.split, "demo_data": args.demo,
             "mask_mode": args.mask_mode, "mask_fill": args.mask_fill, "consistency_weight": args.consistency,
-            "mask_counts": counts}
+            "mask_counts": counts, **domain_meta}
     result = selfsup.train_from_init(run_dir, build, train_set, val_set, config, cli.args_dict(args), args.resume,
                                      meta, args.init, args.freeze_epochs, hooks=hooks,
                                      test_set=test_set)

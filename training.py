@@ -28,6 +28,7 @@ import keras
 logging.getLogger("absl").setLevel(logging.ERROR)
 
 import augment  # noqa: E402
+import domain  # noqa: E402
 import metrics as wbc_metrics  # noqa: E402
 import report  # noqa: E402
 from data import ImageSet  # noqa: E402
@@ -421,6 +422,8 @@ def _train(run_dir, build_core, train_set, val_set, config, args, resume, extra_
             "train_counts": fit_set.counts(), "val_counts": val_set.counts(),
             "skipped_images": list(train_set.skipped) + list(val_set.skipped),
             "input": "uint8 RGB, shape (N, H, W, 3), preprocessing inside the model",
+            # mean colour and apparent cell size, for inspect_model.py's warning on unlike images (domain.py)
+            "image_stats": domain.image_stats(fit_set.x, seed=config.seed),
             **(extra_metadata or {})}
     if chief:
         write_json(run_dir / "args.json", {**args, "resolved_config": dataclasses.asdict(config),

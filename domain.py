@@ -1,0 +1,103 @@
+"""Other microscopes: what the domain options (cli.add_domain_args) add to a model and its training, and what a
+model remembers about its training images so that `inspect_model.py evaluate` can warn when a folder looks unlike
+them (mean colour, the cell's apparent size). docs/microscopes.md has the measurements.
+
+Keras is imported only by the functions that build models.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import framing
+import stain
+
+# A folder is flagged when its mean colour lies this many training-image standard deviations away (any channel).
+COLOUR_Z_LIMIT = 2.0
+# ... or when the median apparent cell size lies outside this quantile range of the training images' sizes.
+SIZE_QUANTILES = (0.05, 0.95)
+STATS_IMAGES = 256  # images measured per set: the cell finder costs a few ms per image
+
+
+def wrap_core(core, meta: dict):
+    """The core model with Reinhard normalisation in front when `meta` (domain.metadata's) has a reference,
+    else the core itself."""
+    reference = meta.get("stain_normalisation")
+    return stain.with_normalisation(core, reference) if reference else core
+
+
+def training_wrapper(args):
+    """training.train's build_train_model hook for --stain-jitter: [augmentation] -> stain jitter -> core; None
+    when there is no stain jitter (training.train then builds its standard wrapper)."""
+    strength = getattr(args, "stain_jitter", 0.0)
+    if not strength:
+        return None
+
+    def build(core, config):
+        import keras
+        import augment
+        size = core.input_shape[1]
+        inputs = keras.Input((size, size, 3), dtype="uint8", name="image")
+        jittered = keras.Model(inputs, core(stain.make_stain_jitter(strength, seed=config.seed + 1)(inputs)),
+                               name=f"{core.name}_stain_jitter")
+        return augment.with_augmentation(jittered, config.augment, config.seed)  # [affine, colour] -> jitter -> core
+    return build
+
+
+def metadata(args, train_x) -> dict:
+    """The domain options used, the stain reference (the training images' statistics) with --stain-norm reinhard,
+    and the framing a user of the saved model must reproduce before calling it."""
+    out = {"domain_options": {k: getattr(args, k, None) for k in ("norm", "stain_norm", "stain_jitter", "frame_cell")}}
+    if getattr(args, "stain_norm", "none") == "reinhard":
+        out["stain_normalisation"] = {"method": "reinhard", "inside_model": True,
+                                      **stain.reference_stats(train_x, seed=getattr(args, "seed", 0))}
+    if getattr(args, "frame_cell", 0.0):
+        out["framing"] = {"share": float(args.frame_cell),
+                          "how": "framing.frame_image(full-size RGB image, image_size, share) before the model"}
+    return out
+
+
+def frame_share(meta: dict) -> float:
+    """The framing a saved model expects its images in (0.0: none), from its metadata."""
+    return float((meta.get("framing") or {}).get("share", 0.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# What the training images looked like, and whether a folder looks like them
+# ----------------------------------------------------------------------------------------------
+
+def image_stats(x, max_images: int = STATS_IMAGES, seed: int = 0) -> dict:
+    """Per-image mean RGB and apparent cell size of up to max_images images of uint8 (N, H, W, 3) `x`:
+    their mean and spread, stored in a model's metadata at training time."""
+    if len(x) == 0:
+        return {}
+    rows = np.sort(np.random.default_rng(seed).permutation(len(x))[:max_images])
+    sample = np.asarray(x[rows])
+    colour = sample.reshape(len(sample), -1, 3).mean(1)
+    sizes = np.asarray([framing.apparent_size(img) for img in sample])
+    q = np.quantile(sizes, (SIZE_QUANTILES[0], 0.5, SIZE_QUANTILES[1]))
+    return {"images": int(len(sample)), "mean_rgb": colour.mean(0).round(2).tolist(),
+            "std_rgb": colour.std(0).round(2).tolist(), "cell_size_low": round(float(q[0]), 4),
+            "cell_size_median": round(float(q[1]), 4), "cell_size_high": round(float(q[2]), 4)}
+
+
+def ood_warnings(train_stats: dict, x, seed: int = 0) -> list[str]:
+    """Reasons (in words) why images `x` look unlike the training images, or [] when they do not (or when the
+    model carries no statistics)."""
+    if not train_stats or len(x) == 0:
+        return []
+    now = image_stats(x, seed=seed)
+    out = []
+    mean, std = np.asarray(train_stats["mean_rgb"]), np.maximum(np.asarray(train_stats["std_rgb"]), 1.0)
+    z = np.abs(np.asarray(now["mean_rgb"]) - mean) / std
+    if z.max() > COLOUR_Z_LIMIT:
+        out.append(f"mean colour RGB {_rgb(now['mean_rgb'])} vs {_rgb(mean)} +/- {_rgb(std)} in training "
+                   f"({z.max():.1f} standard deviations away)")
+    low, high = train_stats["cell_size_low"], train_stats["cell_size_high"]
+    if not low <= now["cell_size_median"] <= high:
+        out.append(f"the white cell spans {now['cell_size_median']:.2f} of the frame (median) vs {low:.2f}-{high:.2f} "
+                   "in training")
+    return out
+
+
+def _rgb(v) -> str:
+    return "(" + ", ".join(f"{float(c):.0f}" for c in v) + ")"

@@ -1,0 +1,255 @@
+"""Other microscopes: stain normalisation, stain jitter, cell framing, group / layer norm, test-time augmentation,
+batch-norm adaptation, the out-of-distribution warning, and a saved model with all of it that plain Keras loads."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import keras
+
+import adapt
+import cli
+import domain
+import feeding
+import framing
+import inspect_model
+import models
+import runfiles
+import stain
+from conftest import run_script
+
+
+def smear(size=64, cell=(32.0, 32.0), radius=10.0, seed=0, tint=(1.0, 1.0, 1.0)):
+    """A synthetic blood smear: pale background, pink red cells, one dark violet nucleus (the white cell)."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:size, :size].astype(np.float32)
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = (236, 214, 206)
+    for _ in range(6):
+        cy, cx = rng.uniform(0, size, 2)
+        if np.hypot(cy - cell[0], cx - cell[1]) > radius * 1.8:
+            img[np.hypot(rows - cy, cols - cx) < size * 0.09] = (214, 160, 160)
+    img[np.hypot(rows - cell[0], cols - cell[1]) < radius] = (80, 40, 130)
+    img += rng.normal(0, 4, img.shape)
+    return np.clip(img * np.asarray(tint), 0, 255).astype(np.uint8)
+
+
+def smears(n, seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    return np.stack([smear(cell=tuple(rng.uniform(24, 40, 2)), radius=rng.uniform(8, 11), seed=seed * 1000 + i, **kw)
+                     for i in range(n)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Stain normalisation and stain jitter
+# ----------------------------------------------------------------------------------------------
+
+def test_reinhard_maps_the_reference_to_itself_and_a_recoloured_copy_back():
+    ref = smear(seed=1)
+    means, stds = stain.opponent_stats(ref[None])
+    reference = {"mean": means[0].tolist(), "std": stds[0].tolist()}
+    same = stain.reinhard_normalise(ref, reference)
+    assert same.shape == ref.shape and same.dtype == np.float32
+    assert np.abs(same - ref).max() < 1.5  # the std floor (EPSILON) and float rounding only
+
+    shifted = np.clip(ref * np.array([0.8, 0.95, 1.15]) + np.array([10, -5, 20]), 0, 255).astype(np.uint8)
+    before = np.abs(shifted.astype(float) - ref).mean()
+    after = np.abs(stain.reinhard_normalise(shifted, reference) - ref).mean()
+    assert before > 15 and after < 0.25 * before and after < 5
+
+
+def test_the_models_normalisation_layers_compute_the_numpy_function():
+    x = np.stack([smear(seed=2), smear(seed=3, tint=(0.8, 0.9, 1.1))])
+    reference = stain.reference_stats(x)
+    inputs = keras.Input((64, 64, 3), dtype="uint8")
+    model = keras.Model(inputs, stain.add_normalisation_layers(inputs, reference))
+    np.testing.assert_allclose(np.asarray(model.predict_on_batch(x)), stain.reinhard_normalise(x, reference),
+                               atol=0.05)
+
+
+def test_stain_jitter_keeps_shape_and_dtype_is_identity_at_zero_and_seeded():
+    x = np.stack([smear(seed=s) for s in range(4)])
+    assert np.array_equal(np.asarray(stain.make_stain_jitter(0.0, seed=0)(x, training=True)), x)
+    out = [np.asarray(stain.make_stain_jitter(0.2, seed=seed)(x, training=True)) for seed in (5, 5, 6)]
+    assert out[0].shape == x.shape and out[0].dtype == np.uint8
+    assert np.array_equal(out[0], out[1]) and not np.array_equal(out[0], out[2])
+    assert np.abs(out[0].astype(float) - x).mean() > 2  # it does change the colours
+    assert np.array_equal(np.asarray(stain.make_stain_jitter(0.2, seed=5)(x, training=False)), x)
+
+
+def test_hed_round_trip_is_exact_enough_for_uint8():
+    x = smear(seed=4).astype(np.float64)
+    back = 256.0 * np.exp(-(stain.rgb_to_hed(x) @ stain.RGB_FROM_HED)) - 1.0
+    assert np.abs(back - x).max() < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Framing
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("centre,radius", [((32.0, 32.0), 10.0), ((20.0, 41.0), 8.0), ((44.0, 24.0), 13.0)])
+def test_framing_finds_a_drawn_cells_centre_and_size(centre, radius):
+    img = smear(cell=centre, radius=radius, seed=7)
+    cy, cx, extent = framing.find_cell(img)
+    assert abs(cy - centre[0]) < 1.5 and abs(cx - centre[1]) < 1.5
+    assert abs(extent - 2 * radius) <= 0.15 * 2 * radius + 1
+    framed = framing.frame_image(img, 48, 0.5)
+    assert framed.shape == (48, 48, 3) and framed.dtype == np.uint8
+    assert abs(framing.apparent_size(framed) - 0.5) < 0.08
+    fy, fx, _ = framing.find_cell(framed)
+    assert abs(fy - 23.5) < 3 and abs(fx - 23.5) < 3  # centred
+
+
+def test_framing_uses_a_mask_where_given():
+    img = smear(cell=(20.0, 20.0), radius=11.0, seed=8)
+    rows, cols = np.mgrid[:64, :64]
+    img[np.hypot(rows - 46, cols - 46) < 7] = (80, 40, 130)  # a second, smaller nucleus
+    assert np.hypot(*np.subtract(framing.find_cell(img)[:2], (20, 20))) < 1.5  # the larger one, by stain
+    mask = np.hypot(rows - 46, cols - 46) < 12  # the whole second cell
+    cy, cx, extent = framing.find_cell(img, mask)
+    assert abs(cy - 46) < 1.5 and abs(cx - 46) < 1.5 and abs(extent - 13) <= 2  # its nucleus, not the mask
+
+
+def test_decoding_frames_an_image_and_its_mask_alike(tmp_path):
+    import data
+    from PIL import Image
+    img = smear(size=96, cell=(30.0, 60.0), radius=12.0, seed=9)
+    rows, cols = np.mgrid[:96, :96]
+    Image.fromarray(img).save(tmp_path / "cell.png")
+    Image.fromarray((np.hypot(rows - 30, cols - 60) < 20).astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    framed, cell = data.decode_framed(tmp_path / "cell.png", 32, 0.5, tmp_path / "mask.png")
+    assert framed.shape == (32, 32, 3) and cell.shape == (32, 32) and cell.dtype == bool
+    cy, cx = np.argwhere(cell).mean(0)
+    assert abs(cy - 15.5) < 1.5 and abs(cx - 15.5) < 1.5  # the mask moved with the image
+    np.testing.assert_array_equal(data.decode_image(tmp_path / "cell.png", 32, 0.5), framed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation layers, test-time augmentation, batch-norm adaptation
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm,groups", [("group", 4), ("layer", 1)])
+def test_cnn_with_group_or_layer_norm_has_no_batch_statistics(norm, groups):
+    model = models.build_cnn(5, 16, width=4, depth=2, dense=8, batchnorm=True, norm=norm)
+    kinds = [type(l).__name__ for l in model.layers]
+    assert "BatchNormalization" not in kinds and kinds.count("GroupNormalization") == 2
+    assert model.get_layer(f"block1_{norm}norm").groups == groups
+    with pytest.raises(ValueError):
+        models.build_cnn(5, 16, batchnorm=True, norm="instance")
+
+
+def test_tta_1_equals_plain_prediction_and_tta_averages_symmetric_views():
+    keras.utils.set_random_seed(0)
+    model = models.build_cnn(5, 16, width=4, depth=2, dense=8, pooling="avg", batchnorm=True)
+    x = np.random.default_rng(0).integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(adapt.predict(model, x, 4, tta=1), feeding.predict(model, x, 4))
+    views = [feeding.predict(model, adapt.dihedral(x, name), 4) for name in adapt.DIHEDRAL[:3]]
+    np.testing.assert_allclose(adapt.predict(model, x, 4, tta=3), np.mean(views, 0), atol=1e-6)
+    assert len({adapt.dihedral(x, n).tobytes() for n in adapt.DIHEDRAL}) == 8  # eight different views
+
+
+def test_adapting_batchnorm_changes_statistics_not_weights():
+    keras.utils.set_random_seed(0)
+    model = models.build_cnn(5, 16, width=4, depth=2, dense=8, batchnorm=True)
+    bn = model.get_layer("block1_bn")
+    conv = model.get_layer("block1_conv").get_weights()[0].copy()
+    before = np.asarray(bn.moving_mean).copy()
+    x = np.full((8, 16, 16, 3), 200, np.uint8)
+    assert adapt.adapt_batchnorm(model, x, batch_size=4) == 8
+    assert not np.allclose(np.asarray(bn.moving_mean), before)
+    np.testing.assert_array_equal(model.get_layer("block1_conv").get_weights()[0], conv)
+    assert adapt.adapt_batchnorm(models.build_cnn(5, 16, width=4, depth=2, batchnorm=True, norm="group"), x) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The out-of-distribution warning
+# ----------------------------------------------------------------------------------------------
+
+def test_ood_warning_fires_on_recoloured_or_rescaled_copies_not_on_the_set_itself():
+    x = smears(60, seed=1)
+    stats = domain.image_stats(x)
+    assert domain.ood_warnings(stats, x) == []
+    assert domain.ood_warnings(stats, smears(60, seed=2)) == []  # another draw of the same kind
+    bluer = np.clip(x * np.array([0.75, 0.9, 1.1]), 0, 255).astype(np.uint8)
+    reasons = domain.ood_warnings(stats, bluer)
+    assert len(reasons) == 1 and "mean colour" in reasons[0]
+    # The same smears with the cell twice as large: the middle half, enlarged.
+    zoomed = np.stack([np.asarray(keras.ops.image.resize(img[16:48, 16:48], (64, 64))).round().astype(np.uint8)
+                       for img in x])
+    assert any("white cell spans" in r for r in domain.ood_warnings(stats, zoomed))
+    assert domain.ood_warnings({}, bluer) == []  # a model without statistics says nothing
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: train with every lever, load with plain Keras, inspect
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lever_run(demo_root, tmp_path_factory):
+    import train_cnn
+    base = tmp_path_factory.mktemp("microscope")
+    policy = keras.mixed_precision.global_policy().name
+    train_cnn.main(["--data", str(demo_root), "--image-size", "24", "--epochs", "1", "--width", "4", "--depth", "2",
+                    "--dense", "8", "--stain-norm", "reinhard", "--stain-jitter", "0.1", "--frame-cell", "0.5",
+                    "--out", str(base / "run"), "--cache-dir", str(base / "cache"), "--quiet"])
+    yield base / "run", base / "cache", demo_root
+    keras.mixed_precision.set_global_policy(policy)
+
+
+def test_saved_model_with_normalisation_inside_loads_and_predicts_with_plain_keras(lever_run, tmp_path):
+    run_dir, _, _ = lever_run
+    meta = runfiles.read_h5_metadata(run_dir / "model.h5")
+    assert meta["framing"]["share"] == 0.5 and meta["stain_normalisation"]["method"] == "reinhard"
+    assert set(meta["image_stats"]) >= {"mean_rgb", "std_rgb", "cell_size_median"}
+    x = np.stack([framing.frame_image(smear(seed=s), 24, 0.5) for s in range(3)])
+    np.save(tmp_path / "x.npy", x)
+    code = ("import sys, keras, numpy as np; m = keras.models.load_model(sys.argv[1], compile=False); "
+            "x = np.load(sys.argv[2]); np.save(sys.argv[3], m.predict_on_batch(x)); "
+            "np.save(sys.argv[4], keras.Model(m.input, m.get_layer('stain_norm_clip').output)(x))")
+    # A fresh interpreter in another folder, without this project on its path: built-in layers only.
+    done = subprocess.run([sys.executable, "-c", code, str(run_dir / "model.h5"), str(tmp_path / "x.npy"),
+                           str(tmp_path / "p.npy"), str(tmp_path / "n.npy")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    plain = np.load(tmp_path / "p.npy")
+    ours = runfiles.load_core_model(run_dir / "model.h5").predict_on_batch(x)
+    np.testing.assert_allclose(plain, np.asarray(ours), atol=1e-5)
+    assert plain.shape == (3, 5) and np.allclose(plain.sum(1), 1, atol=1e-3)
+    # The loaded model normalises exactly as the documented function does (Keras' .h5 loader once lost a
+    # LayerNormalization's axes here, silently).
+    np.testing.assert_allclose(np.load(tmp_path / "n.npy"),
+                               stain.reinhard_normalise(x, meta["stain_normalisation"]), atol=0.01)
+
+
+def call(argv):
+    with pytest.raises(SystemExit) as done:
+        cli.run_main(lambda: inspect_model.main([str(a) for a in argv]))
+    return done.value.code
+
+
+def test_inspect_tta_1_and_adapt_bn_and_the_adapted_model(lever_run, tmp_path, capsys):
+    run_dir, cache, demo_root = lever_run
+    images = demo_root / "WBC_100" / "val" / "data"
+    model = run_dir / "model.h5"
+    assert call([model, "predict", images, "--out", tmp_path / "plain.csv"]) == 0
+    assert call([model, "predict", images, "--tta", "1", "--out", tmp_path / "tta1.csv"]) == 0
+    assert (tmp_path / "plain.csv").read_text() == (tmp_path / "tta1.csv").read_text()
+    assert call([model, "evaluate", images, "--tta", "2", "--adapt-bn", images, "--save-adapted",
+                 tmp_path / "adapted.h5", "--out", tmp_path / "eval", "--cache-dir", cache]) == 0
+    err = capsys.readouterr().err
+    assert "batch-norm statistics re-estimated on" in err
+    adapted = runfiles.read_h5_metadata(tmp_path / "adapted.h5")
+    assert adapted["adapted_batchnorm"]["images"] > 0 and adapted["framing"] == {
+        **runfiles.read_h5_metadata(model)["framing"]}
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] > 0
+
+
+def test_domain_option_mistakes_are_one_line_errors(tmp_path):
+    for argv in (["--stain-jitter", "1.5"], ["--frame-cell", "2"], ["--norm", "instance"]):
+        done = run_script("train_cnn.py", *argv, "--out", tmp_path / "x", timeout=120)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
+    done = run_script("inspect_model.py", tmp_path / "m.h5", "predict", tmp_path, "--save-adapted", tmp_path / "a.h5")
+    assert done.returncode == 2 and "--save-adapted: needs --adapt-bn" in done.stderr
