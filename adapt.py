@@ -86,9 +86,9 @@ def add_arguments(parser):
                              f"1 to {MAX_TTA}; 1: the image alone)")
     parser.add_argument("--adapt-bn", type=Path, default=None, metavar="DIR",
                         help="first re-estimate the batch-norm statistics on the unlabeled images in DIR (e.g. your "
-                             "own microscope's; no labels used, no weights changed)")
+                             "own microscope's; no labels used, no weights changed; default: the statistics as saved)")
     parser.add_argument("--save-adapted", type=Path, default=None, metavar="PATH",
-                        help="with --adapt-bn: also save the adapted model as this .h5")
+                        help="with --adapt-bn: also save the adapted model as this .h5 (default: not saved)")
 
 
 def check_arguments(args):

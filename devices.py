@@ -361,7 +361,7 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_precision(precision: str) -> str:
-    """'auto' picks by measurement (README, Performance): bfloat16 mixed precision on GPUs and on CPUs with
+    """'auto' picks by measurement (docs/performance.md): bfloat16 mixed precision on GPUs and on CPUs with
     native bf16 (about 2.5x faster than float32 on this project's 2-core CPU), float32 elsewhere."""
     import keras
     if precision != "auto":

@@ -101,3 +101,14 @@ def ood_warnings(train_stats: dict, x, seed: int = 0) -> list[str]:
 
 def _rgb(v) -> str:
     return "(" + ", ".join(f"{float(c):.0f}" for c in v) + ")"
+
+
+def cnn_builder(args, num_classes: int, meta: dict):
+    """build_core for training.train: the dropout CNN of the recipe's shape with --norm, wrapped in the
+    normalisation the saved model carries (wrap_core)."""
+    def build():
+        import models
+        import recipes
+        core = models.build_cnn(num_classes, args.image_size, norm=args.norm, **recipes.model_kwargs(args))
+        return wrap_core(core, meta)
+    return build

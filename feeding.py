@@ -15,7 +15,7 @@ def predict(model: keras.Model, x, batch_size: int = 64) -> np.ndarray:
     """Class probabilities for uint8 images x (N, H, W, 3), read batch by batch (x may be memory-mapped).
 
     predict_on_batch, not model.predict: under TensorFlow, model.predict builds a tf.data iterator per call
-    and tearing it down waits for tf.data's autotuning thread; timed once on the 2-core CPU, that halved the speed of the
+    and tearing it down waits for tf.data's autotuning thread; timed once on a 2-core x86-64 CPU, that halved the speed of the
     per-epoch hold-out and validation passes (about 500 against 990 images/s at 224 px)."""
     if len(x) == 0:
         return np.zeros((0, model.output_shape[-1]), np.float32)
@@ -43,7 +43,7 @@ def recalibrate_batchnorm(core: keras.Model, images, n_images: int, batch_size: 
     zoomed and shifted, edges repeated), not the plain ones the model is evaluated on. On PBC WBC_100 at 96 px
     (default recipe, seed 0) the last epoch's model scored 0.939 validation accuracy with them and 0.985 with
     statistics recomputed from plain training images; recomputed from augmented images, 0.908
-    (tools/bn_recalibration_check.py, README).
+    (tools/bn_recalibration_check.py, docs/results.md).
     """
     norms = [l for l in _nested_layers(core) if isinstance(l, keras.layers.BatchNormalization) and l.trainable]
     count = min(int(n_images or 0), len(images))
@@ -100,7 +100,7 @@ class Endless(keras.utils.PyDataset):
     steps_per_epoch=len(b)) reads one pass per epoch, calling b.on_epoch_end() between passes.
 
     Why: for a finite dataset Keras builds a fresh tf.data iterator every epoch under TensorFlow, and tearing
-    the old one down waits for tf.data's autotuning thread, on the 2-core CPU about as long as the epoch
+    the old one down waits for tf.data's autotuning thread, on a 2-core x86-64 CPU about as long as the epoch
     itself in roughly half the epochs (100 instead of 190 images/s for the default CNN at 224 px). One
     iterator for the whole fit has no such pause. Batch `index` is always step index % len(b) of pass
     index // len(b), however far a prefetching reader runs ahead of the epoch callbacks.

@@ -21,7 +21,7 @@ def classifier_head(x, num_classes: int, dense: int = 128, dropout: float = 0.5)
     return layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
 
 
-# On PBC at 224 px a stride-2 first convolution matched the plain CNN's accuracy (README, Results) at about a
+# On PBC at 224 px a stride-2 first convolution matched the plain CNN's accuracy (docs/results.md) at about a
 # quarter of the operations; below ~160 px halving the working resolution costs detail, so 'auto' keeps stride 1.
 STEM_AUTO_MIN_SIZE = 160
 NORMS = ("batch", "group", "layer")

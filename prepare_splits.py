@@ -1,6 +1,6 @@
 """Build the course's WBC layout from any folder-per-class dataset (PBC, Raabin-WBC, BCCD, ...).
 
-    python prepare_splits.py SOURCE OUT                          # e.g. ../shared/data/pbc /tmp/pbc_splits
+    python prepare_splits.py SOURCE OUT                          # e.g. ../shared/data/pbc OUT
     python prepare_splits.py SOURCE OUT --proportions course     # the course's class balance (61% neutrophil)
     python prepare_splits.py SOURCE/data OUT --masks SOURCE/mask --mask-fraction 0.1
 

@@ -2,7 +2,7 @@
 
 RECIPES (train_cnn.py, train_masked.py, bench.py): 'report' reproduces the original course report (its dropout CNN
 with a flatten head, its augmentation, no class weights); 'default' is the project's recipe, chosen by measurement
-(README, Results). RESNET_RECIPES: pretrain_resnet.py's."""
+(docs/results.md). RESNET_RECIPES: pretrain_resnet.py's."""
 from __future__ import annotations
 
 RECIPES = {
@@ -15,7 +15,7 @@ RECIPES = {
     # bn_recalibrate: batch-norm statistics recomputed from plain training images before each evaluation (the
     # moving averages describe the heavily augmented images; feeding.recalibrate_batchnorm).
     # Square-root class weights: full inverse frequency (basophil ~30x neutrophil on course proportions) made
-    # the PBC models call neutrophils basophils; the root kept balanced accuracy and raised macro-F1 (README).
+    # the PBC models call neutrophils basophils; the root kept balanced accuracy and raised macro-F1 (docs/results.md).
     "default": dict(width=32, depth=4, dropout=0.05, dropout_step=0.05, dense=128, pooling="avg",
                     batchnorm=True, class_weight=True, class_weight_power=0.5, rotation=180.0, shear=10.0,
                     label_smoothing=0.1, lr=2e-3, lr_schedule="cosine", zoom=0.1, shift=0.05, min_steps=20,

@@ -22,6 +22,16 @@ def _save(fig, path: Path, dpi: int = 110, tight: bool = True):
     os.replace(tmp, path)
 
 
+def _epoch_axes(ax, ylabel: str, marked_epoch: int | None, mark_label: str):
+    """Label a per-epoch axis, with a dotted line at the epoch that was kept."""
+    if marked_epoch:
+        ax.axvline(marked_epoch, color="grey", lw=0.8, ls=":", label=mark_label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
 def plot_curves(history: list[dict], path: Path, selected_epoch: int | None = None, title: str = ""):
     """Loss and accuracy per epoch for train, hold-out and validation; the selected epoch marked."""
     epochs = [int(r["epoch"]) for r in history]
@@ -31,12 +41,7 @@ def plot_curves(history: list[dict], path: Path, selected_epoch: int | None = No
             values = [float(r.get(f"{part}_{metric}", "nan") or "nan") for r in history]
             if not np.all(np.isnan(values)):
                 ax.plot(epochs, values, style, marker=".", label=part)
-        if selected_epoch:
-            ax.axvline(selected_epoch, color="grey", lw=0.8, ls=":", label=f"selected (epoch {selected_epoch})")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend()
+        _epoch_axes(ax, metric, selected_epoch, f"selected (epoch {selected_epoch})")
     if title:
         fig.suptitle(title)
     _save(fig, path)
@@ -139,12 +144,7 @@ def plot_pretraining(history: list[dict], path: Path, kept_epoch: int | None = N
         if points:
             axes[1].plot(*zip(*points), marker="o", label=f"probe, val {label}")
     for ax, ylabel in zip(axes, ("loss", "score")):
-        if kept_epoch:
-            ax.axvline(kept_epoch, color="grey", lw=0.8, ls=":", label=f"encoder.h5 (epoch {kept_epoch})")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
+        _epoch_axes(ax, ylabel, kept_epoch, f"encoder.h5 (epoch {kept_epoch})")
     if title:
         fig.suptitle(title)
     _save(fig, path)
@@ -160,7 +160,7 @@ TABLE_METRICS = [("val_accuracy_best", "Best"), ("val_accuracy_mean", "Mean"), (
                  ("val_accuracy_selected", "Selected epoch"), ("balanced_accuracy", "Balanced acc."),
                  ("macro_f1", "Macro-F1"), ("majority_baseline", "Majority baseline")]
 SECTIONS = [("report", "The report's recipe (its CNN with a flatten head, its augmentation, no class weights)"),
-            ("default", "The project's default recipe (README, Results)"),
+            ("default", "The project's default recipe (docs/results.md)"),
             ("resnet", "ResNet50 (pretrain_resnet.py)")]
 PLOT_METRICS = {"val_accuracy_selected": "val accuracy (hold-out-selected epoch)",
                 "balanced_accuracy": "val balanced accuracy"}

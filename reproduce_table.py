@@ -181,7 +181,7 @@ def parse_args(argv=None):
         if args.out is None:
             args.out = Path("runs/table_demo" if args.demo else "runs/table")
         return args
-    # The demo's small budget: image size 32, 6 epochs, 2 seeds (README, Reproducing the table, says how long).
+    # The demo's small budget: image size 32, 6 epochs, 2 seeds.
     cli.resolve_data(args, demo_image_size=32)
     args.data = Path(args.data).resolve()
     if args.seeds is None:

@@ -9,7 +9,6 @@
 Run folder: args.json, history.csv, metrics.json, model.h5, val_predictions.csv, curves.png, confusion.png.
 """
 import cli
-import recipes
 
 
 def parse_args(argv=None):
@@ -27,7 +26,6 @@ def main(argv=None):
         cli.check_resume(args, run_dir)
     cli.import_keras_quietly(args)
     import domain
-    import models
     import selfsup
     import training
 
@@ -38,10 +36,7 @@ def main(argv=None):
 
     domain_meta = domain.metadata(args, train_set.x)
 
-    def build():
-        core = models.build_cnn(len(train_set.classes), args.image_size, norm=args.norm,
-                                **recipes.model_kwargs(args))
-        return domain.wrap_core(core, domain_meta)
+    build = domain.cnn_builder(args, len(train_set.classes), domain_meta)
 
     hooks = training.Hooks(build_train_model=domain.training_wrapper(args))
     result = selfsup.train_from_init(run_dir, build, train_set, val_set, config, cli.args_dict(args), args.resume,

@@ -15,7 +15,6 @@ core model. The per-class image counts of the chosen mode are printed and stored
 import sys
 
 import cli
-import recipes
 
 
 def parse_args(argv=None):
@@ -84,7 +83,6 @@ def main(argv=None):
     cli.import_keras_quietly(args)
     import consistency
     import domain
-    import models
     import selfsup
     import training
 
@@ -97,10 +95,7 @@ def main(argv=None):
 
     domain_meta = domain.metadata(args, train_set.x)
 
-    def build():
-        core = models.build_cnn(len(train_set.classes), args.image_size, norm=args.norm,
-                                **recipes.model_kwargs(args))
-        return domain.wrap_core(core, domain_meta)
+    build = domain.cnn_builder(args, len(train_set.classes), domain_meta)
 
     hooks = training.Hooks(build_train_model=domain.training_wrapper(args))
     if paired is not None:

@@ -230,6 +230,8 @@ class EpochEvaluator(keras.callbacks.Callback):
             self.model.stop_training = True
             return
         self._record(epoch + 1, logs, seconds)
+        if not self.rows:  # several processes: only process 0 evaluates
+            return
         # The hold-out and validation figures, for the callbacks after this one (TensorBoard).
         logs.update({k: self.rows[-1][k] for k in ("holdout_loss", "holdout_accuracy", "val_loss", "val_accuracy",
                                                    "val_balanced_accuracy")})
@@ -381,6 +383,9 @@ def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, con
         raise UserError(f"the validation set holds no readable images ({len(val_set.skipped)} skipped as unreadable)")
     if test_set is not None and len(test_set) == 0:
         raise UserError(f"--test: none of the test images could be decoded ({len(test_set.skipped)} skipped)")
+    if config.patience and devices.process_count() > 1:
+        raise UserError(f"--patience {config.patience}: not available with several processes (only process 0 "
+                        "evaluates the hold-out); train with --epochs")
     if config.patience and config.holdout <= 0 and hooks.selection_set is None:
         raise UserError(f"--patience {config.patience} needs a hold-out to watch (--holdout > 0); early stopping "
                         "never looks at the validation set")

@@ -1,6 +1,7 @@
 """Shared fixtures: the synthetic demo data (generated once per session), private cache folders, and a way to
 run a script as a user would (a subprocess, checking exit status and output)."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,15 @@ def exit_status(main, argv):
     with pytest.raises(SystemExit) as done:
         cli.run_main(lambda: main([str(a) for a in argv]))
     return done.value.code
+
+
+@pytest.fixture
+def no_hang(request):
+    """Fail, rather than hang CI, when a case does not finish in two minutes (a named pipe once blocked for ever)."""
+    def timeout(*_):
+        raise TimeoutError(f"{request.node.name} ran over 120 s (a hang?)")
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)

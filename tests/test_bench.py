@@ -1,5 +1,5 @@
-"""bench.py and the legacy ImageDataGenerator loader (issue 7). Tiny images; no timing is asserted here:
-speed numbers come from bench.py runs recorded in the README."""
+"""bench.py and the legacy ImageDataGenerator loader. Tiny images; no timing is asserted here:
+speed numbers come from bench.py runs recorded in docs/performance.md."""
 import importlib.util
 import json
 import os

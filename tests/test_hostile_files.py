@@ -8,7 +8,6 @@ import csv
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -22,23 +21,12 @@ from conftest import PROJECT, run_script
 from hostile import gif_claiming, jpeg_claiming, make_bombs, make_special_files, png_bomb, tiff_bomb
 import data
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo") or sys.platform == "win32",
-                                reason="named pipes, Unix sockets and /dev/zero are POSIX")
+pytestmark = [pytest.mark.skipif(not hasattr(os, "mkfifo") or sys.platform == "win32",
+                                 reason="named pipes, Unix sockets and /dev/zero are POSIX"),
+              pytest.mark.usefixtures("no_hang")]
 
 CLASS_FOLDERS = ("Basophil", "Eosinophil", "Lymphocyte", "Monocyte", "Neutrophil")
 MB = 2 ** 20
-
-
-@pytest.fixture(autouse=True)
-def no_hang():
-    """Fail, rather than hang CI, when a case does not finish in two minutes (a named pipe used to block forever)."""
-    def timeout(*_):
-        raise TimeoutError("test_hostile_files case ran over 120 s (a hang?)")
-    old = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(120)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
 
 
 def tiny_copy(demo_root: Path, root: Path, train: int = 3, val: int = 2) -> Path:

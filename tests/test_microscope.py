@@ -123,7 +123,7 @@ def test_decoding_frames_an_image_and_its_mask_alike(tmp_path):
     assert framed.shape == (32, 32, 3) and cell.shape == (32, 32) and cell.dtype == bool
     cy, cx = np.argwhere(cell).mean(0)
     assert abs(cy - 15.5) < 1.5 and abs(cx - 15.5) < 1.5  # the mask moved with the image
-    np.testing.assert_array_equal(data.decode_image(tmp_path / "cell.png", 32, 0.5), framed)
+    np.testing.assert_array_equal(data.decode_image(tmp_path / "cell.png", 32, frame_share=0.5), framed)
 
 
 # ----------------------------------------------------------------------------------------------

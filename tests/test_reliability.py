@@ -1,4 +1,4 @@
-"""Reliability (issue 8): broken data, interruptions, unwritable caches, untrusted model files, NaN losses and
+"""Reliability: broken data, interruptions, unwritable caches, untrusted model files, NaN losses and
 determinism. Every case either trains (bad files skipped and counted) or stops with one line and exit 2.
 
 The interruption cases kill a real training process with SIGKILL (tests/faults.py) and resume it."""
@@ -23,16 +23,7 @@ CLASS_FOLDERS = ("Basophil", "Eosinophil", "Lymphocyte", "Monocyte", "Neutrophil
 TIMING_FIELDS = {"seconds", "train_seconds", "images_per_second"}
 
 
-@pytest.fixture(autouse=True)
-def no_hang():
-    """Fail, rather than hang CI, when a case does not finish in two minutes."""
-    def timeout(*_):
-        raise TimeoutError("test_reliability case ran over 120 s (a hang?)")
-    old = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(120)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+pytestmark = pytest.mark.usefixtures("no_hang")
 
 
 # ----------------------------------------------------------------------------------------------

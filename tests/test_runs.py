@@ -1,4 +1,4 @@
-"""Runs a user can trust and steer (issue 16): start-up without Keras, help with the real defaults, exact
+"""Runs a user can trust and steer: start-up without Keras, help with the real defaults, exact
 resume after kill -9, refused argument changes, extending a finished run, --config, --test, --tensorboard,
 --patience, export, and the small things (no empty folder, CSV only after success, confusion.png, summaries)."""
 import csv
@@ -165,7 +165,7 @@ def test_resume_with_changed_arguments_is_refused_naming_each_and_touching_nothi
 def test_resume_takes_the_runs_arguments_and_a_larger_epochs_extends_a_finished_run(tmp_path, finished_run, capsys):
     """Resumed with only --out and --epochs 4: the run's own image size, model and recipe; epochs 1-2 untouched,
     epochs 3-4 trained from the kept training state, the learning rate on the longer cosine from where the run
-    stopped (the README's rule)."""
+    stopped (the rule in docs/usage.md)."""
     import shutil
     root, cache, finished = finished_run
     run = tmp_path / "run"

@@ -2,7 +2,7 @@
 
     python tools/bench_masks.py                             # ../shared/data/bccd, 10% of train masks, seeds 0 1 2
     python tools/bench_masks.py --mask-fraction 1.0         # every training image keeps its mask
-    python tools/bench_masks.py --image-size 64 --epochs 30 --out /tmp/masks_bench
+    python tools/bench_masks.py --image-size 64 --epochs 30 --out runs/masks_bench
 
 Lays the BCCD crops out in the course layout with prepare_splits.py (symlinks, stratified 5:1 train/val, a
 --mask-fraction of each class's training images keeping its mask), runs train_masked.py once per setting and
@@ -28,7 +28,7 @@ def parse_args(argv=None):
     parser = cli.make_parser(__doc__.split("\n")[0], prog="tools/bench_masks.py")
     parser.add_argument("--source", type=Path, default=PROJECT.parent / "shared" / "data" / "bccd",
                         help="folder with data/<Class>/ and mask/<Class>/ (same file stems)")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/masks_bench"), help="layout and run folders")
+    parser.add_argument("--out", type=Path, default=Path("runs/masks_bench"), help="layout and run folders")
     parser.add_argument("--mask-fraction", type=float, default=0.1, help="share of training images keeping a mask")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
@@ -36,7 +36,7 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--consistency", type=float, default=1.0, help="weight of the consistency setting")
     parser.add_argument("--class-weight-power", type=float, default=None,
-                        help="passed to train_masked.py (default: the recipe's; the README's figures used 1)")
+                        help="passed to train_masked.py (default: the recipe's; docs/masks.md figures used 1)")
     return parser.parse_args(argv)
 
 

@@ -1,7 +1,7 @@
 """Validation metrics of a saved model as saved, and with its batch-norm statistics recomputed from plain or augmented
 training images (feeding.recalibrate_batchnorm): does a recipe's validation swing live in the BN statistics?
 
-    python tools/bn_recalibration_check.py RUN_DIR --data /tmp/pbc_course --split WBC_100
+    python tools/bn_recalibration_check.py RUN_DIR --data OUT --split WBC_100
 
 RUN_DIR is a run folder of train_cnn.py (its model.h5 and args.json: image size, seed, augmentation). Prints one
 line per variant: accuracy, balanced accuracy and macro-F1 on the split's validation set. Nothing is written.
