@@ -317,10 +317,17 @@ def check_augmentation_args(args):
                         "--loader cached (the default), not --loader generator")
 
 
-def add_output_args(parser):
+def add_output_args(parser, supervised: bool = True):
+    """The run folder's options. supervised=False (pretrain_ssl.py): no --config, --test or --tensorboard, and
+    --resume keeps a finished run but starts an unfinished one again."""
     g = parser.add_argument_group("output")
     g.add_argument("--out", type=Path, default=None,
                    help="run folder (default runs/<script>_<split>_seed<seed>, numbered if taken)")
+    if not supervised:
+        g.add_argument("--resume", action="store_true",
+                       help="keep the run in --out when it is finished; an unfinished one is trained again")
+        g.add_argument("--quiet", action="store_true", help="print only the summary")
+        return g
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out (or the newest default run folder) after its last "
                         "finished epoch, with the run's own arguments (a different value for one of them is "

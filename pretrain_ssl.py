@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--select-on", choices=("last", "probe"), default="last",
                    help="which epoch's encoder.h5 is kept: last; probe = best probe balanced accuracy (this "
                         "looks at the validation set, so its later validation scores are optimistic)")
-    cli.add_output_args(parser)
+    cli.add_output_args(parser, supervised=False)
     args = parser.parse_args(argv)
     for folder in args.unlabeled:
         if not folder.is_dir():
