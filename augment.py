@@ -457,13 +457,10 @@ def photometric_layers(color_jitter=0.0, grayscale=0.0, blur=0.0, crop_scale=1.0
     return out
 
 
-# SimCLR's view recipe, with the rotations and flips a cell image allows (a cell has no up or left).
-SSL_VIEW_DEFAULTS = dict(crop_scale=0.2, color_jitter=0.5, grayscale=0.2, blur=0.5, rotation=180.0)
-
-
 def make_two_views(crop_scale=0.2, color_jitter=0.5, grayscale=0.2, blur=0.5, rotation=180.0, seed=None):
     """The two-view layer for self-supervised pre-training: random resized crop, rotation and flips (one affine
-    warp), colour jitter, greyscale, blur; every view drawn independently."""
+    warp), colour jitter, greyscale, blur; every view drawn independently. The defaults are SimCLR's view recipe
+    with the rotations and flips a cell image allows (a cell has no up or left)."""
     pipeline = photometric_layers(crop_scale=crop_scale, seed=seed)
     pipeline.append(make_augmentation(rotation=rotation, shear=0.0, horizontal_flip=True, vertical_flip=True,
                                       seed=None if seed is None else int(seed) + 100))

@@ -281,28 +281,13 @@ def cmd_summary(loaded: Loaded, args):
 # ----------------------------------------------------------------------------------------------
 
 def eval_files(folder: Path, classes: list[str], split: str):
-    """The labelled files to evaluate: a course root's validation set, or a folder-per-class directory
-    (also one holding data/<class>/, like WBC_100/val)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such folder (expected one sub-folder per class, or a course-layout root)")
-    if data.is_course_root(folder):
-        if tuple(classes) == data.WBC_CLASSES:
-            return data.find_split(folder, split).val
-        cam16 = data.find_cam16(folder)
-        part = "val" if "val" in cam16 else "test" if "test" in cam16 else None
-        if set(classes) == {"normal", "tumor"} and part:
-            return cam16[part]
-        raise UserError(f"{folder}: a course-layout root, but no validation set for the classes "
-                        f"{', '.join(classes)}; pass a folder with one sub-folder per class")
-    if (folder / "data").is_dir() and not any(data.canonical_class(d.name, tuple(classes))
-                                              for d in folder.iterdir() if d.is_dir()):
-        folder = folder / "data"
-    files = data.scan_class_folders(folder, tuple(classes))
-    ignored = [d.name for d in folder.iterdir()
-               if d.is_dir() and not d.name.startswith(".") and data.canonical_class(d.name, tuple(classes)) is None]
-    if ignored:
-        print(f"note: ignored folders that name none of the model's classes: {', '.join(sorted(ignored))}")
+    """The labelled files to evaluate (data.find_labelled), noting class folders the model does not know."""
+    files = data.find_labelled(folder, classes, split)
+    if not data.is_course_root(Path(folder)):
+        ignored = [d.name for d in files.root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                   and data.canonical_class(d.name, tuple(classes)) is None]
+        if ignored:
+            print(f"note: ignored folders that name none of the model's classes: {', '.join(sorted(ignored))}")
     return files
 
 
