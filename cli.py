@@ -461,6 +461,35 @@ def resolve_cnn_args(args):
     return args
 
 
+def add_semisup_args(parser):
+    """Semi-supervised training on unlabeled images (semisup.py, docs/ssl.md)."""
+    g = parser.add_argument_group("semi-supervised: learn from unlabeled images too (FixMatch-style, docs/ssl.md)")
+    g.add_argument("--unlabeled", type=Path, nargs="+", default=[], metavar="DIR",
+                   help="folders of unlabeled images (searched recursively, folder names ignored); with them each "
+                        "step also trains on confident pseudo-labels of unlabeled images (default: none)")
+    g.add_argument("--unlabeled-ratio", type=int, default=7, metavar="MU",
+                   help="unlabeled images per labelled image in each step (FixMatch's 7)")
+    g.add_argument("--unlabeled-weight", type=float, default=1.0,
+                   help="weight of the unlabeled loss against the labelled one (FixMatch's 1)")
+    g.add_argument("--threshold", type=float, default=0.95,
+                   help="a pseudo-label needs this share of the top probability the loss asks for (FixMatch's "
+                        "0.95; with label smoothing 0.1 and 5 classes: p >= 0.874)")
+    return g
+
+
+def resolve_semisup_args(args):
+    """Check add_semisup_args' values."""
+    for folder in args.unlabeled:
+        if not Path(folder).is_dir():
+            raise UserError(f"--unlabeled {folder}: not a folder (expected a folder of images, searched recursively)")
+    check_positive(args, "unlabeled_ratio", "unlabeled_weight", "threshold")
+    if args.threshold > 1:
+        raise UserError(f"--threshold {args.threshold}: expected a share in (0, 1]")
+    if args.unlabeled and args.loader == "generator":
+        raise UserError("--unlabeled needs --loader cached (the default), not --loader generator")
+    return args
+
+
 def add_domain_args(parser):
     """Levers for models that must work on other labs' microscopes (docs/microscopes.md)."""
     g = parser.add_argument_group("other microscopes (docs/microscopes.md)")

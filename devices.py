@@ -330,9 +330,12 @@ def local_share(stream):
 
         def __getitem__(self, index):
             x, y = stream[index]
-            per = len(y) // n * n // processes
-            rows = slice(process * per, (process + 1) * per)
-            return (tuple(a[rows] for a in x) if isinstance(x, tuple) else x[rows]), y[rows]
+            return (tuple(share(a) for a in x) if isinstance(x, tuple) else share(x)), share(y)
+
+    def share(a):
+        # Each array by its own length: a semi-supervised step's unlabeled images outnumber its labelled ones.
+        per = len(a) // n * n // processes
+        return a[process * per:(process + 1) * per]
 
     return LocalShare()
 

@@ -5,6 +5,7 @@
     python train_cnn.py --data ROOT --recipe report      # the original report's recipe
     python train_cnn.py --out runs/x --resume            # continue an interrupted run
     python train_cnn.py --init runs/ssl/encoder.h5 --freeze-epochs 2   # from a pretrain_ssl.py encoder
+    python train_cnn.py --data ROOT --split WBC_1 --unlabeled ROOT/WBC_unlabeled   # semi-supervised
 
 Run folder: args.json, history.csv, metrics.json, model.h5, val_predictions.csv, curves.png, confusion.png.
 """
@@ -16,7 +17,8 @@ def parse_args(argv=None):
     cli.add_data_args(parser)
     cli.add_cnn_training_args(parser)
     cli.add_domain_args(parser)
-    return cli.resolve_domain_args(cli.resolve_cnn_args(cli.parse_run_args(parser, argv)))
+    cli.add_semisup_args(parser)
+    return cli.resolve_semisup_args(cli.resolve_domain_args(cli.resolve_cnn_args(cli.parse_run_args(parser, argv))))
 
 
 def main(argv=None):
@@ -39,9 +41,14 @@ def main(argv=None):
     build = domain.cnn_builder(args, len(train_set.classes), domain_meta)
 
     hooks = training.Hooks(build_train_model=domain.training_wrapper(args))
+    semi_meta = {}
+    if args.unlabeled:
+        import semisup
+        hooks, semi_meta = semisup.from_args(args, hooks, train_set, config)
     result = selfsup.train_from_init(run_dir, build, train_set, val_set, config, cli.args_dict(args), args.resume,
                                      {"model": "dropout_cnn", "recipe": args.recipe, "split": args.split,
-                                      "demo_data": args.demo, **domain_meta}, args.init, args.freeze_epochs,
+                                      "demo_data": args.demo, **domain_meta, **semi_meta}, args.init,
+                                     args.freeze_epochs,
                                      hooks=hooks, test_set=test_set)
     training.print_summary(run_dir, result)
 

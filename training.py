@@ -349,6 +349,8 @@ class Hooks:
     compile_model: Callable | None = None
     # Select the epoch on this set instead of a hold-out of train_set, which is then trained on whole (CAM16 val).
     selection_set: ImageSet | None = None
+    # wrap_batches(batches) -> the epoch of batches fit reads instead (e.g. unlabeled images added to each step).
+    wrap_batches: Callable | None = None
 
 
 def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, config: TrainConfig,
@@ -458,7 +460,10 @@ def _train(run_dir, build_core, train_set, val_set, config, args, resume, extra_
     paired = None if hooks.paired_x is None else np.asarray(hooks.paired_x)[train_idx]
     # One epoch = one pass of the batches: stream.steps_per_epoch optimizer steps. A resumed fit continues after
     # the backup's epoch (BackupAndRestore), and so does the data order.
-    stream = Endless(training_batches(fit_set, config, passes, paired), start_epoch=backup_epoch(run_dir))
+    batches = training_batches(fit_set, config, passes, paired)
+    if hooks.wrap_batches:
+        batches = hooks.wrap_batches(batches)
+    stream = Endless(batches, start_epoch=backup_epoch(run_dir))
     fed = devices.local_share(stream)  # several JAX devices or processes: what each process feeds
     # The schedule spans config.epochs: a run extended with a larger --epochs continues on the longer cosine from
     # the step it reached (its optimizer step count is restored), so its learning rate rises to where the longer

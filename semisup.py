@@ -1,0 +1,150 @@
+"""Semi-supervised training on unlabeled images, FixMatch-style (train_cnn.py --unlabeled; docs/ssl.md).
+
+Each training step sees a batch of labelled images and `ratio` times as many unlabeled ones. The model's
+prediction on a weakly augmented view of an unlabeled image (the run's own augmentation) becomes its pseudo-label
+when confident enough; the model is then trained to give that label to a strongly augmented view of the same
+image (the weak augmentation plus colour jitter, greyscale and blur). After Sohn et al., "FixMatch", NeurIPS 2020.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import augment
+
+# The strong view's photometric part: SimCLR's colour jitter, greyscale and blur (augment.make_two_views), the
+# project's stand-in for FixMatch's RandAugment, which has no built-in Keras 3 layer working on uint8 batches.
+STRONG = dict(color_jitter=0.5, grayscale=0.2, blur=0.5)
+
+
+def confidence_bar(threshold: float, label_smoothing: float, num_classes: int) -> float:
+    """The probability a pseudo-label needs: `threshold` of the most confident prediction the loss asks for.
+
+    Why: with label smoothing e the training target of the true class is 1 - e + e/K, so a well-trained model's
+    top probability settles near it (0.92 for e = 0.1, K = 5) and FixMatch's 0.95 would never be reached."""
+    return float(threshold) * (1.0 - label_smoothing + label_smoothing / num_classes)
+
+
+def fixmatch_model(weak_model, num_classes: int, bar: float, weight: float, class_weights: dict | None,
+                   seed: int, strong: dict | None = None):
+    """Training-only wrapper: [labelled, unlabeled] uint8 -> the labelled images' probabilities, with the
+    unlabeled loss added (add_loss).
+
+    weak_model: uint8 images -> probabilities with the run's own augmentation (training.train's standard
+    training model). All three parts go through it as ONE batch, so batch norm sees labelled and unlabeled images
+    together, as in FixMatch. Unlabeled loss: the mean over unlabeled images of
+    [max p_weak >= bar] * w[pseudo] * cross-entropy(p_strong, pseudo), times `weight`; w = the labelled loss's class
+    weights, so a rare class's pseudo-labels count as its labels do. No gradient flows through the pseudo-labels."""
+    import keras
+    from keras import ops
+
+    strong_layers = augment.photometric_layers(**(strong or STRONG), seed=int(seed) + 200)
+    w = np.ones(num_classes, "float32")
+    for c, v in (class_weights or {}).items():
+        w[int(c)] = v
+
+    class FixMatch(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.weak_model = weak_model
+            self.strong_layers = strong_layers
+
+        def call(self, inputs, training=None):
+            labelled, unlabeled = inputs
+            strong_view = unlabeled
+            for layer in self.strong_layers:
+                strong_view = layer(strong_view, training=training)
+            n, u = ops.shape(labelled)[0], ops.shape(unlabeled)[0]
+            probs = ops.cast(self.weak_model(ops.concatenate([labelled, unlabeled, strong_view], axis=0),
+                                             training=training), "float32")
+            p_labelled, p_weak, p_strong = probs[:n], probs[n:n + u], probs[n + u:]
+            p_weak = ops.stop_gradient(p_weak)
+            pseudo = ops.argmax(p_weak, axis=-1)
+            confident = ops.cast(ops.max(p_weak, axis=-1) >= bar, "float32")
+            class_w = ops.take(ops.convert_to_tensor(w), pseudo)
+            ce = -ops.sum(ops.one_hot(pseudo, num_classes) * ops.log(ops.clip(p_strong, 1e-7, 1.0)), axis=-1)
+            self.add_loss(weight * ops.mean(confident * class_w * ce))
+            return p_labelled
+
+        def compute_output_shape(self, input_shapes):
+            return (input_shapes[0][0], num_classes)
+
+    size = weak_model.input_shape[1]
+    labelled = keras.Input((size, size, 3), dtype="uint8", name="image")
+    unlabeled = keras.Input((size, size, 3), dtype="uint8", name="unlabeled_image")
+    return keras.Model([labelled, unlabeled], FixMatch(name="fixmatch", dtype="float32")([labelled, unlabeled]),
+                       name=f"{weak_model.name}_fixmatch")
+
+
+def with_unlabeled_batches(pool_x: np.ndarray, ratio: int, seed: int):
+    """training.Hooks.wrap_batches: each labelled batch gets ratio x its size unlabeled images from pool_x."""
+    import keras
+
+    class WithUnlabeled(keras.utils.PyDataset):
+        """(labelled x, unlabeled x), y per step. The unlabeled rows are drawn without replacement from a
+        generator seeded by (seed, epoch, step): the same step of the same epoch reads the same images, however
+        the stream is read or resumed (feeding.Endless counts epochs through on_epoch_end)."""
+
+        def __init__(self, batches):
+            super().__init__()
+            self.batches = batches
+            self.epoch = 0
+
+        def __len__(self):
+            return len(self.batches)
+
+        def on_epoch_end(self):
+            self.batches.on_epoch_end()
+            self.epoch += 1
+
+        def __getitem__(self, step):
+            x, y = self.batches[step]
+            n = min(len(pool_x), ratio * len(y))
+            rng = np.random.default_rng([int(seed), self.epoch, int(step)])
+            rows = np.sort(rng.choice(len(pool_x), n, replace=False))
+            return (x, pool_x[rows]), y
+
+    return WithUnlabeled
+
+
+def hooks(base_hooks, pool_x: np.ndarray, labels, num_classes: int, config, ratio: int, weight: float,
+          threshold: float):
+    """base_hooks (training.Hooks) turned semi-supervised: the FixMatch wrapper around base_hooks' training
+    model (or the standard augmented one) and unlabeled images added to every batch."""
+    import dataclasses
+
+    import training
+    bar = confidence_bar(threshold, config.label_smoothing, num_classes)
+    weights = (training.class_weights(labels, num_classes, config.class_weight_power)
+               if config.class_weight else None)
+    base_build = base_hooks.build_train_model
+
+    def build(core, config):
+        weak = (base_build(core, config) if base_build
+                else augment.with_augmentation(core, config.augment, config.seed))
+        return fixmatch_model(weak, num_classes, bar, weight, weights, config.seed)
+
+    return dataclasses.replace(base_hooks, build_train_model=build,
+                               wrap_batches=with_unlabeled_batches(pool_x, ratio, config.seed))
+
+
+def from_args(args, base_hooks, train_set, config):
+    """(hooks, metadata) for train_cnn.py --unlabeled: the pool decoded like the training images (validation
+    images refused), and what model.h5's metadata records about it."""
+    import data
+    import selfsup
+    files = data.find_split(args.data, args.split)
+    pool_files, pool_info = selfsup.gather_pool(args.unlabeled, [], list(files.val.paths), args.data)
+    pool = data.load_images(pool_files, size=args.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                            verbose=not args.quiet, name="unlabeled", max_pixels=args.max_pixels,
+                            frame_share=args.frame_cell or 0.0)
+    if not args.quiet:
+        print(f"unlabeled: {len(pool)} images from {', '.join(pool_info['sources'])}")
+    num_classes = len(train_set.classes)
+    semi = hooks(base_hooks, pool.x, train_set.y, num_classes, config, args.unlabeled_ratio, args.unlabeled_weight,
+                 args.threshold)
+    meta = {"semi_supervised": {"method": "fixmatch", "unlabeled_images": len(pool), "sources": pool_info["sources"],
+                                "ratio": args.unlabeled_ratio, "weight": args.unlabeled_weight,
+                                "threshold": args.threshold,
+                                "confidence_bar": confidence_bar(args.threshold, config.label_smoothing,
+                                                                 num_classes)}}
+    return semi, meta

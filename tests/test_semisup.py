@@ -1,0 +1,135 @@
+"""Semi-supervised training (semisup.py, train_cnn.py --unlabeled): the confidence bar, the unlabeled batches,
+the FixMatch loss, and the script end to end under TensorFlow and JAX."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_script
+
+TINY = ["--image-size", "16", "--batch-size", "8", "--width", "4", "--no-cache", "--epochs", "1"]
+
+
+def test_confidence_bar_is_the_threshold_of_the_smoothed_target():
+    import semisup
+    assert semisup.confidence_bar(0.95, 0.0, 5) == pytest.approx(0.95)
+    # label smoothing 0.1 over 5 classes asks for 0.92 on the true class at most: 0.95 of it
+    assert semisup.confidence_bar(0.95, 0.1, 5) == pytest.approx(0.95 * 0.92)
+
+
+def _labelled_batches(n=10, batch=4, size=4):
+    from feeding import ArrayBatches
+    x = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, size, size, 3), np.uint8)
+    return ArrayBatches(x, np.eye(5, dtype="float32")[np.arange(n) % 5], batch, seed=0)
+
+
+def test_each_step_gets_ratio_times_its_size_of_unlabeled_images_reproducibly_across_a_resume():
+    import semisup
+    from feeding import Endless
+    pool = (np.arange(100, dtype=np.uint8) + 100)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+    wrap = semisup.with_unlabeled_batches(pool, ratio=3, seed=7)
+    stream = Endless(wrap(_labelled_batches()))
+    steps = stream.steps_per_epoch
+    read = [stream[i] for i in range(3 * steps)]  # three epochs
+    for (labelled, unlabeled), y in read:
+        assert len(unlabeled) == 3 * len(y) and len(labelled) == len(y)
+        ids = unlabeled[:, 0, 0, 0]
+        assert len(set(ids)) == len(ids) and ids.min() >= 100  # distinct pool images, never labelled ones
+    epoch0 = [u[:, 0, 0, 0].tolist() for (_, u), _ in read[:steps]]
+    epoch1 = [u[:, 0, 0, 0].tolist() for (_, u), _ in read[steps:2 * steps]]
+    assert epoch0 != epoch1, "every epoch draws other unlabeled images"
+    # a resumed run (Endless starting at epoch 2) reads what the uninterrupted one read in its third epoch
+    resumed = Endless(wrap(_labelled_batches()), start_epoch=2)
+    for i in range(steps):
+        (la, ua), ya = resumed[i]
+        (lb, ub), yb = read[2 * steps + i]
+        assert np.array_equal(la, lb) and np.array_equal(ua, ub) and np.array_equal(ya, yb)
+
+
+def _fixed_core(probs_of_value):
+    """A model whose probabilities depend only on the image's first pixel value v: probs_of_value[v]."""
+    import keras
+    table = np.asarray(probs_of_value, "float32")
+
+    class Lookup(keras.layers.Layer):
+        def call(self, x):
+            index = keras.ops.cast(x[:, 0, 0, 0], "int32")
+            return keras.ops.take(keras.ops.convert_to_tensor(table), index, axis=0)
+
+        def compute_output_shape(self, shape):
+            return (shape[0], table.shape[1])
+
+    inputs = keras.Input((4, 4, 3), dtype="uint8")
+    return keras.Model(inputs, Lookup(dtype="float32")(inputs))
+
+
+def test_unlabeled_loss_is_the_confident_class_weighted_cross_entropy_and_output_the_labelled_probs():
+    import keras
+    import semisup
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(5) * 0.3, size=8).astype("float32")  # some confident, some not
+    core = _fixed_core(probs)
+    labelled = np.full((2, 4, 4, 3), 0, np.uint8)
+    labelled[1] = 1
+    unlabeled = np.arange(2, 8, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+    weights = {0: 2.0, 1: 0.5, 2: 1.0, 3: 3.0, 4: 1.5}
+    bar, weight = 0.6, 0.7
+    no_strong = dict(color_jitter=0.0, grayscale=0.0, blur=0.0)  # the strong view = the image: loss by hand
+    model = semisup.fixmatch_model(core, 5, bar, weight, weights, seed=0, strong=no_strong)
+    out = keras.ops.convert_to_numpy(model([labelled, unlabeled], training=True))
+    assert np.allclose(out, probs[[0, 1]], atol=1e-6)
+    p = probs[2:8]
+    pseudo = p.argmax(1)
+    w = np.array([weights[c] for c in range(5)])[pseudo]
+    expected = weight * np.mean((p.max(1) >= bar) * w * -np.log(p[np.arange(6), pseudo]))
+    assert (p.max(1) >= bar).any() and not (p.max(1) >= bar).all()  # the mask matters in this example
+    assert float(keras.ops.convert_to_numpy(sum(model.losses))) == pytest.approx(expected, rel=1e-5)
+    # nothing reaches a bar above every probability: no unlabeled loss
+    model = semisup.fixmatch_model(core, 5, 1.01, weight, weights, seed=0, strong=no_strong)
+    model([labelled, unlabeled], training=True)
+    assert float(keras.ops.convert_to_numpy(sum(model.losses))) == 0.0
+
+
+def test_strong_view_differs_from_the_image():
+    import keras
+    import augment
+    import semisup
+    x = np.random.default_rng(1).integers(0, 255, (8, 16, 16, 3)).astype(np.uint8)
+    layers = augment.photometric_layers(**semisup.STRONG, seed=3)
+    out = x
+    for layer in layers:
+        out = layer(out, training=True)
+    assert np.abs(keras.ops.convert_to_numpy(out).astype(int) - x).mean() > 1.0
+
+
+def test_train_cnn_unlabeled_records_the_pool_and_refuses_validation_images(demo_root, tmp_path):
+    from runfiles import read_h5_metadata
+    pool = demo_root / "WBC_100" / "train"
+    out = tmp_path / "semi"
+    result = run_script("train_cnn.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled", pool,
+                        "--unlabeled-ratio", "2", "--out", out, "--quiet", timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    n_pool = sum(1 for p in pool.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif"))
+    semi = read_h5_metadata(out / "model.h5")["semi_supervised"]
+    assert semi["unlabeled_images"] == n_pool and semi["ratio"] == 2
+    assert semi["confidence_bar"] == pytest.approx(0.95 * 0.92)  # the default recipe's label smoothing 0.1
+    assert json.loads((out / "args.json").read_text())["unlabeled"] == [str(pool)]
+    # the validation folder offered as unlabeled images: one line, exit 2, no run folder
+    bad = run_script("train_cnn.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled",
+                     demo_root / "WBC_100" / "val", "--out", tmp_path / "bad", timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --unlabeled")
+    assert len(bad.stderr.strip().splitlines()) == 1 and "validation image" in bad.stderr
+    assert not (tmp_path / "bad" / "model.h5").exists()
+    missing = run_script("train_cnn.py", "--unlabeled", tmp_path / "nowhere", timeout=60)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: --unlabeled")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+def test_semi_supervised_training_under_jax(demo_root, tmp_path):
+    result = run_script("train_cnn.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled",
+                        demo_root / "WBC_100" / "train", "--unlabeled-ratio", "2", "--out", tmp_path / "run",
+                        "--quiet", env={"KERAS_BACKEND": "jax"}, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["backend"] == "jax" and np.isfinite(m["val_accuracy_selected"])
