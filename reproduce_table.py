@@ -23,6 +23,8 @@ Rows (names for --rows; shell-style patterns such as 'WBC_100_*' or '*_report' w
     <split>_ssl_default        the default recipe started from a self-supervised encoder (train_cnn.py --init):
                                pretrain_ssl.py runs once per seed (OUT/runs/ssl_pretrain_seed<k>, pool: WBC_100's
                                training images without labels + ROOT/WBC_unlabeled when present) for every split
+    <split>_semi_default       the default recipe trained semi-supervised (train_cnn.py --unlabeled, FixMatch-style;
+                               unlabeled pool: WBC_100's training images + ROOT/WBC_unlabeled when present)
 
 Results folder OUT: results.csv (a row per run), table.md (mean +- std across seeds), comparisons.md (paired
 McNemar tests and bootstrap intervals on the same validation images), label_efficiency.png.
@@ -61,7 +63,7 @@ PAIRS = [(f"{a}_{r}", f"{b}_{r}") for r in CNN_RECIPES
 PAIRS += [(f"{m}_default", f"{m}_report") for m in CNN_METHODS]
 PAIRS += [("resnet-cam16", "resnet-scratch"), ("resnet-imagenet-cam16", "resnet-cam16"),
           ("resnet-scratch", "raw_report"), ("resnet-cam16", "raw_report")]
-PAIRS += [("ssl_default", "raw_default")]
+PAIRS += [("ssl_default", "raw_default"), ("semi_default", "raw_default")]
 # Settings that change what a finished run means: a results folder keeps one value of each.
 CONFIG_KEYS = ("data", "image_size", "epochs", "pretrain_epochs", "batch_size", "holdout", "imagenet_weights",
                "ssl_epochs")
@@ -100,6 +102,8 @@ def all_rows(imagenet_weights: Path | None = None, include_imagenet: bool = Fals
                                 [*extra, "--recipe", recipe]))
     for split in SPLIT_ORDER:
         rows.append(Row(f"{split}_ssl_default", split, "ssl", "default", "train_cnn.py", ["--recipe", "default"]))
+    for split in SPLIT_ORDER:
+        rows.append(Row(f"{split}_semi_default", split, "semi", "default", "train_cnn.py", ["--recipe", "default"]))
     for split in SPLIT_ORDER:
         rows.append(Row(f"{split}_resnet-scratch", split, "resnet-scratch", "resnet", "pretrain_resnet.py",
                         ["--init", "scratch", "--skip-pretrain", "--no-compare"], "finetune"))
@@ -274,6 +278,8 @@ def command(row: Row, seed: int, args, out: Path) -> list[str]:
         cmd += ["--pretrain-epochs", str(args.pretrain_epochs)]
     if row.method == "ssl":
         cmd += ["--init", str(ssl_folder(out, seed) / "encoder.h5")]
+    if row.method == "semi":
+        cmd += ["--unlabeled", *map(str, unlabeled_pool(args.data))]
     if args.cache_dir is not None:
         cmd += ["--cache-dir", str(args.cache_dir)]
     if args.no_cache:
@@ -324,6 +330,14 @@ def _stale(path: Path) -> bool:
     except (PermissionError, KeyError, ValueError, TypeError):
         return False
     return False
+
+
+def unlabeled_pool(root: Path) -> list[Path]:
+    """The semi rows' unlabeled folders: WBC_100's training images (its masks are left out) and ROOT/WBC_unlabeled
+    (prepare_splits.py --unlabeled) when it exists."""
+    import data
+    train = data.find_split(root, "WBC_100").train.root
+    return [train] + ([Path(root) / "WBC_unlabeled"] if (Path(root) / "WBC_unlabeled").is_dir() else [])
 
 
 def ssl_folder(out: Path, seed: int) -> Path:

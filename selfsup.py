@@ -375,9 +375,21 @@ def validation_overlap(pool: list[Path], val: list[Path]) -> list[Path]:
     return hits
 
 
+def _is_course_mask(path: Path, top: Path) -> bool:
+    """A mask of the course layout (a `mask` folder beside a `data` folder) under `top`: never a cell image."""
+    rel = Path(path).relative_to(top)
+    here = Path(top)
+    for part in rel.parts[:-1]:
+        if part.lower() in ("mask", "masks") and any((here / d).is_dir() for d in ("data", "Data")):
+            return True
+        here = here / part
+    return False
+
+
 def gather_pool(unlabeled: list[Path], split_train: list[Path], val: list[Path], root: Path):
-    """(FileList, description): every image under the --unlabeled folders (recursively, folder names ignored) plus the split's training
-    images, each file once; refuses (UserError) a folder that holds a validation image."""
+    """(FileList, description): every image under the --unlabeled folders (recursively, folder names ignored;
+    the masks of a course-layout split left out) plus the split's training images, each file once; refuses
+    (UserError) a folder that holds a validation image."""
     import os
 
     import data
@@ -386,7 +398,7 @@ def gather_pool(unlabeled: list[Path], split_train: list[Path], val: list[Path],
         folder = Path(folder)
         if not folder.is_dir():
             raise UserError(f"--unlabeled {folder}: not a folder (expected a folder of images, searched recursively)")
-        files = data.list_images(folder)
+        files = [f for f in data.list_images(folder) if not _is_course_mask(f, folder)]
         if not files:
             raise UserError(f"--unlabeled {folder}: holds no images (.jpg, .png, .bmp, .tif)")
         overlap = validation_overlap(files, val)

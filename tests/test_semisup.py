@@ -110,7 +110,9 @@ def test_train_cnn_unlabeled_records_the_pool_and_refuses_validation_images(demo
     result = run_script("train_cnn.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled", pool,
                         "--unlabeled-ratio", "2", "--out", out, "--quiet", timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    n_pool = sum(1 for p in pool.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif"))
+    # the split's folder holds data/ and mask/: the masks are not cell images and stay out of the pool
+    assert (pool / "mask").is_dir()
+    n_pool = sum(1 for p in (pool / "data").rglob("*") if p.suffix.lower() in (".png", ".jpg", ".bmp", ".tif"))
     semi = read_h5_metadata(out / "model.h5")["semi_supervised"]
     assert semi["unlabeled_images"] == n_pool and semi["ratio"] == 2
     assert semi["confidence_bar"] == pytest.approx(0.95 * 0.92)  # the default recipe's label smoothing 0.1
@@ -133,3 +135,14 @@ def test_semi_supervised_training_under_jax(demo_root, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["backend"] == "jax" and np.isfinite(m["val_accuracy_selected"])
+
+
+def test_table_semi_rows_train_on_the_pool_and_pair_with_raw(demo_root, tmp_path):
+    import reproduce_table
+    result = run_script("reproduce_table.py", "--data", demo_root, "--rows", "WBC_1_semi_default", "--seeds", "1",
+                        "--list", "--out", tmp_path / "table", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = result.stdout.strip().splitlines()[-1]
+    assert "train_cnn.py" in line and "--split WBC_1" in line
+    assert line.split("--unlabeled")[1].split() == [str(demo_root / "WBC_100" / "train" / "data")]
+    assert ("semi_default", "raw_default") in reproduce_table.PAIRS
