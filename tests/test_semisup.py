@@ -144,5 +144,7 @@ def test_table_semi_rows_train_on_the_pool_and_pair_with_raw(demo_root, tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     line = result.stdout.strip().splitlines()[-1]
     assert "train_cnn.py" in line and "--split WBC_1" in line
-    assert line.split("--unlabeled")[1].split() == [str(demo_root / "WBC_100" / "train" / "data")]
+    assert line.split("--unlabeled ")[1].split()[:2] == [str(demo_root / "WBC_100" / "train" / "data"),
+                                                         "--unlabeled-ratio"]
+    assert line.endswith("--unlabeled-ratio 7")
     assert ("semi_default", "raw_default") in reproduce_table.PAIRS
