@@ -4,6 +4,7 @@ changed), for inspect_model.py evaluate / predict.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -31,18 +32,12 @@ def check_tta(n: int) -> int:
     return n
 
 
-def predict_batch(model, x: np.ndarray, tta: int = 1) -> np.ndarray:
-    """Class probabilities of one batch, averaged over its first `tta` symmetric views (1: the plain batch)."""
-    probs = [np.asarray(model.predict_on_batch(dihedral(x, name)), np.float64) for name in DIHEDRAL[:tta]]
-    return np.mean(probs, 0)
-
-
 def predict(model, x, batch_size: int = 64, tta: int = 1) -> np.ndarray:
-    """predict_batch over uint8 images x (N, H, W, 3), a batch at a time (x may be memory-mapped)."""
-    if len(x) == 0:
-        return np.zeros((0, model.output_shape[-1]), np.float32)
-    return np.concatenate([predict_batch(model, np.asarray(x[s:s + batch_size]), tta)
-                           for s in range(0, len(x), batch_size)]).astype(np.float32)
+    """Class probabilities of uint8 images x (N, H, W, 3), each averaged over its first `tta` symmetric views
+    (1: the plain image); feeding.predict does the batching (x may be memory-mapped)."""
+    import feeding
+    views = None if tta == 1 else [functools.partial(dihedral, name=name) for name in DIHEDRAL[:tta]]
+    return feeding.predict(model, x, batch_size, views)
 
 
 def unlabeled_images(folder: Path, size: int, frame_share: float = 0.0, cache_dir=None, use_cache: bool = True):
