@@ -40,8 +40,10 @@ def predict(model, x, batch_size: int = 64, tta: int = 1) -> np.ndarray:
     return feeding.predict(model, x, batch_size, views)
 
 
-def unlabeled_images(folder: Path, size: int, frame_share: float = 0.0, cache_dir=None, use_cache: bool = True):
-    """Every image under `folder` (any sub-folders, labels ignored), decoded as the model's inputs are."""
+def unlabeled_images(folder: Path, size: int, frame_share: float = 0.0, cache_dir=None, use_cache: bool = True,
+                     max_pixels: int | None = None):
+    """Every image under `folder` (any sub-folders, labels ignored), decoded as the model's inputs are; one over
+    `max_pixels` (--max-pixels; None: data.DEFAULT_MAX_PIXELS) is skipped and named in a warning."""
     import data
     folder = Path(folder)
     if not folder.is_dir():
@@ -51,7 +53,7 @@ def unlabeled_images(folder: Path, size: int, frame_share: float = 0.0, cache_di
         raise UserError(f"--adapt-bn {folder}: {len(paths)} image(s) found; batch-norm statistics need at least 2")
     files = data.FileList(paths, np.zeros(len(paths), np.int32), ("unlabeled",), [None] * len(paths), folder)
     return data.load_images(files, size=size, cache_dir=cache_dir, use_cache=use_cache, name=folder.name,
-                            frame_share=frame_share).x
+                            frame_share=frame_share, max_pixels=max_pixels or data.DEFAULT_MAX_PIXELS).x
 
 
 def adapt_batchnorm(model, images, batch_size: int = 64, seed: int = 0) -> int:
@@ -99,7 +101,8 @@ def apply_arguments(model, metadata: dict, image_size: int, args):
     if args.adapt_bn is None:
         return
     x = unlabeled_images(args.adapt_bn, image_size, domain.frame_share(metadata),
-                         getattr(args, "cache_dir", None), not getattr(args, "no_cache", False))
+                         getattr(args, "cache_dir", None), not getattr(args, "no_cache", False),
+                         getattr(args, "max_pixels", None))
     n = adapt_batchnorm(model, x, args.batch_size)
     if not n:
         print("warning: --adapt-bn: the model has no batch-norm layers (or too few images); nothing adapted",

@@ -247,6 +247,28 @@ def test_inspect_tta_1_and_adapt_bn_and_the_adapted_model(lever_run, tmp_path, c
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] > 0
 
 
+def test_adapt_bn_skips_and_names_an_image_over_max_pixels(lever_run, tmp_path, capsys, cache_dir):
+    """--max-pixels reaches the --adapt-bn folder's decoding: the 200x200 image there (over 20,000 pixels) is
+    left out and named, the four 128x128 ones adapt the statistics."""
+    import shutil
+    from PIL import Image
+    run_dir, _, demo_root = lever_run
+    cells = sorted((demo_root / "WBC_100" / "val" / "data" / "Neutrophil").iterdir())[:4]
+    lab = tmp_path / "other_lab"
+    lab.mkdir()
+    for f in cells:
+        shutil.copy(f, lab / f.name)
+    with Image.open(cells[0]) as im:
+        im.resize((200, 200)).save(lab / "huge.png")
+    capsys.readouterr()
+    assert call([run_dir / "model.h5", "predict", *cells, "--adapt-bn", lab, "--max-pixels", "20000",
+                 "--out", tmp_path / "p.csv"]) == 0
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if "huge.png" in line]
+    assert len(warning) == 1 and "over --max-pixels" in warning[0] and warning[0].startswith("warning: other_lab"), err
+    assert "batch-norm statistics re-estimated on 4 images" in err
+
+
 def test_domain_option_mistakes_are_one_line_errors(tmp_path):
     for argv in (["--stain-jitter", "1.5"], ["--frame-cell", "2"], ["--norm", "instance"]):
         done = run_script("train_cnn.py", *argv, "--out", tmp_path / "x", timeout=120)
