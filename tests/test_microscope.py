@@ -182,6 +182,27 @@ def test_ood_warning_fires_on_recoloured_or_rescaled_copies_not_on_the_set_itsel
     assert domain.ood_warnings({}, bluer) == []  # a model without statistics says nothing
 
 
+def test_image_stats_measures_a_sample_once_and_any_change_in_it_again(monkeypatch):
+    """A run's phases and stages train on the same images: their statistics are measured once (the cell finder
+    is the cost), and a sample differing in one pixel, or another sample, is measured afresh."""
+    x = smears(20, seed=3)
+    real, calls = framing.apparent_size, []
+    monkeypatch.setattr(framing, "apparent_size", lambda img: calls.append(1) or real(img))
+    monkeypatch.setattr(domain, "_MEASURED", {})
+    first = domain.image_stats(x, max_images=10, seed=5)
+    assert len(calls) == 10
+    first["mean_rgb"][0] = -1.0  # the caller's copy: what is remembered stays as measured
+    again = domain.image_stats(x.copy(), max_images=10, seed=5)
+    assert len(calls) == 10 and again["mean_rgb"][0] != -1.0
+    monkeypatch.setattr(domain, "_MEASURED", {})
+    assert domain.image_stats(x, max_images=10, seed=5) == again and len(calls) == 20  # the same figures
+    changed = x.copy()
+    changed[np.sort(np.random.default_rng(5).permutation(20)[:10])[0], 0, 0, 0] ^= 1
+    domain.image_stats(changed, max_images=10, seed=5)
+    domain.image_stats(x, max_images=10, seed=6)
+    assert len(calls) == 40
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end: train with every lever, load with plain Keras, inspect
 # ----------------------------------------------------------------------------------------------
