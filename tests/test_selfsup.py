@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import JAX_XLA_FLAGS, run_script
 
 TINY = ["--image-size", "24", "--batch-size", "32", "--no-cache"]
 
@@ -280,7 +280,8 @@ def test_init_shape_mismatch_is_one_line_naming_both_shapes(demo_root, tmp_path)
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
 def test_pretraining_under_jax(demo_root, tmp_path):
     result = run_script("pretrain_ssl.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--epochs", "3",
-                        "--probe-every", "3", "--out", tmp_path / "run", env={"KERAS_BACKEND": "jax"}, timeout=600)
+                        "--probe-every", "3", "--out", tmp_path / "run",
+                        env={"KERAS_BACKEND": "jax", "XLA_FLAGS": JAX_XLA_FLAGS}, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["backend"] == "jax" and m["final_loss"] < m["first_loss"]
