@@ -4,6 +4,7 @@ changed), for inspect_model.py evaluate / predict.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -31,22 +32,18 @@ def check_tta(n: int) -> int:
     return n
 
 
-def predict_batch(model, x: np.ndarray, tta: int = 1) -> np.ndarray:
-    """Class probabilities of one batch, averaged over its first `tta` symmetric views (1: the plain batch)."""
-    probs = [np.asarray(model.predict_on_batch(dihedral(x, name)), np.float64) for name in DIHEDRAL[:tta]]
-    return np.mean(probs, 0)
-
-
 def predict(model, x, batch_size: int = 64, tta: int = 1) -> np.ndarray:
-    """predict_batch over uint8 images x (N, H, W, 3), a batch at a time (x may be memory-mapped)."""
-    if len(x) == 0:
-        return np.zeros((0, model.output_shape[-1]), np.float32)
-    return np.concatenate([predict_batch(model, np.asarray(x[s:s + batch_size]), tta)
-                           for s in range(0, len(x), batch_size)]).astype(np.float32)
+    """Class probabilities of uint8 images x (N, H, W, 3), each averaged over its first `tta` symmetric views
+    (1: the plain image); feeding.predict does the batching (x may be memory-mapped)."""
+    import feeding
+    views = None if tta == 1 else [functools.partial(dihedral, name=name) for name in DIHEDRAL[:tta]]
+    return feeding.predict(model, x, batch_size, views)
 
 
-def unlabeled_images(folder: Path, size: int, frame_share: float = 0.0, cache_dir=None, use_cache: bool = True):
-    """Every image under `folder` (any sub-folders, labels ignored), decoded as the model's inputs are."""
+def unlabeled_images(folder: Path, size: int, frame_share: float = 0.0, cache_dir=None, use_cache: bool = True,
+                     max_pixels: int | None = None):
+    """Every image under `folder` (any sub-folders, labels ignored), decoded as the model's inputs are; one over
+    `max_pixels` (--max-pixels; None: data.DEFAULT_MAX_PIXELS) is skipped and named in a warning."""
     import data
     folder = Path(folder)
     if not folder.is_dir():
@@ -56,7 +53,7 @@ def unlabeled_images(folder: Path, size: int, frame_share: float = 0.0, cache_di
         raise UserError(f"--adapt-bn {folder}: {len(paths)} image(s) found; batch-norm statistics need at least 2")
     files = data.FileList(paths, np.zeros(len(paths), np.int32), ("unlabeled",), [None] * len(paths), folder)
     return data.load_images(files, size=size, cache_dir=cache_dir, use_cache=use_cache, name=folder.name,
-                            frame_share=frame_share).x
+                            frame_share=frame_share, max_pixels=max_pixels or data.DEFAULT_MAX_PIXELS).x
 
 
 def adapt_batchnorm(model, images, batch_size: int = 64, seed: int = 0) -> int:
@@ -104,7 +101,8 @@ def apply_arguments(model, metadata: dict, image_size: int, args):
     if args.adapt_bn is None:
         return
     x = unlabeled_images(args.adapt_bn, image_size, domain.frame_share(metadata),
-                         getattr(args, "cache_dir", None), not getattr(args, "no_cache", False))
+                         getattr(args, "cache_dir", None), not getattr(args, "no_cache", False),
+                         getattr(args, "max_pixels", None))
     n = adapt_batchnorm(model, x, args.batch_size)
     if not n:
         print("warning: --adapt-bn: the model has no batch-norm layers (or too few images); nothing adapted",

@@ -6,6 +6,9 @@ Keras is imported only by the functions that build models.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
+
 import numpy as np
 
 import framing
@@ -67,17 +70,29 @@ def frame_share(meta: dict) -> float:
 
 def image_stats(x, max_images: int = STATS_IMAGES, seed: int = 0) -> dict:
     """Per-image mean RGB and apparent cell size of up to max_images images of uint8 (N, H, W, 3) `x`:
-    their mean and spread, stored in a model's metadata at training time."""
+    their mean and spread, stored in a model's metadata at training time.
+
+    Remembered for the last few samples measured (_MEASURED): a run trains several times on the same images (the
+    --freeze-epochs phases, pretrain_resnet.py's frozen and unfrozen stages, its baselines), and the cell finder
+    costs seconds per call. The key is the sampled images' bytes, on which alone the result depends."""
     if len(x) == 0:
         return {}
     rows = np.sort(np.random.default_rng(seed).permutation(len(x))[:max_images])
-    sample = np.asarray(x[rows])
-    colour = sample.reshape(len(sample), -1, 3).mean(1)
-    sizes = np.asarray([framing.apparent_size(img) for img in sample])
-    q = np.quantile(sizes, (SIZE_QUANTILES[0], 0.5, SIZE_QUANTILES[1]))
-    return {"images": int(len(sample)), "mean_rgb": colour.mean(0).round(2).tolist(),
-            "std_rgb": colour.std(0).round(2).tolist(), "cell_size_low": round(float(q[0]), 4),
-            "cell_size_median": round(float(q[1]), 4), "cell_size_high": round(float(q[2]), 4)}
+    sample = np.ascontiguousarray(x[rows])
+    key = (hashlib.sha256(sample).hexdigest(), sample.shape, sample.dtype.str)
+    if key not in _MEASURED:
+        colour = sample.reshape(len(sample), -1, 3).mean(1)
+        sizes = np.asarray([framing.apparent_size(img) for img in sample])
+        q = np.quantile(sizes, (SIZE_QUANTILES[0], 0.5, SIZE_QUANTILES[1]))
+        _MEASURED[key] = {"images": int(len(sample)), "mean_rgb": colour.mean(0).round(2).tolist(),
+                          "std_rgb": colour.std(0).round(2).tolist(), "cell_size_low": round(float(q[0]), 4),
+                          "cell_size_median": round(float(q[1]), 4), "cell_size_high": round(float(q[2]), 4)}
+        while len(_MEASURED) > 4:
+            del _MEASURED[next(iter(_MEASURED))]
+    return copy.deepcopy(_MEASURED[key])
+
+
+_MEASURED: dict = {}  # (sha256 of the sampled images, their shape, dtype) -> image_stats' result, oldest first
 
 
 def ood_warnings(train_stats: dict, x, seed: int = 0) -> list[str]:

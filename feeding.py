@@ -11,8 +11,11 @@ import keras
 import numpy as np
 
 
-def predict(model: keras.Model, x, batch_size: int = 64) -> np.ndarray:
+def predict(model: keras.Model, x, batch_size: int = 64, views=None) -> np.ndarray:
     """Class probabilities for uint8 images x (N, H, W, 3), read batch by batch (x may be memory-mapped).
+
+    views: functions of a batch (N, H, W, 3) -> batch; each batch's probabilities are then the mean over its
+    views (test-time augmentation, adapt.py). None: the batch as it is.
 
     predict_on_batch, not model.predict: under TensorFlow, model.predict builds a tf.data iterator per call
     and tearing it down waits for tf.data's autotuning thread; timed once on a 2-core x86-64 CPU, that halved the speed of the
@@ -20,11 +23,20 @@ def predict(model: keras.Model, x, batch_size: int = 64) -> np.ndarray:
     if len(x) == 0:
         return np.zeros((0, model.output_shape[-1]), np.float32)
     strategy = getattr(model, "distribute_strategy", None)
-    if strategy is not None and strategy.num_replicas_in_sync > 1:
-        # predict_on_batch would give every replica the whole batch; predict splits it between them.
-        return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
-    return np.concatenate([np.asarray(model.predict_on_batch(x[start:start + batch_size]), dtype=np.float32)
-                           for start in range(0, len(x), batch_size)])
+    replicas = strategy is not None and strategy.num_replicas_in_sync > 1
+
+    def run(batch):
+        if replicas:  # predict_on_batch would give every replica the whole batch; predict splits it between them
+            return model.predict(batch, batch_size=batch_size, verbose=0)
+        return model.predict_on_batch(batch)
+    if replicas and views is None:
+        return np.asarray(run(x), dtype=np.float32)
+
+    def probs(batch):
+        if views is None:
+            return np.asarray(run(batch), dtype=np.float32)
+        return np.mean([np.asarray(run(view(batch)), np.float64) for view in views], 0).astype(np.float32)
+    return np.concatenate([probs(x[start:start + batch_size]) for start in range(0, len(x), batch_size)])
 
 
 def _nested_layers(model):

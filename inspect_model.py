@@ -368,7 +368,7 @@ def cmd_predict(loaded: Loaded, args):
         with data.progress(len(files) + len(skipped), stream=sys.stderr) as update:
             for paths, x in data.decode_batches(files, loaded.image_size, args.batch_size, skipped, args.max_pixels,
                                           domain.frame_share(loaded.metadata)):
-                probs = adapt.predict_batch(loaded.model, x, args.tta)
+                probs = adapt.predict(loaded.model, x, len(x), args.tta).astype(np.float64)
                 # Low-precision softmax sums to 1 only within rounding: renormalise what we report.
                 probs /= np.maximum(probs.sum(1, keepdims=True), 1e-12)
                 for path, pr in zip(paths, probs):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import PROJECT
+from conftest import JAX_XLA_FLAGS, PROJECT
 
 import bench
 import data
@@ -153,7 +153,8 @@ def test_default_path_runs_under_jax_without_tensorflow(demo_root, tmp_path):
             f"sys.meta_path.insert(0, NoTensorFlow()); sys.argv = {argv!r}\n"
             "runpy.run_path('bench.py', run_name='__main__')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT,
-                          env={**os.environ, "KERAS_BACKEND": "jax", "WBC_CACHE_DIR": str(tmp_path / "cache")})
+                          env={**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": JAX_XLA_FLAGS,
+                               "WBC_CACHE_DIR": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((out / "bench.json").read_text())
     assert result["backend"] == "jax" and result["pipelines"]["cached"]["warp"] == "gather"

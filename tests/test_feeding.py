@@ -103,6 +103,24 @@ def test_predict_in_batches_matches_keras_predict_including_a_partial_batch_and_
     assert feeding.predict(model, x[:0]).shape == (0, 3)
 
 
+def test_predict_averages_the_views_of_each_batch(tmp_path):
+    """views (test-time augmentation): each batch's probabilities are the mean of the model's on each view,
+    here over a memory-mapped array and a partial last batch."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 4, 3))
+    # Rescaled to 0..1, so that the softmax is not saturated and a flipped image gets other probabilities.
+    flat = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255, dtype="float32")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", dtype="float32")(flat))
+    x = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.uint8, shape=(11, 4, 4, 3))
+    x[:] = np.random.default_rng(2).integers(0, 255, x.shape)
+    flip = lambda batch: np.asarray(batch)[:, :, ::-1]  # noqa: E731
+    ours = feeding.predict(model, x, 4, views=[lambda batch: batch, flip])
+    expected = (model.predict(np.asarray(x), verbose=0) + model.predict(flip(x), verbose=0)) / 2
+    assert ours.shape == (11, 3) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(ours - feeding.predict(model, x, 4)).max() > 1e-3  # the flipped view counted
+
+
 def small_bn_model():
     f32 = dict(dtype="float32")  # whatever precision policy an earlier test left set: exact statistics here
     inputs = keras.Input((4, 4, 3))

@@ -182,6 +182,27 @@ def test_ood_warning_fires_on_recoloured_or_rescaled_copies_not_on_the_set_itsel
     assert domain.ood_warnings({}, bluer) == []  # a model without statistics says nothing
 
 
+def test_image_stats_measures_a_sample_once_and_any_change_in_it_again(monkeypatch):
+    """A run's phases and stages train on the same images: their statistics are measured once (the cell finder
+    is the cost), and a sample differing in one pixel, or another sample, is measured afresh."""
+    x = smears(20, seed=3)
+    real, calls = framing.apparent_size, []
+    monkeypatch.setattr(framing, "apparent_size", lambda img: calls.append(1) or real(img))
+    monkeypatch.setattr(domain, "_MEASURED", {})
+    first = domain.image_stats(x, max_images=10, seed=5)
+    assert len(calls) == 10
+    first["mean_rgb"][0] = -1.0  # the caller's copy: what is remembered stays as measured
+    again = domain.image_stats(x.copy(), max_images=10, seed=5)
+    assert len(calls) == 10 and again["mean_rgb"][0] != -1.0
+    monkeypatch.setattr(domain, "_MEASURED", {})
+    assert domain.image_stats(x, max_images=10, seed=5) == again and len(calls) == 20  # the same figures
+    changed = x.copy()
+    changed[np.sort(np.random.default_rng(5).permutation(20)[:10])[0], 0, 0, 0] ^= 1
+    domain.image_stats(changed, max_images=10, seed=5)
+    domain.image_stats(x, max_images=10, seed=6)
+    assert len(calls) == 40
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end: train with every lever, load with plain Keras, inspect
 # ----------------------------------------------------------------------------------------------
@@ -245,6 +266,28 @@ def test_inspect_tta_1_and_adapt_bn_and_the_adapted_model(lever_run, tmp_path, c
     assert adapted["adapted_batchnorm"]["images"] > 0 and adapted["framing"] == {
         **runfiles.read_h5_metadata(model)["framing"]}
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] > 0
+
+
+def test_adapt_bn_skips_and_names_an_image_over_max_pixels(lever_run, tmp_path, capsys, cache_dir):
+    """--max-pixels reaches the --adapt-bn folder's decoding: the 200x200 image there (over 20,000 pixels) is
+    left out and named, the four 128x128 ones adapt the statistics."""
+    import shutil
+    from PIL import Image
+    run_dir, _, demo_root = lever_run
+    cells = sorted((demo_root / "WBC_100" / "val" / "data" / "Neutrophil").iterdir())[:4]
+    lab = tmp_path / "other_lab"
+    lab.mkdir()
+    for f in cells:
+        shutil.copy(f, lab / f.name)
+    with Image.open(cells[0]) as im:
+        im.resize((200, 200)).save(lab / "huge.png")
+    capsys.readouterr()
+    assert call([run_dir / "model.h5", "predict", *cells, "--adapt-bn", lab, "--max-pixels", "20000",
+                 "--out", tmp_path / "p.csv"]) == 0
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if "huge.png" in line]
+    assert len(warning) == 1 and "over --max-pixels" in warning[0] and warning[0].startswith("warning: other_lab"), err
+    assert "batch-norm statistics re-estimated on 4 images" in err
 
 
 def test_domain_option_mistakes_are_one_line_errors(tmp_path):

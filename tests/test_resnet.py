@@ -1,7 +1,9 @@
 """ResNet50 pre-training on CAM16 and fine-tuning on WBC (pretrain_resnet.py, models.build_resnet50).
 
 One tiny end-to-end run (32 px, a few demo images, one epoch per stage, from a weights file the test makes)
-carries most checks, because every ResNet50 compile costs seconds on a CPU."""
+carries most checks, because every ResNet50 compile costs seconds on a CPU. Each stage's training images fit in
+one batch and its hold-out and validation sets are of one size: every new batch shape traces the training or
+prediction step again."""
 import json
 import os
 from pathlib import Path
@@ -28,13 +30,14 @@ def _link_subset(src: Path, dst: Path, per_class: int):
 
 @pytest.fixture(scope="module")
 def tiny_root(demo_root, tmp_path_factory):
-    """A few demo images per class, in the course layout (symlinks)."""
+    """A few demo images per class, in the course layout (symlinks): 12 CAM16 training images and 15 WBC ones
+    after the hold-out (one per class, as many as WBC validation images), each set one batch of 16."""
     root = tmp_path_factory.mktemp("tiny")
     for part, n in (("train", 6), ("val", 3), ("test", 3)):
         _link_subset(demo_root / "CAM16_100cls_10mask" / part / "data",
                      root / "CAM16_100cls_10mask" / part / "data", n)
     _link_subset(demo_root / "WBC_100" / "train" / "data", root / "WBC_100" / "train" / "data", 4)
-    _link_subset(demo_root / "WBC_100" / "val" / "data", root / "WBC_100" / "val" / "data", 2)
+    _link_subset(demo_root / "WBC_100" / "val" / "data", root / "WBC_100" / "val" / "data", 1)
     return root
 
 
@@ -51,7 +54,7 @@ def test_both_stages_from_a_local_weights_file(tiny_root, tmp_path, cache_dir):
     backbone.save_weights(weights_file)
     out = tmp_path / "run"
     pretrain_resnet.main(["--data", str(tiny_root), "--image-size", str(SIZE), "--init", str(weights_file),
-                          "--pretrain-epochs", "1", "--head-epochs", "1", "--epochs", "1", "--batch-size", "8",
+                          "--pretrain-epochs", "1", "--head-epochs", "1", "--epochs", "1", "--batch-size", "16",
                           "--no-compare", "--out", str(out), "--quiet"])
 
     for stage in ("pretrain", "finetune_frozen", "finetune"):
