@@ -183,20 +183,27 @@ def check_resume(args, run_dir: Path):
             elif key not in given:
                 args.epochs = value
             continue
-        if isinstance(getattr(args, key), Path) and value is not None:
-            same = Path(value).resolve() == getattr(args, key).resolve()  # ROOT and ./ROOT are one folder
+        current_value = getattr(args, key)
+        paths = isinstance(current_value, list) and any(isinstance(v, Path) for v in current_value)
+        if isinstance(current_value, Path) and value is not None:
+            same = Path(value).resolve() == current_value.resolve()  # ROOT and ./ROOT are one folder
+        elif paths and isinstance(value, list):
+            same = [Path(v).resolve() for v in value] == [Path(v).resolve() for v in current_value]
         else:
             same = asked == value
         if key in given and not (key == "precision" and asked == "auto") and not same:
             problems.append(f"--{key.replace('_', '-')}: run has {_show(value)}, asked {_show(asked)}")
         elif key not in given or asked == "auto":
-            setattr(args, key, Path(value) if isinstance(getattr(args, key), Path) and value is not None else value)
+            setattr(args, key, Path(value) if isinstance(current_value, Path) and value is not None
+                    else [Path(v) for v in value] if paths and isinstance(value, list) else value)
     if problems:
         raise UserError(f"{run_dir} was trained with other arguments; --resume continues a run as it was "
                         f"started: {'; '.join(problems)}")
 
 
 def _show(value):
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "none"
     return "none" if value is None else str(value)
 
 
@@ -413,7 +420,9 @@ def check_non_negative(args, *names):
 
 def args_dict(args) -> dict:
     """Parsed arguments as JSON-friendly values, for args.json and the model's metadata."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
+    def plain(v):
+        return str(v) if isinstance(v, Path) else [plain(x) for x in v] if isinstance(v, list) else v
+    return {k: plain(v) for k, v in vars(args).items() if not k.startswith("_")}
 
 
 def load_test_set(args, classes):

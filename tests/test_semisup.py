@@ -148,3 +148,34 @@ def test_table_semi_rows_train_on_the_pool_and_pair_with_raw(demo_root, tmp_path
                                                          "--unlabeled-ratio"]
     assert line.endswith("--unlabeled-ratio 7")
     assert ("semi_default", "raw_default") in reproduce_table.PAIRS
+
+
+def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_semi_supervised_run(tmp_path, capsys):
+    """The unlabeled images of each step, the strong views' random state and the pseudo-labels continue exactly
+    after a resume: history.csv and metrics.json equal the uninterrupted run's, timing aside."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from test_reliability import (PROJECT, course_root, history_rows, run_in_process, tiny_args,
+                                  without_timing)
+    root = course_root(tmp_path / "root", train=6)
+    pool = ["--unlabeled", str(root / "WBC_100" / "train" / "data"), "--unlabeled-ratio", "2", "--min-steps", "4"]
+    baseline = tmp_path / "baseline"
+    code, _, err = run_in_process(tiny_args(root, tmp_path / "cache", baseline, *pool), capsys)
+    assert code == 0, err
+    run = tmp_path / "run"
+    args = tiny_args(root, tmp_path / "cache", run, *pool)
+    killed = subprocess.run([sys.executable, str(PROJECT / "tests" / "faults.py"), "epoch", "train_cnn.py", *args],
+                            cwd=PROJECT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    other = tiny_args(root, tmp_path / "cache", run, *pool[:-4], str(root / "WBC_100" / "val" / "data"), *pool[-4:])
+    code, _, err = run_in_process(other + ["--resume"], capsys)  # another pool: refused, nothing touched
+    assert code == 2 and err.startswith("error:") and "--unlabeled: run has" in err
+    code, out, err = run_in_process(args + ["--resume"], capsys)
+    assert code == 0, err
+    assert "resuming after epoch" in out
+    assert history_rows(run) == history_rows(baseline)
+    assert without_timing(json.loads((run / "metrics.json").read_text())) == \
+        without_timing(json.loads((baseline / "metrics.json").read_text()))
