@@ -477,12 +477,12 @@ def add_semisup_args(parser):
                    help="folders of unlabeled images (searched recursively, folder names ignored); with them each "
                         "step also trains on confident pseudo-labels of unlabeled images (default: none)")
     g.add_argument("--unlabeled-ratio", type=int, default=7, metavar="MU",
-                   help="unlabeled images per labelled image in each step (FixMatch's 7)")
-    g.add_argument("--unlabeled-weight", type=float, default=1.0,
-                   help="weight of the unlabeled loss against the labelled one (FixMatch's 1)")
-    g.add_argument("--threshold", type=float, default=0.95,
-                   help="a pseudo-label needs this share of the top probability the loss asks for (FixMatch's "
-                        "0.95; with label smoothing 0.1 and 5 classes: p >= 0.874)")
+                   help="unlabeled images per labelled image in each step; FixMatch's mu")
+    g.add_argument("--unlabeled-weight", type=float, default=1.0, metavar="W",
+                   help="weight of the unlabeled loss against the labelled one; FixMatch's lambda_u")
+    g.add_argument("--threshold", type=float, default=0.95, metavar="T",
+                   help="a pseudo-label needs a top probability of T x the largest target of the loss (with label "
+                        "smoothing 0.1 and 5 classes: p >= 0.874 at 0.95)")
     return g
 
 
