@@ -32,8 +32,9 @@ def fixmatch_model(weak_model, num_classes: int, bar: float, weight: float, clas
     weak_model: uint8 images -> probabilities with the run's own augmentation (training.train's standard
     training model). All three parts go through it as ONE batch, so batch norm sees labelled and unlabeled images
     together, as in FixMatch. Unlabeled loss: the mean over unlabeled images of
-    [max p_weak >= bar] * w[pseudo] * cross-entropy(p_strong, pseudo), times `weight`; w = the labelled loss's class
-    weights, so a rare class's pseudo-labels count as its labels do. No gradient flows through the pseudo-labels."""
+    [max p_weak >= bar] * w[pseudo] * cross-entropy(p_strong, pseudo), times `weight`; w = class weights as the
+    labelled loss computes them (semisup.hooks: from the whole labelled split, before the hold-out is taken), so a
+    rare class's pseudo-labels count about as its labels do. No gradient flows through the pseudo-labels."""
     import keras
     from keras import ops
 
@@ -127,13 +128,14 @@ def hooks(base_hooks, pool_x: np.ndarray, labels, num_classes: int, config, rati
                                wrap_batches=with_unlabeled_batches(pool_x, ratio, config.seed))
 
 
-def from_args(args, base_hooks, train_set, config):
+def from_args(args, base_hooks, train_set, val_set, config):
     """(hooks, metadata) for train_cnn.py --unlabeled: the pool decoded like the training images (validation
     images refused), and what model.h5's metadata records about it."""
     import data
     import selfsup
-    files = data.find_split(args.data, args.split)
-    pool_files, pool_info = selfsup.gather_pool(args.unlabeled, [], list(files.val.paths), args.data)
+    # Every validation file found, the ones decoding skipped included: none may enter the pool.
+    val_files = list(val_set.paths) + list(val_set.skipped)
+    pool_files, pool_info = selfsup.gather_pool(args.unlabeled, [], val_files, args.data)
     pool = data.load_images(pool_files, size=args.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                             verbose=not args.quiet, name="unlabeled", max_pixels=args.max_pixels,
                             frame_share=args.frame_cell or 0.0)

@@ -44,7 +44,7 @@ def main(argv=None):
     semi_meta = {}
     if args.unlabeled:
         import semisup
-        hooks, semi_meta = semisup.from_args(args, hooks, train_set, config)
+        hooks, semi_meta = semisup.from_args(args, hooks, train_set, val_set, config)
     result = selfsup.train_from_init(run_dir, build, train_set, val_set, config, cli.args_dict(args), args.resume,
                                      {"model": "dropout_cnn", "recipe": args.recipe, "split": args.split,
                                       "demo_data": args.demo, **domain_meta, **semi_meta}, args.init,
