@@ -184,21 +184,32 @@ def check_resume(args, run_dir: Path):
                 args.epochs = value
             continue
         current_value = getattr(args, key)
-        paths = isinstance(current_value, list) and any(isinstance(v, Path) for v in current_value)
-        if isinstance(current_value, Path) and value is not None:
-            same = Path(value).resolve() == current_value.resolve()  # ROOT and ./ROOT are one folder
-        elif paths and isinstance(value, list):
-            same = [Path(v).resolve() for v in value] == [Path(v).resolve() for v in current_value]
+        saved_value = _as_given(value, current_value)
+        if saved_value is not value:  # paths: ROOT and ./ROOT are one folder
+            same = _resolved(saved_value) == _resolved(current_value)
         else:
             same = asked == value
         if key in given and not (key == "precision" and asked == "auto") and not same:
             problems.append(f"--{key.replace('_', '-')}: run has {_show(value)}, asked {_show(asked)}")
         elif key not in given or asked == "auto":
-            setattr(args, key, Path(value) if isinstance(current_value, Path) and value is not None
-                    else [Path(v) for v in value] if paths and isinstance(value, list) else value)
+            setattr(args, key, saved_value)
     if problems:
         raise UserError(f"{run_dir} was trained with other arguments; --resume continues a run as it was "
                         f"started: {'; '.join(problems)}")
+
+
+def _as_given(value, current):
+    """A value read from args.json in the type the parser gives its option: a path (or a list of paths) where
+    the current value is one; anything else as it was read."""
+    if isinstance(current, Path) and value is not None:
+        return Path(value)
+    if isinstance(value, list) and isinstance(current, list) and any(isinstance(v, Path) for v in current):
+        return [Path(v) for v in value]
+    return value
+
+
+def _resolved(value):
+    return [Path(v).resolve() for v in value] if isinstance(value, list) else Path(value).resolve()
 
 
 def _show(value):
@@ -486,11 +497,16 @@ def add_semisup_args(parser):
     return g
 
 
-def resolve_semisup_args(args):
-    """Check add_semisup_args' values."""
-    for folder in args.unlabeled:
+def check_unlabeled_folders(folders):
+    """--unlabeled DIR ...: each must be a folder (train_cnn.py, pretrain_ssl.py)."""
+    for folder in folders:
         if not Path(folder).is_dir():
             raise UserError(f"--unlabeled {folder}: not a folder (expected a folder of images, searched recursively)")
+
+
+def resolve_semisup_args(args):
+    """Check add_semisup_args' values."""
+    check_unlabeled_folders(args.unlabeled)
     check_positive(args, "unlabeled_ratio", "unlabeled_weight", "threshold")
     if args.threshold > 1:
         raise UserError(f"--threshold {args.threshold}: expected a share in (0, 1]")

@@ -59,10 +59,7 @@ def parse_args(argv=None):
                         "looks at the validation set, so its later validation scores are optimistic)")
     cli.add_output_args(parser, supervised=False)
     args = parser.parse_args(argv)
-    for folder in args.unlabeled:
-        if not folder.is_dir():
-            raise cli.UserError(f"--unlabeled {folder}: not a folder (expected a folder of images, searched "
-                                "recursively)")
+    cli.check_unlabeled_folders(args.unlabeled)
     cli.resolve_data(args)
     if args.epochs is None:
         args.epochs = 8 if args.demo else 30
