@@ -491,9 +491,13 @@ def add_semisup_args(parser):
                    help="unlabeled images per labelled image in each step; FixMatch's mu")
     g.add_argument("--unlabeled-weight", type=float, default=1.0, metavar="W",
                    help="weight of the unlabeled loss against the labelled one; FixMatch's lambda_u")
+    g.add_argument("--thresholds", choices=("adaptive", "fixed"), default="adaptive",
+                   help="how confident a pseudo-label must be: adaptive = FreeMatch's per-class bars from the "
+                        "model's running confidence and class shares on the pool (rare classes get lower bars); "
+                        "fixed = FixMatch's one bar, --threshold")
     g.add_argument("--threshold", type=float, default=0.95, metavar="T",
-                   help="a pseudo-label needs a top probability of T x the largest target of the loss (with label "
-                        "smoothing 0.1 and 5 classes: p >= 0.874 at 0.95)")
+                   help="with --thresholds fixed: a pseudo-label needs a top probability of T x the largest target "
+                        "of the loss (with label smoothing 0.1 and 5 classes: p >= 0.874 at 0.95)")
     return g
 
 

@@ -66,7 +66,7 @@ PAIRS += [("resnet-cam16", "resnet-scratch"), ("resnet-imagenet-cam16", "resnet-
 PAIRS += [("ssl_default", "raw_default"), ("semi_default", "raw_default")]
 # Settings that change what a finished run means: a results folder keeps one value of each.
 CONFIG_KEYS = ("data", "image_size", "epochs", "pretrain_epochs", "batch_size", "holdout", "imagenet_weights",
-               "ssl_epochs", "unlabeled_ratio")
+               "ssl_epochs", "unlabeled_ratio", "thresholds")
 # The no-argument demo: the report's 12 rows (Table 1) and the project recipe's raw rows; the ResNet50 rows are
 # one --rows away ('WBC_100_resnet-*'): on a 2-core CPU each costs minutes.
 DEMO_ROWS = "*_report,*_raw_default"
@@ -154,6 +154,8 @@ def parse_args(argv=None):
                    help="pre-training epochs of the ssl rows (pretrain_ssl.py; default 30; 2 on the demo data)")
     g.add_argument("--unlabeled-ratio", type=int, default=7, metavar="MU",
                    help="unlabeled images per labelled image in each step of the semi rows (train_cnn.py's option)")
+    g.add_argument("--thresholds", choices=("adaptive", "fixed"), default="adaptive",
+                   help="pseudo-label bars of the semi rows (train_cnn.py's option)")
     g.add_argument("--batch-size", type=int, default=32, help="images per step")
     g.add_argument("--holdout", type=float, default=0.15,
                    help="fraction of each training class held out for model selection")
@@ -282,7 +284,8 @@ def command(row: Row, seed: int, args, out: Path) -> list[str]:
     if row.method == "ssl":
         cmd += ["--init", str(ssl_folder(out, seed) / "encoder.h5")]
     if row.method == "semi":
-        cmd += ["--unlabeled", *map(str, unlabeled_pool(args.data)), "--unlabeled-ratio", str(args.unlabeled_ratio)]
+        cmd += ["--unlabeled", *map(str, unlabeled_pool(args.data)), "--unlabeled-ratio", str(args.unlabeled_ratio),
+                "--thresholds", args.thresholds]
     if args.cache_dir is not None:
         cmd += ["--cache-dir", str(args.cache_dir)]
     if args.no_cache:

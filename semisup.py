@@ -4,6 +4,12 @@ Each training step sees a batch of labelled images and `ratio` times as many unl
 prediction on a weakly augmented view of an unlabeled image (the run's own augmentation) becomes its pseudo-label
 when confident enough; the model is then trained to give that label to a strongly augmented view of the same
 image (the weak augmentation plus colour jitter, greyscale and blur). After Sohn et al., "FixMatch", NeurIPS 2020.
+
+How confident is confident enough: `fixed` is FixMatch's one bar for every class; `adaptive` (the default) is
+FreeMatch's self-adaptive bars (Wang et al., ICLR 2023): the running mean of the top probability on the pool, scaled
+per class by that class's running share of the predictions over the largest class's share. A class the model
+rarely predicts (the rare basophils) gets a lower bar, so its pool images are not all pseudo-labelled as another
+class, which is what the fixed bar did on the course-like PBC splits (docs/ssl.md).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import augment
 # The strong view's photometric part: SimCLR's colour jitter, greyscale and blur (augment.make_two_views), the
 # project's stand-in for FixMatch's RandAugment, which has no built-in Keras 3 layer working on uint8 batches.
 STRONG = dict(color_jitter=0.5, grayscale=0.2, blur=0.5)
+THRESHOLDS = ("adaptive", "fixed")
 
 
 def confidence_bar(threshold: float, label_smoothing: float, num_classes: int) -> float:
@@ -25,16 +32,22 @@ def confidence_bar(threshold: float, label_smoothing: float, num_classes: int) -
 
 
 def fixmatch_model(weak_model, num_classes: int, bar: float, weight: float, class_weights: dict | None,
-                   seed: int, strong: dict | None = None):
+                   seed: int, strong: dict | None = None, adaptive: bool = False, momentum: float = 0.99):
     """Training-only wrapper: [labelled, unlabeled] uint8 -> the labelled images' probabilities, with the
     unlabeled loss added (add_loss).
 
     weak_model: uint8 images -> probabilities with the run's own augmentation (training.train's standard
     training model). All three parts go through it as ONE batch, so batch norm sees labelled and unlabeled images
     together, as in FixMatch. Unlabeled loss: the mean over unlabeled images of
-    [max p_weak >= bar] * w[pseudo] * cross-entropy(p_strong, pseudo), times `weight`; w = class weights as the
-    labelled loss computes them (semisup.hooks: from the whole labelled split, before the hold-out is taken), so a
-    rare class's pseudo-labels count about as its labels do. No gradient flows through the pseudo-labels."""
+    [max p_weak >= bar of its class] * w[pseudo] * cross-entropy(p_strong, pseudo), times `weight`; w = class
+    weights as the labelled loss computes them (semisup.hooks: from the whole labelled split, before the hold-out is
+    taken), so a rare class's pseudo-labels count about as its labels do. No gradient flows through the
+    pseudo-labels.
+
+    Bars: `bar` for every class, or with `adaptive` FreeMatch's: confidence x share[c] / max(share), where
+    confidence and share are moving averages (`momentum`) of the top probability and of the probabilities on the
+    pool's weak views, starting at 1/K as in the paper. The averages are kept in both modes (non-trainable weights,
+    saved with the backup, so a resumed run continues them) and semisup.pool_columns reads them into history.csv."""
     import keras
     from keras import ops
 
@@ -48,6 +61,14 @@ def fixmatch_model(weak_model, num_classes: int, bar: float, weight: float, clas
             super().__init__(**kwargs)
             self.weak_model = weak_model
             self.strong_layers = strong_layers
+            start = keras.initializers.Constant(1.0 / num_classes)
+            # aggregation "mean": under several TensorFlow replicas each updates them from its share of the batch.
+            self.confidence = self.add_weight(shape=(), initializer=start, trainable=False, aggregation="mean",
+                                              name="pool_confidence")
+            self.share = self.add_weight(shape=(num_classes,), initializer=start, trainable=False,
+                                         aggregation="mean", name="pool_share")
+            self.used = self.add_weight(shape=(), initializer="zeros", trainable=False, aggregation="mean",
+                                        name="pool_used")
 
         def call(self, inputs, training=None):
             labelled, unlabeled = inputs
@@ -60,7 +81,18 @@ def fixmatch_model(weak_model, num_classes: int, bar: float, weight: float, clas
             p_labelled, p_weak, p_strong = probs[:n], probs[n:n + u], probs[n + u:]
             p_weak = ops.stop_gradient(p_weak)
             pseudo = ops.argmax(p_weak, axis=-1)
-            confident = ops.cast(ops.max(p_weak, axis=-1) >= bar, "float32")
+            top = ops.max(p_weak, axis=-1)
+            confidence = momentum * self.confidence + (1 - momentum) * ops.mean(top)
+            share = momentum * self.share + (1 - momentum) * ops.mean(p_weak, axis=0)
+            if adaptive:
+                bars = confidence * share / ops.max(share)
+                confident = ops.cast(top >= ops.take(bars, pseudo), "float32")
+            else:
+                confident = ops.cast(top >= bar, "float32")
+            if training:
+                self.confidence.assign(confidence)
+                self.share.assign(share)
+                self.used.assign(momentum * self.used + (1 - momentum) * ops.mean(confident))
             class_w = ops.take(ops.convert_to_tensor(w), pseudo)
             ce = -ops.sum(ops.one_hot(pseudo, num_classes) * ops.log(ops.clip(p_strong, 1e-7, 1.0)), axis=-1)
             self.add_loss(weight * ops.mean(confident * class_w * ce))
@@ -74,6 +106,27 @@ def fixmatch_model(weak_model, num_classes: int, bar: float, weight: float, clas
     unlabeled = keras.Input((size, size, 3), dtype="uint8", name="unlabeled_image")
     return keras.Model([labelled, unlabeled], FixMatch(name="fixmatch", dtype="float32")([labelled, unlabeled]),
                        name=f"{weak_model.name}_fixmatch")
+
+
+def pool_columns(classes):
+    """training.Hooks.history_columns: the wrapper's moving averages at the end of each epoch, for history.csv:
+    pool_used (share of pool images whose pseudo-label passed its bar), pool_confidence (top probability) and
+    pool_share_<class> (that class's probability on the pool's weak views)."""
+    def columns(train_model) -> dict:
+        from keras import ops
+        layer = train_model.get_layer("fixmatch")
+        share = ops.convert_to_numpy(layer.share)
+        return {"pool_used": float(ops.convert_to_numpy(layer.used)),
+                "pool_confidence": float(ops.convert_to_numpy(layer.confidence)),
+                **{f"pool_share_{c}": float(v) for c, v in zip(classes, share)}}
+    return columns
+
+
+def ema_momentum(steps_per_epoch: int) -> float:
+    """The moving averages' momentum: an average over about one epoch's steps. FreeMatch's 0.999 spans 1,000
+    of its 1,000,000 steps; a run here has 20-70 steps per epoch and 30 epochs, where 0.999 would barely move
+    from its start in the whole run."""
+    return 1.0 - 1.0 / max(2, int(steps_per_epoch))
 
 
 def with_unlabeled_batches(pool_x: np.ndarray, ratio: int, seed: int):
@@ -107,25 +160,32 @@ def with_unlabeled_batches(pool_x: np.ndarray, ratio: int, seed: int):
     return WithUnlabeled
 
 
-def hooks(base_hooks, pool_x: np.ndarray, labels, num_classes: int, config, ratio: int, weight: float,
-          threshold: float):
+def hooks(base_hooks, pool_x: np.ndarray, labels, classes, config, ratio: int, weight: float, threshold: float,
+          thresholds: str = "adaptive"):
     """base_hooks (training.Hooks) turned semi-supervised: the FixMatch wrapper around base_hooks' training
-    model (or the standard augmented one) and unlabeled images added to every batch."""
+    model (or the standard augmented one), unlabeled images added to every batch, the pool's moving averages in
+    history.csv."""
     import dataclasses
+    import math
 
     import training
+    num_classes = len(classes)
     bar = confidence_bar(threshold, config.label_smoothing, num_classes)
     weights = (training.class_weights(labels, num_classes, config.class_weight_power)
                if config.class_weight else None)
+    n_fit = max(1, round(len(labels) * (1 - config.holdout)))
+    steps = math.ceil(training.epoch_passes(n_fit, config) * n_fit / config.batch_size)
     base_build = base_hooks.build_train_model
 
     def build(core, config):
         weak = (base_build(core, config) if base_build
                 else augment.with_augmentation(core, config.augment, config.seed))
-        return fixmatch_model(weak, num_classes, bar, weight, weights, config.seed)
+        return fixmatch_model(weak, num_classes, bar, weight, weights, config.seed,
+                              adaptive=thresholds == "adaptive", momentum=ema_momentum(steps))
 
     return dataclasses.replace(base_hooks, build_train_model=build,
-                               wrap_batches=with_unlabeled_batches(pool_x, ratio, config.seed))
+                               wrap_batches=with_unlabeled_batches(pool_x, ratio, config.seed),
+                               history_columns=pool_columns(classes))
 
 
 def from_args(args, base_hooks, train_set, val_set, config):
@@ -142,11 +202,12 @@ def from_args(args, base_hooks, train_set, val_set, config):
     if not args.quiet:
         print(f"unlabeled: {len(pool)} images from {', '.join(pool_info['sources'])}")
     num_classes = len(train_set.classes)
-    semi = hooks(base_hooks, pool.x, train_set.y, num_classes, config, args.unlabeled_ratio, args.unlabeled_weight,
-                 args.threshold)
-    meta = {"semi_supervised": {"method": "fixmatch", "unlabeled_images": len(pool), "sources": pool_info["sources"],
-                                "ratio": args.unlabeled_ratio, "weight": args.unlabeled_weight,
-                                "threshold": args.threshold,
-                                "confidence_bar": confidence_bar(args.threshold, config.label_smoothing,
-                                                                 num_classes)}}
+    semi = hooks(base_hooks, pool.x, train_set.y, train_set.classes, config, args.unlabeled_ratio,
+                 args.unlabeled_weight, args.threshold, args.thresholds)
+    meta = {"semi_supervised": {"method": "fixmatch", "thresholds": args.thresholds, "unlabeled_images": len(pool),
+                                "sources": pool_info["sources"], "ratio": args.unlabeled_ratio,
+                                "weight": args.unlabeled_weight}}
+    if args.thresholds == "fixed":
+        meta["semi_supervised"].update(threshold=args.threshold, confidence_bar=confidence_bar(
+            args.threshold, config.label_smoothing, num_classes))
     return semi, meta

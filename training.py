@@ -185,8 +185,10 @@ class EpochEvaluator(keras.callbacks.Callback):
     """
 
     def __init__(self, run_dir, core, holdout: ImageSet, val: ImageSet, n_train: int, batch_size: int,
-                 metadata: dict, verbose: int = 1, recalibration: tuple | None = None, patience: int = 0):
+                 metadata: dict, verbose: int = 1, recalibration: tuple | None = None, patience: int = 0,
+                 history_columns=None):
         super().__init__()
+        self.history_columns = history_columns
         self.run_dir = Path(run_dir)
         self.core, self.holdout, self.val = core, holdout, val
         self.recalibration = recalibration  # (training images, how many, seed) for recalibrate_batchnorm
@@ -270,8 +272,11 @@ class EpochEvaluator(keras.callbacks.Callback):
         row["lr"] = _current_lr(self.model)
         row["seconds"] = seconds
         row["images_per_second"] = self.n_train / seconds if seconds and math.isfinite(seconds) else float("nan")
+        if self.history_columns:
+            row.update(self.history_columns(self.model))
         self.rows.append(row)
-        write_history(self.run_dir / "history.csv", self.rows, HISTORY_FIELDS)
+        extra = [k for k in self.rows[-1] if k not in HISTORY_FIELDS]
+        write_history(self.run_dir / "history.csv", self.rows, HISTORY_FIELDS + extra)
         if self._improved(row):
             self.selected_epoch = epoch
             with devices.plain_config(self.core):
@@ -351,6 +356,8 @@ class Hooks:
     selection_set: ImageSet | None = None
     # wrap_batches(batches) -> the epoch of batches fit reads instead (e.g. unlabeled images added to each step).
     wrap_batches: Callable | None = None
+    # history_columns(train_model) -> {column: number}: more columns for each epoch's history.csv row.
+    history_columns: Callable | None = None
 
 
 def train(run_dir: Path, build_core, train_set: ImageSet, val_set: ImageSet, config: TrainConfig,
@@ -472,7 +479,7 @@ def _train(run_dir, build_core, train_set, val_set, config, args, resume, extra_
     evaluator = EpochEvaluator(run_dir, core, holdout_set, val_set, passes * len(fit_set), config.batch_size,
                                meta, config.verbose,
                                (fit_set.x, config.bn_recalibrate, config.seed) if config.bn_recalibrate else None,
-                               config.patience)
+                               config.patience, hooks.history_columns)
     callbacks = [AtomicBackupAndRestore(str(run_dir / "backup")), evaluator]
     if config.tensorboard:  # after the evaluator, which adds the hold-out and validation figures to the logs
         callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False,

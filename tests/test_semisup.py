@@ -91,6 +91,57 @@ def test_unlabeled_loss_is_the_confident_class_weighted_cross_entropy_and_output
     assert float(keras.ops.convert_to_numpy(sum(model.losses))) == 0.0
 
 
+def test_adaptive_bars_are_freematchs_and_let_a_rarely_predicted_class_through():
+    import keras
+    import semisup
+    # class 0 is rarely predicted: its one image has top probability 0.5, below the pool's mean top probability
+    probs = np.array([[1, 0, 0, 0, 0]] * 2  # the two labelled images
+                     + [[0.5, 0.5 / 4, 0.5 / 4, 0.5 / 4, 0.5 / 4],
+                        [0.02, 0.9, 0.04, 0.02, 0.02], [0.02, 0.02, 0.92, 0.02, 0.02],
+                        [0.02, 0.85, 0.05, 0.06, 0.02], [0.02, 0.03, 0.03, 0.9, 0.02],
+                        [0.02, 0.03, 0.6, 0.3, 0.05]], "float32")
+    core = _fixed_core(probs)
+    labelled = np.zeros((2, 4, 4, 3), np.uint8)
+    labelled[1] = 1
+    unlabeled = np.arange(2, 8, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+    no_strong = dict(color_jitter=0.0, grayscale=0.0, blur=0.0)
+    # momentum 0: the bars come from this batch alone
+    model = semisup.fixmatch_model(core, 5, 0.874, 1.0, None, seed=0, strong=no_strong, adaptive=True,
+                                   momentum=0.0)
+    model([labelled, unlabeled], training=True)
+    p = probs[2:]
+    confidence, share = p.max(1).mean(), p.mean(0)
+    bars = confidence * share / share.max()
+    confident = p.max(1) >= bars[p.argmax(1)]
+    assert confident[0] and p[0].max() < confidence, "the rare class's image passes its own, lower bar"
+    assert not confident.all(), "the last image stays below its class's bar"
+    expected = np.mean(confident * -np.log(p[np.arange(6), p.argmax(1)]))
+    assert float(keras.ops.convert_to_numpy(sum(model.losses))) == pytest.approx(expected, rel=1e-5)
+    # momentum 0.5 from the start values 1/K: the averages are half the start, half this batch's
+    model = semisup.fixmatch_model(core, 5, 0.874, 1.0, None, seed=0, strong=no_strong, adaptive=True,
+                                   momentum=0.5)
+    model([labelled, unlabeled], training=True)
+    layer = model.get_layer("fixmatch")
+    assert float(keras.ops.convert_to_numpy(layer.confidence)) == pytest.approx(0.1 + 0.5 * confidence, rel=1e-6)
+    assert np.allclose(keras.ops.convert_to_numpy(layer.share), 0.1 + 0.5 * share, atol=1e-6)
+    columns = semisup.pool_columns(list("abcde"))(model)
+    assert columns["pool_share_a"] == pytest.approx(0.1 + 0.5 * share[0])
+    assert 0.0 < columns["pool_used"] <= 0.5
+    # the fixed bar (0.874) would have left the rare class's image out
+    fixed = semisup.fixmatch_model(core, 5, 0.874, 1.0, None, seed=0, strong=no_strong)
+    fixed([labelled, unlabeled], training=True)
+    kept = p.max(1) >= 0.874
+    assert not kept[0]
+    assert float(keras.ops.convert_to_numpy(sum(fixed.losses))) == pytest.approx(
+        np.mean(kept * -np.log(p[np.arange(6), p.argmax(1)])), rel=1e-5)
+
+
+def test_the_moving_averages_span_about_an_epoch():
+    import semisup
+    assert semisup.ema_momentum(20) == pytest.approx(0.95)
+    assert semisup.ema_momentum(1) == 0.5  # never 0: the averages would be one batch's
+
+
 def test_strong_view_differs_from_the_image():
     import keras
     import augment
@@ -115,7 +166,11 @@ def test_train_cnn_unlabeled_records_the_pool_and_refuses_validation_images(demo
     n_pool = sum(1 for p in (pool / "data").rglob("*") if p.suffix.lower() in (".png", ".jpg", ".bmp", ".tif"))
     semi = read_h5_metadata(out / "model.h5")["semi_supervised"]
     assert semi["unlabeled_images"] == n_pool and semi["ratio"] == 2
-    assert semi["confidence_bar"] == pytest.approx(0.95 * 0.92)  # the default recipe's label smoothing 0.1
+    assert semi["thresholds"] == "adaptive" and "confidence_bar" not in semi
+    history = _history(out)
+    shares = np.array([[float(r[k]) for k in r if k.startswith("pool_share_")] for r in history])
+    assert shares.shape[1] == 5 and np.allclose(shares.sum(1), 1.0, atol=1e-4)  # averages of probabilities
+    assert all(0.0 <= float(r["pool_used"]) <= 1.0 for r in history)
     assert json.loads((out / "args.json").read_text())["unlabeled"] == [str(pool)]
     # the validation folder offered as unlabeled images: one line, exit 2, no run folder
     bad = run_script("train_cnn.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled",
@@ -130,11 +185,24 @@ def test_train_cnn_unlabeled_records_the_pool_and_refuses_validation_images(demo
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
 def test_semi_supervised_training_under_jax(demo_root, tmp_path):
     result = run_script("train_cnn.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled",
-                        demo_root / "WBC_100" / "train", "--unlabeled-ratio", "2", "--out", tmp_path / "run",
-                        "--quiet", env={"KERAS_BACKEND": "jax"}, timeout=600)
+                        demo_root / "WBC_100" / "train", "--unlabeled-ratio", "2", "--thresholds", "fixed",
+                        "--out", tmp_path / "run", "--quiet", env={"KERAS_BACKEND": "jax"}, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["backend"] == "jax" and np.isfinite(m["val_accuracy_selected"])
+    from runfiles import read_h5_metadata
+    semi = read_h5_metadata(tmp_path / "run" / "model.h5")["semi_supervised"]
+    assert semi["thresholds"] == "fixed"
+    assert semi["confidence_bar"] == pytest.approx(0.95 * 0.92)  # the default recipe's label smoothing 0.1
+    # the moving averages left their start (1/K) during the epoch: the wrapper's state updates reach the model
+    # under JAX's stateless training step
+    assert float(_history(tmp_path / "run")[-1]["pool_confidence"]) != pytest.approx(0.2, abs=1e-6)
+
+
+def _history(run_dir):
+    import csv
+    with open(run_dir / "history.csv") as f:
+        return list(csv.DictReader(f))
 
 
 def test_table_semi_rows_train_on_the_pool_and_pair_with_raw(demo_root, tmp_path):
@@ -146,7 +214,7 @@ def test_table_semi_rows_train_on_the_pool_and_pair_with_raw(demo_root, tmp_path
     assert "train_cnn.py" in line and "--split WBC_1" in line
     assert line.split("--unlabeled ")[1].split()[:2] == [str(demo_root / "WBC_100" / "train" / "data"),
                                                          "--unlabeled-ratio"]
-    assert line.endswith("--unlabeled-ratio 7")
+    assert line.endswith("--unlabeled-ratio 7 --thresholds adaptive")
     assert ("semi_default", "raw_default") in reproduce_table.PAIRS
 
 
