@@ -155,6 +155,14 @@ def take_config(args, parser):
 # Options that say how a run is watched, stored or fed, not what it trains: --resume may change them.
 _RUN_INDEPENDENT = {"out", "resume", "config", "quiet", "cache_dir", "no_cache", "tensorboard", "test", "devices",
                     "epochs", "out_root"}
+# Options added with a default other than the behaviour before them: a run whose args.json lacks the key was
+# made with this value.
+DEFAULTS_BEFORE_OPTION = {"thresholds": "fixed"}
+
+
+def with_defaults_before(saved: dict, current: dict) -> dict:
+    """saved completed with DEFAULTS_BEFORE_OPTION for the options it predates (and the current run has)."""
+    return {**{k: v for k, v in DEFAULTS_BEFORE_OPTION.items() if k in current and k not in saved}, **saved}
 
 
 def check_resume(args, run_dir: Path):
@@ -171,6 +179,7 @@ def check_resume(args, run_dir: Path):
     except (OSError, ValueError) as e:
         raise UserError(f"{found[0]}: unreadable ({e}); cannot check the run's arguments") from None
     current = args_dict(args)
+    saved = with_defaults_before(saved, current)
     given = getattr(args, "_given", set())
     problems = []
     for key, value in saved.items():

@@ -247,3 +247,24 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_semi_supervised_ru
     assert history_rows(run) == history_rows(baseline)
     assert without_timing(json.loads((run / "metrics.json").read_text())) == \
         without_timing(json.loads((baseline / "metrics.json").read_text()))
+
+
+def test_resuming_a_run_from_before_thresholds_keeps_its_fixed_bar(tmp_path):
+    """A semi-supervised run whose args.json predates --thresholds was trained with the fixed bar: --resume keeps
+    it, and asking for the adaptive bars is refused like any changed argument."""
+    import cli
+    import train_cnn
+    from runfiles import UserError
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = cli.args_dict(train_cnn.parse_args(["--unlabeled", str(pool), "--out", str(run)]))
+    del saved["thresholds"]
+    (run / "args.json").write_text(json.dumps(saved))
+    args = train_cnn.parse_args(["--unlabeled", str(pool), "--out", str(run), "--resume"])
+    cli.check_resume(args, run)
+    assert args.thresholds == "fixed"
+    args = train_cnn.parse_args(["--unlabeled", str(pool), "--out", str(run), "--resume", "--thresholds", "adaptive"])
+    with pytest.raises(UserError, match="--thresholds: run has fixed, asked adaptive"):
+        cli.check_resume(args, run)
