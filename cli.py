@@ -155,14 +155,6 @@ def take_config(args, parser):
 # Options that say how a run is watched, stored or fed, not what it trains: --resume may change them.
 _RUN_INDEPENDENT = {"out", "resume", "config", "quiet", "cache_dir", "no_cache", "tensorboard", "test", "devices",
                     "epochs", "out_root"}
-# Options added with a default other than the behaviour before them: a run whose args.json lacks the key was
-# made with this value.
-DEFAULTS_BEFORE_OPTION = {"thresholds": "fixed"}
-
-
-def with_defaults_before(saved: dict, current: dict) -> dict:
-    """saved completed with DEFAULTS_BEFORE_OPTION for the options it predates (and the current run has)."""
-    return {**{k: v for k, v in DEFAULTS_BEFORE_OPTION.items() if k in current and k not in saved}, **saved}
 
 
 def check_resume(args, run_dir: Path):
@@ -179,7 +171,6 @@ def check_resume(args, run_dir: Path):
     except (OSError, ValueError) as e:
         raise UserError(f"{found[0]}: unreadable ({e}); cannot check the run's arguments") from None
     current = args_dict(args)
-    saved = with_defaults_before(saved, current)
     given = getattr(args, "_given", set())
     problems = []
     for key, value in saved.items():
@@ -500,13 +491,13 @@ def add_semisup_args(parser):
                    help="unlabeled images per labelled image in each step; FixMatch's mu")
     g.add_argument("--unlabeled-weight", type=float, default=1.0, metavar="W",
                    help="weight of the unlabeled loss against the labelled one; FixMatch's lambda_u")
-    g.add_argument("--thresholds", choices=("adaptive", "fixed"), default="adaptive",
-                   help="how confident a pseudo-label must be: adaptive = FreeMatch's per-class bars from the "
-                        "model's running confidence and class shares on the pool (rare classes get lower bars); "
-                        "fixed = FixMatch's one bar, --threshold")
     g.add_argument("--threshold", type=float, default=0.95, metavar="T",
-                   help="with --thresholds fixed: a pseudo-label needs a top probability of T x the largest target "
-                        "of the loss (with label smoothing 0.1 and 5 classes: p >= 0.874 at 0.95)")
+                   help="a pseudo-label needs a top probability of T x the largest target of the loss (with label "
+                        "smoothing 0.1 and 5 classes: p >= 0.874 at 0.95)")
+    g.add_argument("--thresholds", choices=("fixed", "per-class"), default="fixed",
+                   help="fixed = that bar for every class (FixMatch); per-class = the bar scaled down for the "
+                        "classes the model rarely predicts on the pool, by their running share of the predictions "
+                        "over the largest class's (FreeMatch's class-wise scaling)")
     return g
 
 

@@ -154,7 +154,7 @@ def parse_args(argv=None):
                    help="pre-training epochs of the ssl rows (pretrain_ssl.py; default 30; 2 on the demo data)")
     g.add_argument("--unlabeled-ratio", type=int, default=7, metavar="MU",
                    help="unlabeled images per labelled image in each step of the semi rows (train_cnn.py's option)")
-    g.add_argument("--thresholds", choices=("adaptive", "fixed"), default="adaptive",
+    g.add_argument("--thresholds", choices=("fixed", "per-class"), default="fixed",
                    help="pseudo-label bars of the semi rows (train_cnn.py's option)")
     g.add_argument("--batch-size", type=int, default=32, help="images per step")
     g.add_argument("--holdout", type=float, default=0.15,

@@ -5,11 +5,10 @@ prediction on a weakly augmented view of an unlabeled image (the run's own augme
 when confident enough; the model is then trained to give that label to a strongly augmented view of the same
 image (the weak augmentation plus colour jitter, greyscale and blur). After Sohn et al., "FixMatch", NeurIPS 2020.
 
-How confident is confident enough: `fixed` is FixMatch's one bar for every class; `adaptive` (the default) is
-FreeMatch's self-adaptive bars (Wang et al., ICLR 2023): the running mean of the top probability on the pool, scaled
-per class by that class's running share of the predictions over the largest class's share. A class the model
-rarely predicts (the rare basophils) gets a lower bar, so its pool images are not all pseudo-labelled as another
-class, which is what the fixed bar did on the course-like PBC splits (docs/ssl.md).
+How confident is confident enough: `fixed` (the default) is FixMatch's one bar for every class; `per-class` lowers
+it for the classes the model rarely predicts on the pool, in proportion to their running share of the predictions
+(FreeMatch's class-wise scaling, Wang et al., ICLR 2023, on FixMatch's bar), so that the rare basophils' pool images
+can keep their own label (docs/ssl.md).
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import augment
 # The strong view's photometric part: SimCLR's colour jitter, greyscale and blur (augment.make_two_views), the
 # project's stand-in for FixMatch's RandAugment, which has no built-in Keras 3 layer working on uint8 batches.
 STRONG = dict(color_jitter=0.5, grayscale=0.2, blur=0.5)
-THRESHOLDS = ("adaptive", "fixed")
+THRESHOLDS = ("fixed", "per-class")
 
 
 def confidence_bar(threshold: float, label_smoothing: float, num_classes: int) -> float:
@@ -32,7 +31,7 @@ def confidence_bar(threshold: float, label_smoothing: float, num_classes: int) -
 
 
 def fixmatch_model(weak_model, num_classes: int, bar: float, weight: float, class_weights: dict | None,
-                   seed: int, strong: dict | None = None, adaptive: bool = False, momentum: float = 0.99):
+                   seed: int, strong: dict | None = None, per_class: bool = False, momentum: float = 0.99):
     """Training-only wrapper: [labelled, unlabeled] uint8 -> the labelled images' probabilities, with the
     unlabeled loss added (add_loss).
 
@@ -44,10 +43,11 @@ def fixmatch_model(weak_model, num_classes: int, bar: float, weight: float, clas
     taken), so a rare class's pseudo-labels count about as its labels do. No gradient flows through the
     pseudo-labels.
 
-    Bars: `bar` for every class, or with `adaptive` FreeMatch's: confidence x share[c] / max(share), where
-    confidence and share are moving averages (`momentum`) of the top probability and of the probabilities on the
-    pool's weak views, starting at 1/K as in the paper. The averages are kept in both modes (non-trainable weights,
-    saved with the backup, so a resumed run continues them) and semisup.pool_columns reads them into history.csv."""
+    Bars: `bar` for every class, or with `per_class` bar x share[c] / max(share), share being a moving average
+    (`momentum`) of the probabilities on the pool's weak views, starting at 1/K: every bar starts at `bar`, the
+    best-predicted class keeps it. A moving average of the top probability and of the share of pool images over
+    their bar are kept too, in both modes (non-trainable weights, saved with the backup, so a resumed run continues
+    them); semisup.pool_columns reads them into history.csv."""
     import keras
     from keras import ops
 
@@ -84,9 +84,8 @@ def fixmatch_model(weak_model, num_classes: int, bar: float, weight: float, clas
             top = ops.max(p_weak, axis=-1)
             confidence = momentum * self.confidence + (1 - momentum) * ops.mean(top)
             share = momentum * self.share + (1 - momentum) * ops.mean(p_weak, axis=0)
-            if adaptive:
-                bars = confidence * share / ops.max(share)
-                confident = ops.cast(top >= ops.take(bars, pseudo), "float32")
+            if per_class:
+                confident = ops.cast(top >= ops.take(bar * share / ops.max(share), pseudo), "float32")
             else:
                 confident = ops.cast(top >= bar, "float32")
             if training:
@@ -161,7 +160,7 @@ def with_unlabeled_batches(pool_x: np.ndarray, ratio: int, seed: int):
 
 
 def hooks(base_hooks, pool_x: np.ndarray, labels, classes, config, ratio: int, weight: float, threshold: float,
-          thresholds: str = "adaptive"):
+          thresholds: str = "fixed"):
     """base_hooks (training.Hooks) turned semi-supervised: the FixMatch wrapper around base_hooks' training
     model (or the standard augmented one), unlabeled images added to every batch, the pool's moving averages in
     history.csv."""
@@ -181,7 +180,7 @@ def hooks(base_hooks, pool_x: np.ndarray, labels, classes, config, ratio: int, w
         weak = (base_build(core, config) if base_build
                 else augment.with_augmentation(core, config.augment, config.seed))
         return fixmatch_model(weak, num_classes, bar, weight, weights, config.seed,
-                              adaptive=thresholds == "adaptive", momentum=ema_momentum(steps))
+                              per_class=thresholds == "per-class", momentum=ema_momentum(steps))
 
     return dataclasses.replace(base_hooks, build_train_model=build,
                                wrap_batches=with_unlabeled_batches(pool_x, ratio, config.seed),
@@ -206,8 +205,7 @@ def from_args(args, base_hooks, train_set, val_set, config):
                  args.unlabeled_weight, args.threshold, args.thresholds)
     meta = {"semi_supervised": {"method": "fixmatch", "thresholds": args.thresholds, "unlabeled_images": len(pool),
                                 "sources": pool_info["sources"], "ratio": args.unlabeled_ratio,
-                                "weight": args.unlabeled_weight}}
-    if args.thresholds == "fixed":
-        meta["semi_supervised"].update(threshold=args.threshold, confidence_bar=confidence_bar(
-            args.threshold, config.label_smoothing, num_classes))
+                                "weight": args.unlabeled_weight, "threshold": args.threshold,
+                                "confidence_bar": confidence_bar(args.threshold, config.label_smoothing,
+                                                                 num_classes)}}
     return semi, meta

@@ -91,10 +91,10 @@ def test_unlabeled_loss_is_the_confident_class_weighted_cross_entropy_and_output
     assert float(keras.ops.convert_to_numpy(sum(model.losses))) == 0.0
 
 
-def test_adaptive_bars_are_freematchs_and_let_a_rarely_predicted_class_through():
+def test_per_class_bars_lower_the_bar_of_a_rarely_predicted_class():
     import keras
     import semisup
-    # class 0 is rarely predicted: its one image has top probability 0.5, below the pool's mean top probability
+    # class 0 is rarely predicted on the pool: its one image has top probability 0.5, below the fixed bar 0.874
     probs = np.array([[1, 0, 0, 0, 0]] * 2  # the two labelled images
                      + [[0.5, 0.5 / 4, 0.5 / 4, 0.5 / 4, 0.5 / 4],
                         [0.02, 0.9, 0.04, 0.02, 0.02], [0.02, 0.02, 0.92, 0.02, 0.02],
@@ -105,35 +105,37 @@ def test_adaptive_bars_are_freematchs_and_let_a_rarely_predicted_class_through()
     labelled[1] = 1
     unlabeled = np.arange(2, 8, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
     no_strong = dict(color_jitter=0.0, grayscale=0.0, blur=0.0)
-    # momentum 0: the bars come from this batch alone
-    model = semisup.fixmatch_model(core, 5, 0.874, 1.0, None, seed=0, strong=no_strong, adaptive=True,
-                                   momentum=0.0)
-    model([labelled, unlabeled], training=True)
     p = probs[2:]
-    confidence, share = p.max(1).mean(), p.mean(0)
-    bars = confidence * share / share.max()
+    ce = -np.log(p[np.arange(6), p.argmax(1)])
+    bar = 0.874
+    # momentum 0: the class shares are this batch's
+    model = semisup.fixmatch_model(core, 5, bar, 1.0, None, seed=0, strong=no_strong, per_class=True, momentum=0.0)
+    model([labelled, unlabeled], training=True)
+    share = p.mean(0)
+    bars = bar * share / share.max()
     confident = p.max(1) >= bars[p.argmax(1)]
-    assert confident[0] and p[0].max() < confidence, "the rare class's image passes its own, lower bar"
-    assert not confident.all(), "the last image stays below its class's bar"
-    expected = np.mean(confident * -np.log(p[np.arange(6), p.argmax(1)]))
-    assert float(keras.ops.convert_to_numpy(sum(model.losses))) == pytest.approx(expected, rel=1e-5)
-    # momentum 0.5 from the start values 1/K: the averages are half the start, half this batch's
-    model = semisup.fixmatch_model(core, 5, 0.874, 1.0, None, seed=0, strong=no_strong, adaptive=True,
-                                   momentum=0.5)
+    assert confident[0] and p[0].max() < bar, "the rare class's image passes its own, lower bar"
+    assert not confident.all(), "an image below its class's bar stays out"
+    assert float(keras.ops.convert_to_numpy(sum(model.losses))) == pytest.approx(np.mean(confident * ce), rel=1e-5)
+    # the fixed bar leaves the rare class's image out
+    fixed = semisup.fixmatch_model(core, 5, bar, 1.0, None, seed=0, strong=no_strong)
+    fixed([labelled, unlabeled], training=True)
+    kept = p.max(1) >= bar
+    assert not kept[0]
+    assert float(keras.ops.convert_to_numpy(sum(fixed.losses))) == pytest.approx(np.mean(kept * ce), rel=1e-5)
+    # momentum 0.5 from the start values 1/K: the averages are half the start, half this batch's; at the start
+    # every class's bar is the fixed one
+    model = semisup.fixmatch_model(core, 5, bar, 1.0, None, seed=0, strong=no_strong, per_class=True, momentum=0.5)
     model([labelled, unlabeled], training=True)
     layer = model.get_layer("fixmatch")
-    assert float(keras.ops.convert_to_numpy(layer.confidence)) == pytest.approx(0.1 + 0.5 * confidence, rel=1e-6)
-    assert np.allclose(keras.ops.convert_to_numpy(layer.share), 0.1 + 0.5 * share, atol=1e-6)
+    assert float(keras.ops.convert_to_numpy(layer.confidence)) == pytest.approx(0.1 + 0.5 * p.max(1).mean(),
+                                                                              rel=1e-6)
+    share = 0.1 + 0.5 * p.mean(0)
+    assert np.allclose(keras.ops.convert_to_numpy(layer.share), share, atol=1e-6)
+    confident = p.max(1) >= (bar * share / share.max())[p.argmax(1)]
     columns = semisup.pool_columns(list("abcde"))(model)
-    assert columns["pool_share_a"] == pytest.approx(0.1 + 0.5 * share[0])
-    assert 0.0 < columns["pool_used"] <= 0.5
-    # the fixed bar (0.874) would have left the rare class's image out
-    fixed = semisup.fixmatch_model(core, 5, 0.874, 1.0, None, seed=0, strong=no_strong)
-    fixed([labelled, unlabeled], training=True)
-    kept = p.max(1) >= 0.874
-    assert not kept[0]
-    assert float(keras.ops.convert_to_numpy(sum(fixed.losses))) == pytest.approx(
-        np.mean(kept * -np.log(p[np.arange(6), p.argmax(1)])), rel=1e-5)
+    assert columns["pool_share_a"] == pytest.approx(share[0])
+    assert columns["pool_used"] == pytest.approx(0.5 * confident.mean())
 
 
 def test_the_moving_averages_span_about_an_epoch():
@@ -166,7 +168,8 @@ def test_train_cnn_unlabeled_records_the_pool_and_refuses_validation_images(demo
     n_pool = sum(1 for p in (pool / "data").rglob("*") if p.suffix.lower() in (".png", ".jpg", ".bmp", ".tif"))
     semi = read_h5_metadata(out / "model.h5")["semi_supervised"]
     assert semi["unlabeled_images"] == n_pool and semi["ratio"] == 2
-    assert semi["thresholds"] == "adaptive" and "confidence_bar" not in semi
+    assert semi["thresholds"] == "fixed"
+    assert semi["confidence_bar"] == pytest.approx(0.95 * 0.92)  # the default recipe's label smoothing 0.1
     history = _history(out)
     shares = np.array([[float(r[k]) for k in r if k.startswith("pool_share_")] for r in history])
     assert shares.shape[1] == 5 and np.allclose(shares.sum(1), 1.0, atol=1e-4)  # averages of probabilities
@@ -185,15 +188,14 @@ def test_train_cnn_unlabeled_records_the_pool_and_refuses_validation_images(demo
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
 def test_semi_supervised_training_under_jax(demo_root, tmp_path):
     result = run_script("train_cnn.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled",
-                        demo_root / "WBC_100" / "train", "--unlabeled-ratio", "2", "--thresholds", "fixed",
+                        demo_root / "WBC_100" / "train", "--unlabeled-ratio", "2", "--thresholds", "per-class",
                         "--out", tmp_path / "run", "--quiet", env={"KERAS_BACKEND": "jax"}, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["backend"] == "jax" and np.isfinite(m["val_accuracy_selected"])
     from runfiles import read_h5_metadata
     semi = read_h5_metadata(tmp_path / "run" / "model.h5")["semi_supervised"]
-    assert semi["thresholds"] == "fixed"
-    assert semi["confidence_bar"] == pytest.approx(0.95 * 0.92)  # the default recipe's label smoothing 0.1
+    assert semi["thresholds"] == "per-class"
     # the moving averages left their start (1/K) during the epoch: the wrapper's state updates reach the model
     # under JAX's stateless training step
     assert float(_history(tmp_path / "run")[-1]["pool_confidence"]) != pytest.approx(0.2, abs=1e-6)
@@ -214,7 +216,7 @@ def test_table_semi_rows_train_on_the_pool_and_pair_with_raw(demo_root, tmp_path
     assert "train_cnn.py" in line and "--split WBC_1" in line
     assert line.split("--unlabeled ")[1].split()[:2] == [str(demo_root / "WBC_100" / "train" / "data"),
                                                          "--unlabeled-ratio"]
-    assert line.endswith("--unlabeled-ratio 7 --thresholds adaptive")
+    assert line.endswith("--unlabeled-ratio 7 --thresholds fixed")
     assert ("semi_default", "raw_default") in reproduce_table.PAIRS
 
 
@@ -248,23 +250,3 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_semi_supervised_ru
     assert without_timing(json.loads((run / "metrics.json").read_text())) == \
         without_timing(json.loads((baseline / "metrics.json").read_text()))
 
-
-def test_resuming_a_run_from_before_thresholds_keeps_its_fixed_bar(tmp_path):
-    """A semi-supervised run whose args.json predates --thresholds was trained with the fixed bar: --resume keeps
-    it, and asking for the adaptive bars is refused like any changed argument."""
-    import cli
-    import train_cnn
-    from runfiles import UserError
-    pool = tmp_path / "pool"
-    pool.mkdir()
-    run = tmp_path / "run"
-    run.mkdir()
-    saved = cli.args_dict(train_cnn.parse_args(["--unlabeled", str(pool), "--out", str(run)]))
-    del saved["thresholds"]
-    (run / "args.json").write_text(json.dumps(saved))
-    args = train_cnn.parse_args(["--unlabeled", str(pool), "--out", str(run), "--resume"])
-    cli.check_resume(args, run)
-    assert args.thresholds == "fixed"
-    args = train_cnn.parse_args(["--unlabeled", str(pool), "--out", str(run), "--resume", "--thresholds", "adaptive"])
-    with pytest.raises(UserError, match="--thresholds: run has fixed, asked adaptive"):
-        cli.check_resume(args, run)
