@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import JAX_XLA_FLAGS, exit_status, run_script
 
 TINY = ["--image-size", "16", "--batch-size", "8", "--width", "4", "--no-cache", "--epochs", "1"]
 
@@ -103,13 +103,14 @@ def test_strong_view_differs_from_the_image():
     assert np.abs(keras.ops.convert_to_numpy(out).astype(int) - x).mean() > 1.0
 
 
-def test_train_cnn_unlabeled_records_the_pool_and_refuses_validation_images(demo_root, tmp_path):
+def test_train_cnn_unlabeled_records_the_pool_and_refuses_validation_images(demo_root, tmp_path, capsys):
+    import train_cnn
     from runfiles import read_h5_metadata
     pool = demo_root / "WBC_100" / "train"
     out = tmp_path / "semi"
-    result = run_script("train_cnn.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled", pool,
-                        "--unlabeled-ratio", "2", "--out", out, "--quiet", timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    code = exit_status(train_cnn.main, ["--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled", pool,
+                                        "--unlabeled-ratio", "2", "--out", out, "--quiet"])
+    assert code == 0, capsys.readouterr().err[-2000:]
     # the split's folder holds data/ and mask/: the masks are not cell images and stay out of the pool
     assert (pool / "mask").is_dir()
     n_pool = sum(1 for p in (pool / "data").rglob("*") if p.suffix.lower() in (".png", ".jpg", ".bmp", ".tif"))
@@ -118,11 +119,14 @@ def test_train_cnn_unlabeled_records_the_pool_and_refuses_validation_images(demo
     assert semi["confidence_bar"] == pytest.approx(0.95 * 0.92)  # the default recipe's label smoothing 0.1
     assert json.loads((out / "args.json").read_text())["unlabeled"] == [str(pool)]
     # the validation folder offered as unlabeled images: one line, exit 2, no run folder
-    bad = run_script("train_cnn.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled",
-                     demo_root / "WBC_100" / "val", "--out", tmp_path / "bad", timeout=300)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: --unlabeled")
-    assert len(bad.stderr.strip().splitlines()) == 1 and "validation image" in bad.stderr
+    capsys.readouterr()
+    code = exit_status(train_cnn.main, ["--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled",
+                                        demo_root / "WBC_100" / "val", "--out", tmp_path / "bad"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --unlabeled")
+    assert len(err.strip().splitlines()) == 1 and "validation image" in err
     assert not (tmp_path / "bad" / "model.h5").exists()
+    # a fresh process: the exit status and the one line of a mistake found before Keras starts
     missing = run_script("train_cnn.py", "--unlabeled", tmp_path / "nowhere", timeout=60)
     assert missing.returncode == 2 and missing.stderr.startswith("error: --unlabeled")
 
@@ -131,7 +135,7 @@ def test_train_cnn_unlabeled_records_the_pool_and_refuses_validation_images(demo
 def test_semi_supervised_training_under_jax(demo_root, tmp_path):
     result = run_script("train_cnn.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled",
                         demo_root / "WBC_100" / "train", "--unlabeled-ratio", "2", "--out", tmp_path / "run",
-                        "--quiet", env={"KERAS_BACKEND": "jax"}, timeout=600)
+                        "--quiet", env={"KERAS_BACKEND": "jax", "XLA_FLAGS": JAX_XLA_FLAGS}, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["backend"] == "jax" and np.isfinite(m["val_accuracy_selected"])
