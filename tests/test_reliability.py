@@ -362,18 +362,20 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tmp_path, capsys, int
 # Untrusted model files
 # ----------------------------------------------------------------------------------------------
 
-def test_model_with_a_lambda_layer_is_refused_without_running_it(tmp_path):
+def test_model_with_a_lambda_layer_is_refused_without_running_it(tmp_path, capsys):
     import keras
+
+    import cli
     marker = tmp_path / "code_ran"
     inputs = keras.Input((4,))
     mark = str(marker)
     outputs = keras.layers.Lambda(lambda x: (open(mark, "w").close(), x)[1] * 2)(inputs)
     keras.Model(inputs, outputs).save(tmp_path / "crafted.h5")
     marker.unlink()  # building the model above ran the lambda once; loading must not run it again
-    script = "import sys, cli, runfiles; cli.run_main(lambda: runfiles.load_core_model(sys.argv[1]))"
-    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "crafted.h5")], cwd=PROJECT, text=True,
-                       capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=120)
-    assert_one_line_error(r.returncode, r.stderr, "crafted.h5", "lambda", "safe mode")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        cli.run_main(lambda: runfiles.load_core_model(tmp_path / "crafted.h5"))
+    assert_one_line_error(stop.value.code, capsys.readouterr().err, "crafted.h5", "lambda", "safe mode")
     assert not marker.exists(), "loading the crafted model ran its code"
 
 
