@@ -18,11 +18,39 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 JAX_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
+def pytest_collection_modifyitems(items):
+    """Test modules that use no demo data run first (each module whole, in its own order): meanwhile the demo
+    data is generated in another process (demo_in_background), on the second core of a 2-core machine."""
+    uses_demo = {item.path for item in items if "demo_root" in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: item.path in uses_demo)  # a stable sort: the order within each group is kept
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_in_background(request, tmp_path_factory):
+    """From the session's first test on, when a selected test needs it: (process generating the demo data,
+    its root folder)."""
+    if not any("demo_root" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        yield None
+        return
+    root = tmp_path_factory.mktemp("demo") / "demo"
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, demo_data; demo_data.ensure_demo_data(sys.argv[1])",
+                             str(root)], cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    yield proc, root
+    if proc.returncode is None:  # the session ended before any test asked for the data
+        proc.kill()
+        proc.communicate()
+
+
 @pytest.fixture(scope="session")
-def demo_root(tmp_path_factory):
+def demo_root(demo_in_background, tmp_path_factory):
     """The synthetic demo dataset in the course layout, generated once for the whole session."""
     import demo_data
-    return demo_data.ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo")
+    if demo_in_background is None:  # asked for by a test that did not declare it
+        return demo_data.ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo")
+    proc, root = demo_in_background
+    output, _ = proc.communicate()
+    assert proc.returncode == 0, f"generating the demo data failed:\n{output[-3000:]}"
+    return demo_data.ensure_demo_data(root)  # finds the finished folder
 
 
 @pytest.fixture
