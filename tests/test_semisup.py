@@ -165,15 +165,17 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_semi_supervised_ru
                                   without_timing)
     root = course_root(tmp_path / "root", train=6)
     pool = ["--unlabeled", str(root / "WBC_100" / "train" / "data"), "--unlabeled-ratio", "2", "--min-steps", "4"]
-    baseline = tmp_path / "baseline"
-    code, _, err = run_in_process(tiny_args(root, tmp_path / "cache", baseline, *pool), capsys)
-    assert code == 0, err
     run = tmp_path / "run"
     args = tiny_args(root, tmp_path / "cache", run, *pool)
-    killed = subprocess.run([sys.executable, str(PROJECT / "tests" / "faults.py"), "epoch", "train_cnn.py", *args],
-                            cwd=PROJECT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True,
-                            text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    # The run to kill starts first, in its own process; the uninterrupted one trains here meanwhile.
+    killed = subprocess.Popen([sys.executable, str(PROJECT / "tests" / "faults.py"), "epoch", "train_cnn.py", *args],
+                              cwd=PROJECT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    baseline = tmp_path / "baseline"
+    code, _, err = run_in_process(tiny_args(root, tmp_path / "cache", baseline, *pool), capsys)
+    killed_err = killed.communicate(timeout=300)[1]
+    assert code == 0, err
+    assert killed.returncode == -signal.SIGKILL, killed_err[-2000:]
     other = tiny_args(root, tmp_path / "cache", run, *pool[:-4], str(root / "WBC_100" / "val" / "data"), *pool[-4:])
     code, _, err = run_in_process(other + ["--resume"], capsys)  # another pool: refused, nothing touched
     assert code == 2 and err.startswith("error:") and "--unlabeled: run has" in err
