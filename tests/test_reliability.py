@@ -314,20 +314,44 @@ def interrupt_setup(tmp_path_factory):
     return root, base / "baseline", base / "cache"
 
 
+KILL_POINTS = ["cache", "epoch", "model", "backup", "finish"]
+
+
+@pytest.fixture(scope="module")
+def killed_runs(interrupt_setup, tmp_path_factory, request):
+    """The runs to kill (tests/faults.py), one per selected point, started at once, each in its own process and
+    folder: {point: (process, its arguments, run folder, cache folder, stderr file)}. They run side by side
+    while the tests resume them one by one."""
+    root, _, baseline_cache = interrupt_setup
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    points = {item.callspec.params["point"] for item in request.session.items
+              if item.originalname == "test_kill_9_then_resume_ends_like_an_uninterrupted_run"}
+    started = {}
+    for point in (p for p in KILL_POINTS if p in points):
+        base = tmp_path_factory.mktemp(f"killed_{point}")
+        cache = base / "cache" if point == "cache" else baseline_cache
+        args = tiny_args(root, cache, base / "run", "--min-steps", "4")
+        with open(base / "stdout.txt", "w") as out, open(base / "stderr.txt", "w") as err:
+            proc = subprocess.Popen([sys.executable, str(PROJECT / "tests" / "faults.py"), point, "train_cnn.py",
+                                     *args], cwd=PROJECT, env=env, stdout=out, stderr=err)
+        started[point] = (proc, args, base / "run", cache, base / "stderr.txt")
+    yield started
+    for proc, *_ in started.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["cache", "epoch", "model", "backup", "finish"])
-def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tmp_path, capsys, interrupt_setup, point):
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_kill_9_then_resume_ends_like_an_uninterrupted_run(capsys, interrupt_setup, killed_runs, point):
     """Killed while the decode cache is built, mid-epoch 2, while model.h5 is written, while the backup is
     written, while the finished run's folder is written: what the killed run left is whole or absent, and the
     resumed run ends with the uninterrupted run's files, history.csv and metrics.json, timing aside."""
-    root, baseline, baseline_cache = interrupt_setup
-    cache = tmp_path / "cache" if point == "cache" else baseline_cache
-    run = tmp_path / "run"
-    args = tiny_args(root, cache, run, "--min-steps", "4")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    killed = subprocess.run([sys.executable, str(PROJECT / "tests" / "faults.py"), point, "train_cnn.py", *args],
-                            cwd=PROJECT, env=env, capture_output=True, text=True, timeout=120)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    _, baseline, baseline_cache = interrupt_setup
+    killed, args, run, cache, stderr = killed_runs[point]
+    killed.wait(timeout=110)
+    assert killed.returncode == -signal.SIGKILL, stderr.read_text()[-2000:]
 
     # What the killed run left is either complete or absent, never half-written.
     if (run / "history.csv").exists():
