@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,9 +64,43 @@ def cache_dir(tmp_path, monkeypatch):
 
 def run_script(script, *args, env=None, timeout=600, cwd=None):
     """Run a project script in a fresh Python process; returns CompletedProcess (text output)."""
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
-    return subprocess.run([sys.executable, str(PROJECT / script), *map(str, args)], capture_output=True,
-                          text=True, env=full_env, timeout=timeout, cwd=cwd or PROJECT)
+    return start_script(script, *args, env=env, cwd=cwd).result(timeout)
+
+
+def start_script(script, *args, env=None, cwd=None):
+    """run_script's fresh process, started and left running while this one goes on: .result() waits for it."""
+    return Started([sys.executable, PROJECT / script, *args],
+                   {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}, cwd)
+
+
+class Started:
+    """A command running in its own process (its output in temporary files: a full pipe never stalls it)."""
+
+    def __init__(self, cmd, env=None, cwd=None):
+        self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([str(c) for c in cmd], stdout=self._out, stderr=self._err, text=True, env=env,
+                                     cwd=cwd or PROJECT)
+
+    def result(self, timeout=600) -> subprocess.CompletedProcess:
+        """Wait for it (killed after `timeout` seconds, and TimeoutExpired raised): its exit status and output."""
+        try:
+            self.proc.wait(timeout)
+        finally:
+            self.stop()
+        self._out.seek(0)
+        self._err.seek(0)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self._out.read(), self._err.read())
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def selected(request, test_name):
+    """Whether a test function of that name is among the session's selected tests (e.g. before starting its
+    process ahead of it)."""
+    return any(getattr(item, "originalname", None) == test_name for item in request.session.items)
 
 
 def shared_data(name):

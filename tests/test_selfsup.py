@@ -9,9 +9,24 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import JAX_XLA_FLAGS, exit_status, run_script
+from conftest import JAX_XLA_FLAGS, exit_status, run_script, selected, start_script
 
 TINY = ["--image-size", "24", "--batch-size", "32", "--no-cache"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def jax_run(request, tmp_path_factory):
+    """test_pretraining_under_jax's run, started with this module when that test is selected: it trains in its
+    own process (on the second core) while the tests before it run here."""
+    if importlib.util.find_spec("jax") is None or not selected(request, "test_pretraining_under_jax"):
+        yield None
+        return
+    demo_root = request.getfixturevalue("demo_root")
+    out = tmp_path_factory.mktemp("jax") / "run"
+    started = start_script("pretrain_ssl.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--epochs", "3",
+                           "--probe-every", "3", "--out", out, env={"KERAS_BACKEND": "jax", "XLA_FLAGS": JAX_XLA_FLAGS})
+    yield started, out
+    started.stop()
 
 
 def _images(n=6, size=24, seed=0):
@@ -286,12 +301,11 @@ def test_init_shape_mismatch_is_one_line_naming_both_shapes(demo_root, tmp_path,
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
-def test_pretraining_under_jax(demo_root, tmp_path):
-    result = run_script("pretrain_ssl.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--epochs", "3",
-                        "--probe-every", "3", "--out", tmp_path / "run",
-                        env={"KERAS_BACKEND": "jax", "XLA_FLAGS": JAX_XLA_FLAGS}, timeout=600)
+def test_pretraining_under_jax(jax_run):
+    started, out = jax_run
+    result = started.result(timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    m = json.loads((out / "metrics.json").read_text())
     assert m["backend"] == "jax" and m["final_loss"] < m["first_loss"]
 
 

@@ -6,9 +6,25 @@ import json
 import numpy as np
 import pytest
 
-from conftest import JAX_XLA_FLAGS, exit_status, run_script
+from conftest import JAX_XLA_FLAGS, exit_status, run_script, selected, start_script
 
 TINY = ["--image-size", "16", "--batch-size", "8", "--width", "4", "--no-cache", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def jax_run(request, tmp_path_factory):
+    """test_semi_supervised_training_under_jax's run, started with this module when that test is selected: it
+    trains in its own process (on the second core) while the tests before it run here."""
+    if importlib.util.find_spec("jax") is None or not selected(request, "test_semi_supervised_training_under_jax"):
+        yield None
+        return
+    demo_root = request.getfixturevalue("demo_root")
+    out = tmp_path_factory.mktemp("jax") / "run"
+    started = start_script("train_cnn.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled",
+                           demo_root / "WBC_100" / "train", "--unlabeled-ratio", "2", "--out", out, "--quiet",
+                           env={"KERAS_BACKEND": "jax", "XLA_FLAGS": JAX_XLA_FLAGS})
+    yield started, out
+    started.stop()
 
 
 def test_confidence_bar_is_the_threshold_of_the_smoothed_target():
@@ -132,12 +148,11 @@ def test_train_cnn_unlabeled_records_the_pool_and_refuses_validation_images(demo
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
-def test_semi_supervised_training_under_jax(demo_root, tmp_path):
-    result = run_script("train_cnn.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled",
-                        demo_root / "WBC_100" / "train", "--unlabeled-ratio", "2", "--out", tmp_path / "run",
-                        "--quiet", env={"KERAS_BACKEND": "jax", "XLA_FLAGS": JAX_XLA_FLAGS}, timeout=600)
+def test_semi_supervised_training_under_jax(jax_run):
+    started, out = jax_run
+    result = started.result(timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    m = json.loads((out / "metrics.json").read_text())
     assert m["backend"] == "jax" and np.isfinite(m["val_accuracy_selected"])
 
 
