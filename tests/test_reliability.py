@@ -9,7 +9,6 @@ import io
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import PROJECT
+from conftest import PROJECT, Started, start_script
 import runfiles
 
 CLASS_FOLDERS = ("Basophil", "Eosinophil", "Lymphocyte", "Monocyte", "Neutrophil")
@@ -320,26 +319,22 @@ KILL_POINTS = ["cache", "epoch", "model", "backup", "finish"]
 @pytest.fixture(scope="module")
 def killed_runs(interrupt_setup, tmp_path_factory, request):
     """The runs to kill (tests/faults.py), one per selected point, started at once, each in its own process and
-    folder: {point: (process, its arguments, run folder, cache folder, stderr file)}. They run side by side
-    while the tests resume them one by one."""
+    folder: {point: (Started process, its arguments, run folder, cache folder)}. They run side by side while the
+    tests resume them one by one."""
     root, _, baseline_cache = interrupt_setup
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     points = {item.callspec.params["point"] for item in request.session.items
               if item.originalname == "test_kill_9_then_resume_ends_like_an_uninterrupted_run"}
-    started = {}
+    runs = {}
     for point in (p for p in KILL_POINTS if p in points):
         base = tmp_path_factory.mktemp(f"killed_{point}")
         cache = base / "cache" if point == "cache" else baseline_cache
         args = tiny_args(root, cache, base / "run", "--min-steps", "4")
-        with open(base / "stdout.txt", "w") as out, open(base / "stderr.txt", "w") as err:
-            proc = subprocess.Popen([sys.executable, str(PROJECT / "tests" / "faults.py"), point, "train_cnn.py",
-                                     *args], cwd=PROJECT, env=env, stdout=out, stderr=err)
-        started[point] = (proc, args, base / "run", cache, base / "stderr.txt")
-    yield started
-    for proc, *_ in started.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        runs[point] = (Started([sys.executable, PROJECT / "tests" / "faults.py", point, "train_cnn.py", *args], env),
+                       args, base / "run", cache)
+    yield runs
+    for started, *_ in runs.values():
+        started.stop()
 
 
 @pytest.mark.slow
@@ -349,9 +344,9 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(capsys, interrupt_set
     written, while the finished run's folder is written: what the killed run left is whole or absent, and the
     resumed run ends with the uninterrupted run's files, history.csv and metrics.json, timing aside."""
     _, baseline, baseline_cache = interrupt_setup
-    killed, args, run, cache, stderr = killed_runs[point]
-    killed.wait(timeout=110)
-    assert killed.returncode == -signal.SIGKILL, stderr.read_text()[-2000:]
+    started, args, run, cache = killed_runs[point]
+    killed = started.result(timeout=110)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
 
     # What the killed run left is either complete or absent, never half-written.
     if (run / "history.csv").exists():
@@ -468,14 +463,12 @@ def test_same_seed_same_metrics_in_process_and_in_a_fresh_process(tmp_path, caps
     """With augmentation and a hold-out split, so every random number generator is involved."""
     root = course_root(tmp_path / "root", train=6, val=2)
     second = tiny_args(root, tmp_path / "cache", tmp_path / "b", "--seed", "3", epochs=2)
-    fresh = subprocess.Popen([sys.executable, str(PROJECT / "train_cnn.py"), *second], cwd=PROJECT, text=True,
-                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)  # trains while the in-process run below does
+    fresh = start_script("train_cnn.py", *second)  # trains while the in-process run below does
     first = tiny_args(root, tmp_path / "cache", tmp_path / "a", "--seed", "3", epochs=2)
     code, _, err = run_in_process(first, capsys)
-    fresh_err = fresh.communicate(timeout=120)[1]
+    r = fresh.result(timeout=120)
     assert code == 0, err
-    assert fresh.returncode == 0, fresh_err[-2000:]
+    assert r.returncode == 0, r.stderr[-2000:]
     a, b = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in "ab")
     assert _without_timing(a) == _without_timing(b)
     drop = {"seconds", "images_per_second"}

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import JAX_XLA_FLAGS, exit_status, run_script, selected, start_script
+from conftest import JAX_XLA_FLAGS, Started, exit_status, run_script, selected, start_script
 
 TINY = ["--image-size", "16", "--batch-size", "8", "--width", "4", "--no-cache", "--epochs", "1"]
 
@@ -174,7 +174,6 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_semi_supervised_ru
     after a resume: history.csv and metrics.json equal the uninterrupted run's, timing aside."""
     import os
     import signal
-    import subprocess
     import sys
     from test_reliability import (PROJECT, course_root, history_rows, run_in_process, tiny_args,
                                   without_timing)
@@ -183,14 +182,13 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_semi_supervised_ru
     run = tmp_path / "run"
     args = tiny_args(root, tmp_path / "cache", run, *pool)
     # The run to kill starts first, in its own process; the uninterrupted one trains here meanwhile.
-    killed = subprocess.Popen([sys.executable, str(PROJECT / "tests" / "faults.py"), "epoch", "train_cnn.py", *args],
-                              cwd=PROJECT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = Started([sys.executable, PROJECT / "tests" / "faults.py", "epoch", "train_cnn.py", *args],
+                      {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     baseline = tmp_path / "baseline"
     code, _, err = run_in_process(tiny_args(root, tmp_path / "cache", baseline, *pool), capsys)
-    killed_err = killed.communicate(timeout=300)[1]
+    killed = started.result(timeout=300)
     assert code == 0, err
-    assert killed.returncode == -signal.SIGKILL, killed_err[-2000:]
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     other = tiny_args(root, tmp_path / "cache", run, *pool[:-4], str(root / "WBC_100" / "val" / "data"), *pool[-4:])
     code, _, err = run_in_process(other + ["--resume"], capsys)  # another pool: refused, nothing touched
     assert code == 2 and err.startswith("error:") and "--unlabeled: run has" in err
