@@ -1,5 +1,6 @@
 """Shared fixtures: the synthetic demo data (generated once per session), private cache folders, and a way to
-run a script as a user would (a subprocess, checking exit status and output)."""
+run a script as a user would (a subprocess, checking exit status and output), also started ahead of the test that
+checks it so that it runs on the second core while other tests run here."""
 import os
 import signal
 import subprocess
@@ -34,12 +35,9 @@ def demo_in_background(request, tmp_path_factory):
         yield None
         return
     root = tmp_path_factory.mktemp("demo") / "demo"
-    proc = subprocess.Popen([sys.executable, "-c", "import sys, demo_data; demo_data.ensure_demo_data(sys.argv[1])",
-                             str(root)], cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    yield proc, root
-    if proc.returncode is None:  # the session ended before any test asked for the data
-        proc.kill()
-        proc.communicate()
+    started = Started([sys.executable, "-c", "import sys, demo_data; demo_data.ensure_demo_data(sys.argv[1])", root])
+    yield started, root
+    started.stop()  # still running only when the session ended before any test asked for the data
 
 
 @pytest.fixture(scope="session")
@@ -48,9 +46,9 @@ def demo_root(demo_in_background, tmp_path_factory):
     import demo_data
     if demo_in_background is None:  # asked for by a test that did not declare it
         return demo_data.ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo")
-    proc, root = demo_in_background
-    output, _ = proc.communicate()
-    assert proc.returncode == 0, f"generating the demo data failed:\n{output[-3000:]}"
+    started, root = demo_in_background
+    done = started.result(timeout=600)
+    assert done.returncode == 0, f"generating the demo data failed:\n{done.stderr[-3000:]}"
     return demo_data.ensure_demo_data(root)  # finds the finished folder
 
 
