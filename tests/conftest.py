@@ -1,9 +1,11 @@
 """Shared fixtures: the synthetic demo data (generated once per session), private cache folders, and a way to
-run a script as a user would (a subprocess, checking exit status and output)."""
+run a script as a user would (a subprocess, checking exit status and output), also started ahead of the test that
+checks it so that it runs on the second core while other tests run here."""
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,11 +20,36 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 JAX_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
+def pytest_collection_modifyitems(items):
+    """Test modules that use no demo data run first (each module whole, in its own order): meanwhile the demo
+    data is generated in another process (demo_in_background), on the second core of a 2-core machine."""
+    uses_demo = {item.path for item in items if "demo_root" in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: item.path in uses_demo)  # a stable sort: the order within each group is kept
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_in_background(request, tmp_path_factory):
+    """From the session's first test on, when a selected test needs it: (process generating the demo data,
+    its root folder)."""
+    if not any("demo_root" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        yield None
+        return
+    root = tmp_path_factory.mktemp("demo") / "demo"
+    started = Started([sys.executable, "-c", "import sys, demo_data; demo_data.ensure_demo_data(sys.argv[1])", root])
+    yield started, root
+    started.stop()  # still running only when the session ended before any test asked for the data
+
+
 @pytest.fixture(scope="session")
-def demo_root(tmp_path_factory):
+def demo_root(demo_in_background, tmp_path_factory):
     """The synthetic demo dataset in the course layout, generated once for the whole session."""
     import demo_data
-    return demo_data.ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo")
+    if demo_in_background is None:  # asked for by a test that did not declare it
+        return demo_data.ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo")
+    started, root = demo_in_background
+    done = started.result(timeout=600)
+    assert done.returncode == 0, f"generating the demo data failed:\n{done.stderr[-3000:]}"
+    return demo_data.ensure_demo_data(root)  # finds the finished folder
 
 
 @pytest.fixture
@@ -35,9 +62,43 @@ def cache_dir(tmp_path, monkeypatch):
 
 def run_script(script, *args, env=None, timeout=600, cwd=None):
     """Run a project script in a fresh Python process; returns CompletedProcess (text output)."""
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
-    return subprocess.run([sys.executable, str(PROJECT / script), *map(str, args)], capture_output=True,
-                          text=True, env=full_env, timeout=timeout, cwd=cwd or PROJECT)
+    return start_script(script, *args, env=env, cwd=cwd).result(timeout)
+
+
+def start_script(script, *args, env=None, cwd=None):
+    """run_script's fresh process, started and left running while this one goes on: .result() waits for it."""
+    return Started([sys.executable, PROJECT / script, *args],
+                   {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}, cwd)
+
+
+class Started:
+    """A command running in its own process (its output in temporary files: a full pipe never stalls it)."""
+
+    def __init__(self, cmd, env=None, cwd=None):
+        self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([str(c) for c in cmd], stdout=self._out, stderr=self._err, text=True, env=env,
+                                     cwd=cwd or PROJECT)
+
+    def result(self, timeout=600) -> subprocess.CompletedProcess:
+        """Wait for it (killed after `timeout` seconds, and TimeoutExpired raised): its exit status and output."""
+        try:
+            self.proc.wait(timeout)
+        finally:
+            self.stop()
+        self._out.seek(0)
+        self._err.seek(0)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self._out.read(), self._err.read())
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def selected(request, test_name):
+    """Whether a test function of that name is among the session's selected tests (e.g. before starting its
+    process ahead of it)."""
+    return any(getattr(item, "originalname", None) == test_name for item in request.session.items)
 
 
 def shared_data(name):

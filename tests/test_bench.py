@@ -3,14 +3,13 @@ speed numbers come from bench.py runs recorded in docs/performance.md."""
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import JAX_XLA_FLAGS, PROJECT
+from conftest import JAX_XLA_FLAGS, Started, selected
 
 import bench
 import data
@@ -139,10 +138,17 @@ def test_large_demo_copy_writes_big_jpegs_in_the_course_layout(demo_root):
         assert im.size == (40, 40) and im.format == "JPEG"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed (the GPU check uses it)")
-def test_default_path_runs_under_jax_without_tensorflow(demo_root, tmp_path):
-    """The GPU machine has JAX and no TensorFlow: block TensorFlow's import and run the default path."""
-    out = tmp_path / "bench"
+@pytest.fixture(scope="module", autouse=True)
+def jax_run(request, tmp_path_factory):
+    """test_default_path_runs_under_jax_without_tensorflow's run, started with this module when that test is
+    selected: it runs in its own process (on the second core) while the tests before it run here."""
+    if importlib.util.find_spec("jax") is None or not selected(request,
+                                                               "test_default_path_runs_under_jax_without_tensorflow"):
+        yield None
+        return
+    demo_root = request.getfixturevalue("demo_root")
+    tmp = tmp_path_factory.mktemp("jax")
+    out = tmp / "bench"
     argv = ["bench.py", "--data", str(demo_root), "--image-size", "16", "--batch-size", "8", "--epochs", "2",
             "--steps", "2", "--pipelines", "cached,arrays", "--in-process", "--out", str(out)]
     code = ("import sys, runpy, importlib.abc\n"
@@ -152,9 +158,17 @@ def test_default_path_runs_under_jax_without_tensorflow(demo_root, tmp_path):
             "            raise ImportError('tensorflow is not installed here')\n"
             f"sys.meta_path.insert(0, NoTensorFlow()); sys.argv = {argv!r}\n"
             "runpy.run_path('bench.py', run_name='__main__')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT,
-                          env={**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": JAX_XLA_FLAGS,
-                               "WBC_CACHE_DIR": str(tmp_path / "cache")})
+    started = Started([sys.executable, "-c", code], {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": JAX_XLA_FLAGS,
+                                                     "WBC_CACHE_DIR": str(tmp / "cache")})
+    yield started, out
+    started.stop()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed (the GPU check uses it)")
+def test_default_path_runs_under_jax_without_tensorflow(jax_run):
+    """The GPU machine has JAX and no TensorFlow: block TensorFlow's import and run the default path (jax_run)."""
+    started, out = jax_run
+    proc = started.result(timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((out / "bench.json").read_text())
     assert result["backend"] == "jax" and result["pipelines"]["cached"]["warp"] == "gather"

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import PROJECT, run_script
+from conftest import PROJECT, Started, start_script
 import runfiles
 
 CLASS_FOLDERS = ("Basophil", "Eosinophil", "Lymphocyte", "Monocyte", "Neutrophil")
@@ -314,19 +313,39 @@ def interrupt_setup(tmp_path_factory):
     return root, base / "baseline", base / "cache"
 
 
+KILL_POINTS = ["cache", "epoch", "model", "backup", "finish"]
+
+
+@pytest.fixture(scope="module")
+def killed_runs(interrupt_setup, tmp_path_factory, request):
+    """The runs to kill (tests/faults.py), one per selected point, started at once, each in its own process and
+    folder: {point: (Started process, its arguments, run folder, cache folder)}. They run side by side while the
+    tests resume them one by one."""
+    root, _, baseline_cache = interrupt_setup
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    points = {item.callspec.params["point"] for item in request.session.items
+              if item.originalname == "test_kill_9_then_resume_ends_like_an_uninterrupted_run"}
+    runs = {}
+    for point in (p for p in KILL_POINTS if p in points):
+        base = tmp_path_factory.mktemp(f"killed_{point}")
+        cache = base / "cache" if point == "cache" else baseline_cache
+        args = tiny_args(root, cache, base / "run", "--min-steps", "4")
+        runs[point] = (Started([sys.executable, PROJECT / "tests" / "faults.py", point, "train_cnn.py", *args], env),
+                       args, base / "run", cache)
+    yield runs
+    for started, *_ in runs.values():
+        started.stop()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["cache", "epoch", "model", "backup", "finish"])
-def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tmp_path, capsys, interrupt_setup, point):
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_kill_9_then_resume_ends_like_an_uninterrupted_run(capsys, interrupt_setup, killed_runs, point):
     """Killed while the decode cache is built, mid-epoch 2, while model.h5 is written, while the backup is
     written, while the finished run's folder is written: what the killed run left is whole or absent, and the
     resumed run ends with the uninterrupted run's files, history.csv and metrics.json, timing aside."""
-    root, baseline, baseline_cache = interrupt_setup
-    cache = tmp_path / "cache" if point == "cache" else baseline_cache
-    run = tmp_path / "run"
-    args = tiny_args(root, cache, run, "--min-steps", "4")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    killed = subprocess.run([sys.executable, str(PROJECT / "tests" / "faults.py"), point, "train_cnn.py", *args],
-                            cwd=PROJECT, env=env, capture_output=True, text=True, timeout=120)
+    _, baseline, baseline_cache = interrupt_setup
+    started, args, run, cache = killed_runs[point]
+    killed = started.result(timeout=110)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
 
     # What the killed run left is either complete or absent, never half-written.
@@ -362,18 +381,20 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tmp_path, capsys, int
 # Untrusted model files
 # ----------------------------------------------------------------------------------------------
 
-def test_model_with_a_lambda_layer_is_refused_without_running_it(tmp_path):
+def test_model_with_a_lambda_layer_is_refused_without_running_it(tmp_path, capsys):
     import keras
+
+    import cli
     marker = tmp_path / "code_ran"
     inputs = keras.Input((4,))
     mark = str(marker)
     outputs = keras.layers.Lambda(lambda x: (open(mark, "w").close(), x)[1] * 2)(inputs)
     keras.Model(inputs, outputs).save(tmp_path / "crafted.h5")
     marker.unlink()  # building the model above ran the lambda once; loading must not run it again
-    script = "import sys, cli, runfiles; cli.run_main(lambda: runfiles.load_core_model(sys.argv[1]))"
-    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "crafted.h5")], cwd=PROJECT, text=True,
-                       capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=120)
-    assert_one_line_error(r.returncode, r.stderr, "crafted.h5", "lambda", "safe mode")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        cli.run_main(lambda: runfiles.load_core_model(tmp_path / "crafted.h5"))
+    assert_one_line_error(stop.value.code, capsys.readouterr().err, "crafted.h5", "lambda", "safe mode")
     assert not marker.exists(), "loading the crafted model ran its code"
 
 
@@ -441,11 +462,12 @@ def _without_timing(metrics: dict) -> dict:
 def test_same_seed_same_metrics_in_process_and_in_a_fresh_process(tmp_path, capsys):
     """With augmentation and a hold-out split, so every random number generator is involved."""
     root = course_root(tmp_path / "root", train=6, val=2)
+    second = tiny_args(root, tmp_path / "cache", tmp_path / "b", "--seed", "3", epochs=2)
+    fresh = start_script("train_cnn.py", *second)  # trains while the in-process run below does
     first = tiny_args(root, tmp_path / "cache", tmp_path / "a", "--seed", "3", epochs=2)
     code, _, err = run_in_process(first, capsys)
+    r = fresh.result(timeout=120)
     assert code == 0, err
-    second = tiny_args(root, tmp_path / "cache", tmp_path / "b", "--seed", "3", epochs=2)
-    r = run_script("train_cnn.py", *second, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in "ab")
     assert _without_timing(a) == _without_timing(b)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import PROJECT, run_script, shared_data
+from conftest import PROJECT, exit_status, run_script, shared_data
 from test_reliability import assert_one_line_error, course_root, run_in_process, tiny_args
 
 SCRIPTS = ("train_cnn.py", "train_masked.py", "pretrain_resnet.py", "reproduce_table.py", "inspect_model.py",
@@ -401,15 +401,18 @@ def test_a_failed_start_leaves_no_folder(tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
-def test_predict_prints_the_csv_only_after_success(tmp_path, h5_model):
+def test_predict_prints_the_csv_only_after_success(tmp_path, h5_model, capsys):
+    import inspect_model
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.jpg").write_bytes(b"not an image")
-    done = run_script("inspect_model.py", h5_model, "predict", tmp_path / "bad", timeout=120)
-    assert done.returncode == 2 and done.stdout == "", done.stdout
+    code = exit_status(inspect_model.main, [h5_model, "predict", tmp_path / "bad"])
+    out = capsys.readouterr().out
+    assert code == 2 and out == "", out
     Image.new("RGB", (40, 40), (200, 100, 150)).save(tmp_path / "bad" / "b.png")
-    done = run_script("inspect_model.py", h5_model, "predict", tmp_path / "bad", timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[0].startswith("file,predicted,p_basophil") and len(done.stdout.splitlines()) == 2
+    code = exit_status(inspect_model.main, [h5_model, "predict", tmp_path / "bad"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("file,predicted,p_basophil") and len(out.splitlines()) == 2
 
 
 def test_model_summary_is_full_width_when_piped(h5_model):

@@ -9,9 +9,24 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import JAX_XLA_FLAGS, run_script
+from conftest import JAX_XLA_FLAGS, exit_status, run_script, selected, start_script
 
 TINY = ["--image-size", "24", "--batch-size", "32", "--no-cache"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def jax_run(request, tmp_path_factory):
+    """test_pretraining_under_jax's run, started with this module when that test is selected: it trains in its
+    own process (on the second core) while the tests before it run here."""
+    if importlib.util.find_spec("jax") is None or not selected(request, "test_pretraining_under_jax"):
+        yield None
+        return
+    demo_root = request.getfixturevalue("demo_root")
+    out = tmp_path_factory.mktemp("jax") / "run"
+    started = start_script("pretrain_ssl.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--epochs", "3",
+                           "--probe-every", "3", "--out", out, env={"KERAS_BACKEND": "jax", "XLA_FLAGS": JAX_XLA_FLAGS})
+    yield started, out
+    started.stop()
 
 
 def _images(n=6, size=24, seed=0):
@@ -153,8 +168,9 @@ def test_probe_on_a_toy_problem_with_known_answer():
 # The pool: validation images refused
 # ----------------------------------------------------------------------------------------------
 
-def test_a_validation_image_offered_to_the_pool_is_refused(demo_root, tmp_path):
+def test_a_validation_image_offered_to_the_pool_is_refused(demo_root, tmp_path, capsys):
     import data
+    import pretrain_ssl
     import selfsup
     from runfiles import UserError
     files = data.find_split(demo_root, "WBC_10")
@@ -173,10 +189,12 @@ def test_a_validation_image_offered_to_the_pool_is_refused(demo_root, tmp_path):
             selfsup.gather_pool([folder], list(files.train.paths), val, demo_root)
     pool, info = selfsup.gather_pool([clean], list(files.train.paths), val, demo_root)
     assert len(pool) == len(files.train.paths) + 1  # a copy of a training image is allowed in
-    result = run_script("pretrain_ssl.py", "--data", demo_root, "--split", "WBC_10", "--unlabeled", clean,
-                        tmp_path / "copied", *TINY, "--out", tmp_path / "run", timeout=300)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.startswith("error: --unlabeled") and len(result.stderr.strip().splitlines()) == 1
+    capsys.readouterr()
+    code = exit_status(pretrain_ssl.main, ["--data", demo_root, "--split", "WBC_10", "--unlabeled", clean,
+                                           tmp_path / "copied", *TINY, "--out", tmp_path / "run"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert err.startswith("error: --unlabeled") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "encoder.h5").exists()
 
 
@@ -186,10 +204,12 @@ def test_a_validation_image_offered_to_the_pool_is_refused(demo_root, tmp_path):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, demo_root):
+    """pretrain_ssl.py run in-process (its run under JAX below is a fresh process)."""
+    import pretrain_ssl
     out = tmp_path_factory.mktemp("ssl") / "run"
-    result = run_script("pretrain_ssl.py", "--data", demo_root, "--split", "WBC_100", *TINY, "--epochs", "3",
-                        "--probe-every", "2", "--seed", "1", "--out", out, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    code = exit_status(pretrain_ssl.main, ["--data", demo_root, "--split", "WBC_100", *TINY, "--epochs", "3",
+                                           "--probe-every", "2", "--seed", "1", "--out", out])
+    assert code == 0
     return out
 
 
@@ -241,14 +261,15 @@ def test_init_puts_exactly_the_encoders_weights_into_the_classifier(pretrained):
     assert all(np.array_equal(a, b) for a, b in zip(before["predictions"], core.get_layer("predictions").get_weights()))
 
 
-def test_train_cnn_init_with_frozen_head_phase_names_the_encoder(pretrained, demo_root, tmp_path):
+def test_train_cnn_init_with_frozen_head_phase_names_the_encoder(pretrained, demo_root, tmp_path, capsys):
     from runfiles import load_core_model, read_h5_metadata
     import selfsup
+    import train_cnn
     out = tmp_path / "ft"
-    result = run_script("train_cnn.py", "--data", demo_root, "--split", "WBC_10", *TINY, "--epochs", "2",
-                        "--freeze-epochs", "1", "--init", pretrained / "encoder.h5", "--out", out, "--quiet",
-                        timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    code = exit_status(train_cnn.main, ["--data", demo_root, "--split", "WBC_10", *TINY, "--epochs", "2",
+                                        "--freeze-epochs", "1", "--init", pretrained / "encoder.h5", "--out", out,
+                                        "--quiet"])
+    assert code == 0, capsys.readouterr().err[-2000:]
     digest = selfsup.file_sha256(pretrained / "encoder.h5")
     args = json.loads((out / "args.json").read_text())
     assert args["init_sha256"] == digest and args["init"] == str(pretrained / "encoder.h5")
@@ -263,27 +284,28 @@ def test_train_cnn_init_with_frozen_head_phase_names_the_encoder(pretrained, dem
     assert (out / "metrics.json").is_file()
 
 
-def test_init_shape_mismatch_is_one_line_naming_both_shapes(demo_root, tmp_path):
+def test_init_shape_mismatch_is_one_line_naming_both_shapes(demo_root, tmp_path, capsys):
     import models
     import selfsup
+    import train_cnn
     from runfiles import save_model_h5
     narrow = selfsup.encoder_of(models.build_cnn(5, 24, width=4, depth=4, pooling="avg", batchnorm=True))
     save_model_h5(narrow, tmp_path / "narrow.h5", {})
-    result = run_script("train_cnn.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--epochs", "1",
-                        "--init", tmp_path / "narrow.h5", "--out", tmp_path / "ft", timeout=300)
-    assert result.returncode == 2
-    line = result.stderr.strip()
+    capsys.readouterr()
+    code = exit_status(train_cnn.main, ["--data", demo_root, "--split", "WBC_1", *TINY, "--epochs", "1",
+                                        "--init", tmp_path / "narrow.h5", "--out", tmp_path / "ft"])
+    assert code == 2
+    line = capsys.readouterr().err.strip()
     assert len(line.splitlines()) == 1 and line.startswith("error: --init")
     assert "(3, 3, 3, 4)" in line and "(3, 3, 3, 32)" in line
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
-def test_pretraining_under_jax(demo_root, tmp_path):
-    result = run_script("pretrain_ssl.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--epochs", "3",
-                        "--probe-every", "3", "--out", tmp_path / "run",
-                        env={"KERAS_BACKEND": "jax", "XLA_FLAGS": JAX_XLA_FLAGS}, timeout=600)
+def test_pretraining_under_jax(jax_run):
+    started, out = jax_run
+    result = started.result(timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    m = json.loads((out / "metrics.json").read_text())
     assert m["backend"] == "jax" and m["final_loss"] < m["first_loss"]
 
 

@@ -6,9 +6,25 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import JAX_XLA_FLAGS, Started, exit_status, run_script, selected, start_script
 
 TINY = ["--image-size", "16", "--batch-size", "8", "--width", "4", "--no-cache", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def jax_run(request, tmp_path_factory):
+    """test_semi_supervised_training_under_jax's run, started with this module when that test is selected: it
+    trains in its own process (on the second core) while the tests before it run here."""
+    if importlib.util.find_spec("jax") is None or not selected(request, "test_semi_supervised_training_under_jax"):
+        yield None
+        return
+    demo_root = request.getfixturevalue("demo_root")
+    out = tmp_path_factory.mktemp("jax") / "run"
+    started = start_script("train_cnn.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled",
+                           demo_root / "WBC_100" / "train", "--unlabeled-ratio", "2", "--thresholds", "per-class",
+                           "--out", out, "--quiet", env={"KERAS_BACKEND": "jax", "XLA_FLAGS": JAX_XLA_FLAGS})
+    yield started, out
+    started.stop()
 
 
 def test_confidence_bar_is_the_threshold_of_the_smoothed_target():
@@ -156,13 +172,14 @@ def test_strong_view_differs_from_the_image():
     assert np.abs(keras.ops.convert_to_numpy(out).astype(int) - x).mean() > 1.0
 
 
-def test_train_cnn_unlabeled_records_the_pool_and_refuses_validation_images(demo_root, tmp_path):
+def test_train_cnn_unlabeled_records_the_pool_and_refuses_validation_images(demo_root, tmp_path, capsys):
+    import train_cnn
     from runfiles import read_h5_metadata
     pool = demo_root / "WBC_100" / "train"
     out = tmp_path / "semi"
-    result = run_script("train_cnn.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled", pool,
-                        "--unlabeled-ratio", "2", "--out", out, "--quiet", timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    code = exit_status(train_cnn.main, ["--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled", pool,
+                                        "--unlabeled-ratio", "2", "--out", out, "--quiet"])
+    assert code == 0, capsys.readouterr().err[-2000:]
     # the split's folder holds data/ and mask/: the masks are not cell images and stay out of the pool
     assert (pool / "mask").is_dir()
     n_pool = sum(1 for p in (pool / "data").rglob("*") if p.suffix.lower() in (".png", ".jpg", ".bmp", ".tif"))
@@ -176,29 +193,31 @@ def test_train_cnn_unlabeled_records_the_pool_and_refuses_validation_images(demo
     assert all(0.0 <= float(r["pool_used"]) <= 1.0 for r in history)
     assert json.loads((out / "args.json").read_text())["unlabeled"] == [str(pool)]
     # the validation folder offered as unlabeled images: one line, exit 2, no run folder
-    bad = run_script("train_cnn.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled",
-                     demo_root / "WBC_100" / "val", "--out", tmp_path / "bad", timeout=300)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: --unlabeled")
-    assert len(bad.stderr.strip().splitlines()) == 1 and "validation image" in bad.stderr
+    capsys.readouterr()
+    code = exit_status(train_cnn.main, ["--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled",
+                                        demo_root / "WBC_100" / "val", "--out", tmp_path / "bad"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --unlabeled")
+    assert len(err.strip().splitlines()) == 1 and "validation image" in err
     assert not (tmp_path / "bad" / "model.h5").exists()
+    # a fresh process: the exit status and the one line of a mistake found before Keras starts
     missing = run_script("train_cnn.py", "--unlabeled", tmp_path / "nowhere", timeout=60)
     assert missing.returncode == 2 and missing.stderr.startswith("error: --unlabeled")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
-def test_semi_supervised_training_under_jax(demo_root, tmp_path):
-    result = run_script("train_cnn.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled",
-                        demo_root / "WBC_100" / "train", "--unlabeled-ratio", "2", "--thresholds", "per-class",
-                        "--out", tmp_path / "run", "--quiet", env={"KERAS_BACKEND": "jax"}, timeout=600)
+def test_semi_supervised_training_under_jax(jax_run):
+    started, out = jax_run
+    result = started.result(timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    m = json.loads((out / "metrics.json").read_text())
     assert m["backend"] == "jax" and np.isfinite(m["val_accuracy_selected"])
     from runfiles import read_h5_metadata
-    semi = read_h5_metadata(tmp_path / "run" / "model.h5")["semi_supervised"]
+    semi = read_h5_metadata(out / "model.h5")["semi_supervised"]
     assert semi["thresholds"] == "per-class"
     # the moving averages left their start (1/K) during the epoch: the wrapper's state updates reach the model
     # under JAX's stateless training step
-    assert float(_history(tmp_path / "run")[-1]["pool_confidence"]) != pytest.approx(0.2, abs=1e-6)
+    assert float(_history(out)[-1]["pool_confidence"]) != pytest.approx(0.2, abs=1e-6)
 
 
 def _history(run_dir):
@@ -225,20 +244,20 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_semi_supervised_ru
     after a resume: history.csv and metrics.json equal the uninterrupted run's, timing aside."""
     import os
     import signal
-    import subprocess
     import sys
     from test_reliability import (PROJECT, course_root, history_rows, run_in_process, tiny_args,
                                   without_timing)
     root = course_root(tmp_path / "root", train=6)
     pool = ["--unlabeled", str(root / "WBC_100" / "train" / "data"), "--unlabeled-ratio", "2", "--min-steps", "4"]
-    baseline = tmp_path / "baseline"
-    code, _, err = run_in_process(tiny_args(root, tmp_path / "cache", baseline, *pool), capsys)
-    assert code == 0, err
     run = tmp_path / "run"
     args = tiny_args(root, tmp_path / "cache", run, *pool)
-    killed = subprocess.run([sys.executable, str(PROJECT / "tests" / "faults.py"), "epoch", "train_cnn.py", *args],
-                            cwd=PROJECT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True,
-                            text=True, timeout=300)
+    # The run to kill starts first, in its own process; the uninterrupted one trains here meanwhile.
+    started = Started([sys.executable, PROJECT / "tests" / "faults.py", "epoch", "train_cnn.py", *args],
+                      {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    baseline = tmp_path / "baseline"
+    code, _, err = run_in_process(tiny_args(root, tmp_path / "cache", baseline, *pool), capsys)
+    killed = started.result(timeout=300)
+    assert code == 0, err
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     other = tiny_args(root, tmp_path / "cache", run, *pool[:-4], str(root / "WBC_100" / "val" / "data"), *pool[-4:])
     code, _, err = run_in_process(other + ["--resume"], capsys)  # another pool: refused, nothing touched

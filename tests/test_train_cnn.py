@@ -6,7 +6,7 @@ import pytest
 
 import train_cnn
 from runfiles import UserError
-from conftest import PROJECT, run_script
+from conftest import PROJECT, exit_status, run_script
 
 RUN_FILES = ("args.json", "history.csv", "metrics.json", "model.h5", "val_predictions.csv", "curves.png",
              "confusion.png")
@@ -47,16 +47,21 @@ def test_short_demo_run_writes_the_run_folder_and_beats_the_majority_baseline(de
     assert (out / "model.h5").read_bytes() == before  # nothing written
 
 
-def test_bad_data_paths_end_in_one_line_and_exit_2(tmp_path):
+def test_bad_data_paths_end_in_one_line_and_exit_2(tmp_path, capsys):
+    """In a fresh process (TensorFlow's start-up lines must not reach stderr), and a layout mistake in-process."""
     (tmp_path / "flat").mkdir()
     for argv, fragment in ((["--data", tmp_path / "nope"], "no such folder"),
-                           (["--data", tmp_path / "flat"], "no WBC_100 folder"),
                            (["--epochs", "0"], "expected a positive number"),
                            (["--split"], "expected one argument")):
         done = run_script("train_cnn.py", *argv, "--out", tmp_path / "r")
         assert done.returncode == 2, done.stderr
         assert fragment in done.stderr and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert exit_status(train_cnn.main, ["--data", tmp_path / "flat", "--out", tmp_path / "r"]) == 2
+    err = capsys.readouterr().err
+    assert "no WBC_100 folder" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
 
 
 def test_class_weights_inverse_frequency_and_its_power():
