@@ -370,6 +370,8 @@ def resolve_data(args, demo_image_size: int = 64, real_image_size: int = 224) ->
     if is_demo:
         import demo_data
         args.data = demo_data.ensure_demo_data()
+    elif not Path(args.data).exists():  # answered before Keras is imported, not seconds later
+        raise UserError(f"--data {args.data}: no such folder")
     args.demo = is_demo
     if getattr(args, "image_size", "absent") is None:
         args.image_size = demo_image_size if is_demo else real_image_size
