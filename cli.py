@@ -15,6 +15,7 @@ import recipes  # noqa: E402
 from data import DEFAULT_MAX_PIXELS, MASK_FILLS, MASK_MODES  # noqa: E402
 from devices import PRECISIONS  # noqa: E402
 from runfiles import UserError  # noqa: E402
+from semisup import THRESHOLDS  # noqa: E402
 
 
 def import_keras_quietly(args=None):
@@ -496,7 +497,7 @@ def add_semisup_args(parser):
     g.add_argument("--threshold", type=float, default=0.95, metavar="T",
                    help="a pseudo-label needs a top probability of T x the largest target of the loss (with label "
                         "smoothing 0.1 and 5 classes: p >= 0.874 at 0.95)")
-    g.add_argument("--thresholds", choices=("fixed", "per-class"), default="fixed",
+    g.add_argument("--thresholds", choices=THRESHOLDS, default="fixed",
                    help="fixed = that bar for every class (FixMatch); per-class = the bar scaled down for the "
                         "classes the model rarely predicts on the pool, by their running share of the predictions "
                         "over the largest class's (FreeMatch's class-wise scaling)")

@@ -48,6 +48,7 @@ import cli
 from devices import PRECISIONS
 from runfiles import UserError
 import runfiles
+from semisup import THRESHOLDS
 
 PROJECT = Path(__file__).resolve().parent
 SPLIT_ORDER = ("WBC_1", "WBC_10", "WBC_50", "WBC_100")  # the report's order, fewest labels first
@@ -154,7 +155,7 @@ def parse_args(argv=None):
                    help="pre-training epochs of the ssl rows (pretrain_ssl.py; default 30; 2 on the demo data)")
     g.add_argument("--unlabeled-ratio", type=int, default=7, metavar="MU",
                    help="unlabeled images per labelled image in each step of the semi rows (train_cnn.py's option)")
-    g.add_argument("--thresholds", choices=("fixed", "per-class"), default="fixed",
+    g.add_argument("--thresholds", choices=THRESHOLDS, default="fixed",
                    help="pseudo-label bars of the semi rows (train_cnn.py's option)")
     g.add_argument("--batch-size", type=int, default=32, help="images per step")
     g.add_argument("--holdout", type=float, default=0.15,

@@ -187,7 +187,8 @@ def test_train_cnn_unlabeled_records_the_pool_and_refuses_validation_images(demo
     assert semi["unlabeled_images"] == n_pool and semi["ratio"] == 2
     assert semi["thresholds"] == "fixed"
     assert semi["confidence_bar"] == pytest.approx(0.95 * 0.92)  # the default recipe's label smoothing 0.1
-    history = _history(out)
+    from test_reliability import history_rows
+    history = history_rows(out)
     shares = np.array([[float(r[k]) for k in r if k.startswith("pool_share_")] for r in history])
     assert shares.shape[1] == 5 and np.allclose(shares.sum(1), 1.0, atol=1e-4)  # averages of probabilities
     assert all(0.0 <= float(r["pool_used"]) <= 1.0 for r in history)
@@ -217,13 +218,9 @@ def test_semi_supervised_training_under_jax(jax_run):
     assert semi["thresholds"] == "per-class"
     # the moving averages left their start (1/K) during the epoch: the wrapper's state updates reach the model
     # under JAX's stateless training step
-    assert float(_history(out)[-1]["pool_confidence"]) != pytest.approx(0.2, abs=1e-6)
+    from test_reliability import history_rows
+    assert float(history_rows(out)[-1]["pool_confidence"]) != pytest.approx(0.2, abs=1e-6)
 
-
-def _history(run_dir):
-    import csv
-    with open(run_dir / "history.csv") as f:
-        return list(csv.DictReader(f))
 
 
 def test_table_semi_rows_train_on_the_pool_and_pair_with_raw(demo_root, tmp_path):
