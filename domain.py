@@ -35,7 +35,7 @@ def training_wrapper(args):
     if not strength:
         return None
 
-    def build(core, config):
+    def build(core, config, steps_per_epoch):
         import keras
         import augment
         size = core.input_shape[1]

@@ -61,6 +61,7 @@ def fixmatch_model(weak_model, num_classes: int, bar: float, weight: float, clas
             super().__init__(**kwargs)
             self.weak_model = weak_model
             self.strong_layers = strong_layers
+            self.momentum = float(momentum)
             start = keras.initializers.Constant(1.0 / num_classes)
             # aggregation "mean": under several TensorFlow replicas each updates them from its share of the batch.
             self.confidence = self.add_weight(shape=(), initializer=start, trainable=False, aggregation="mean",
@@ -82,8 +83,9 @@ def fixmatch_model(weak_model, num_classes: int, bar: float, weight: float, clas
             p_weak = ops.stop_gradient(p_weak)
             pseudo = ops.argmax(p_weak, axis=-1)
             top = ops.max(p_weak, axis=-1)
-            confidence = momentum * self.confidence + (1 - momentum) * ops.mean(top)
-            share = momentum * self.share + (1 - momentum) * ops.mean(p_weak, axis=0)
+            m = self.momentum
+            confidence = m * self.confidence + (1 - m) * ops.mean(top)
+            share = m * self.share + (1 - m) * ops.mean(p_weak, axis=0)
             if per_class:
                 confident = ops.cast(top >= ops.take(bar * share / ops.max(share), pseudo), "float32")
             else:
@@ -91,7 +93,7 @@ def fixmatch_model(weak_model, num_classes: int, bar: float, weight: float, clas
             if training:
                 self.confidence.assign(confidence)
                 self.share.assign(share)
-                self.used.assign(momentum * self.used + (1 - momentum) * ops.mean(confident))
+                self.used.assign(m * self.used + (1 - m) * ops.mean(confident))
             class_w = ops.take(ops.convert_to_tensor(w), pseudo)
             ce = -ops.sum(ops.one_hot(pseudo, num_classes) * ops.log(ops.clip(p_strong, 1e-7, 1.0)), axis=-1)
             self.add_loss(weight * ops.mean(confident * class_w * ce))
@@ -165,22 +167,19 @@ def hooks(base_hooks, pool_x: np.ndarray, labels, classes, config, ratio: int, w
     model (or the standard augmented one), unlabeled images added to every batch, the pool's moving averages in
     history.csv."""
     import dataclasses
-    import math
 
     import training
     num_classes = len(classes)
     bar = confidence_bar(threshold, config.label_smoothing, num_classes)
     weights = (training.class_weights(labels, num_classes, config.class_weight_power)
                if config.class_weight else None)
-    n_fit = max(1, round(len(labels) * (1 - config.holdout)))
-    steps = math.ceil(training.epoch_passes(n_fit, config) * n_fit / config.batch_size)
     base_build = base_hooks.build_train_model
 
-    def build(core, config):
-        weak = (base_build(core, config) if base_build
+    def build(core, config, steps_per_epoch):
+        weak = (base_build(core, config, steps_per_epoch) if base_build
                 else augment.with_augmentation(core, config.augment, config.seed))
         return fixmatch_model(weak, num_classes, bar, weight, weights, config.seed,
-                              per_class=thresholds == "per-class", momentum=ema_momentum(steps))
+                              per_class=thresholds == "per-class", momentum=ema_momentum(steps_per_epoch))
 
     return dataclasses.replace(base_hooks, build_train_model=build,
                                wrap_batches=with_unlabeled_batches(pool_x, ratio, config.seed),

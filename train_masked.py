@@ -99,7 +99,7 @@ def main(argv=None):
 
     hooks = training.Hooks(build_train_model=domain.training_wrapper(args))
     if paired is not None:
-        hooks = training.Hooks(paired_x=paired.x, build_train_model=lambda core, cfg: consistency.consistency_model(
+        hooks = training.Hooks(paired_x=paired.x, build_train_model=lambda core, cfg, steps: consistency.consistency_model(
             core, cfg.augment, args.consistency, cfg.seed))
     meta = {"model": "dropout_cnn", "recipe": args.recipe, "split": args.split, "demo_data": args.demo,
             "mask_mode": args.mask_mode, "mask_fill": args.mask_fill, "consistency_weight": args.consistency,

@@ -346,7 +346,8 @@ class Hooks:
     """What a script changes about the standard fit; every field is optional."""
     # before_fit(core): adjust the built core model before compiling (e.g. freeze a backbone).
     before_fit: Callable | None = None
-    # build_train_model(core, config) -> the training model, instead of [augmentation] -> core.
+    # build_train_model(core, config, steps_per_epoch) -> the training model, instead of [augmentation] -> core;
+    # steps_per_epoch: the optimizer steps of one epoch of this fit.
     build_train_model: Callable | None = None
     # An array aligned with train_set.x: the training model is fed [x, paired_x] (each image and its masked copy).
     paired_x: np.ndarray | None = None
@@ -540,7 +541,7 @@ def build_and_compile(build_core, config: TrainConfig, hooks: Hooks, steps_per_e
         core = build_core()
         if hooks.before_fit:
             hooks.before_fit(core)
-        train_model = (hooks.build_train_model(core, config) if hooks.build_train_model
+        train_model = (hooks.build_train_model(core, config, steps_per_epoch) if hooks.build_train_model
                        else augment.with_augmentation(core, None if config.loader == "generator" else config.augment,
                                                       config.seed))
         devices.synchronize_batchnorm(core, True)

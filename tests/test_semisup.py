@@ -160,6 +160,18 @@ def test_the_moving_averages_span_about_an_epoch():
     assert semisup.ema_momentum(1) == 0.5  # never 0: the averages would be one batch's
 
 
+def test_the_semi_supervised_hook_averages_over_the_fit_s_own_steps_per_epoch():
+    import semisup
+    import training
+    core = _fixed_core(np.full((1, 5), 0.2, "float32"))
+    config = training.TrainConfig(holdout=0.15, min_steps=20, batch_size=8)
+    hooks = semisup.hooks(training.Hooks(), np.zeros((3, 4, 4, 3), np.uint8), np.arange(10) % 5, list("abcde"),
+                          config, ratio=1, weight=1.0, threshold=0.95)
+    for steps in (7, 40):  # whatever the fit's stream counts, not an estimate from the split's size
+        model = hooks.build_train_model(core, config, steps)
+        assert model.get_layer("fixmatch").momentum == pytest.approx(semisup.ema_momentum(steps))
+
+
 def test_strong_view_differs_from_the_image():
     import keras
     import augment
