@@ -446,7 +446,9 @@ def load_test_set(args, classes):
     import data
     files = data.find_labelled(args.test, tuple(classes), getattr(args, "split", "WBC_100"))
     return data.load_images(files, size=args.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                            name="test", verbose=not args.quiet)
+                            name="test", verbose=not args.quiet,
+                            max_pixels=getattr(args, "max_pixels", data.DEFAULT_MAX_PIXELS),
+                            frame_share=getattr(args, "frame_cell", 0.0) or 0.0)
 
 
 def add_cnn_training_args(parser):
@@ -523,20 +525,23 @@ def resolve_semisup_args(args):
 
 
 def add_domain_args(parser):
-    """Levers for models that must work on other labs' microscopes (docs/microscopes.md)."""
+    """Levers for models that must work on other labs' microscopes (docs/microscopes.md); framing and the stain
+    options default from --recipe."""
     g = parser.add_argument_group("other microscopes (docs/microscopes.md)")
     g.add_argument("--norm", choices=("batch", "group", "layer"), default="batch",
                    help="normalisation after each convolution where the recipe has one (the default recipe's: batch); "
                         "group / layer norm use no batch statistics and turn it on with --recipe report too")
-    g.add_argument("--stain-norm", choices=("none", "reinhard"), default="none",
+    g.add_argument("--stain-norm", choices=("none", "reinhard"), default=None,
                    help="reinhard: each image's colour mean and std matched to the training set's, by built-in "
                         "layers inside the saved model (stain.py)")
-    g.add_argument("--stain-jitter", type=float, default=0.0, metavar="S",
+    g.add_argument("--stain-jitter", type=float, default=None, metavar="S",
                    help="while training, scale each image's haematoxylin / eosin amounts by U(1-S, 1+S) and shift "
-                        "them by U(-S, S) (0: off; e.g. 0.05 light, 0.2 strong)")
-    g.add_argument("--frame-cell", type=float, default=0.0, metavar="SHARE",
+                        "them by U(-S, S) (0: off)")
+    g.add_argument("--frame-cell", type=float, default=None, metavar="SHARE",
                    help="decode each image as a frame centred on its white cell, the nucleus (found by its stain) "
                         "spanning SHARE of the side, in training and whenever the model is used (0: off)")
+    texts = recipes.default_texts()
+    describe_defaults(parser, {k: texts[k] for k in ("stain_norm", "stain_jitter", "frame_cell")})
     return g
 
 

@@ -480,6 +480,21 @@ def decode_image(path: Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, fr
         return np.asarray(img, dtype=np.uint8)
 
 
+def images_for_model(paths, model_file) -> np.ndarray:
+    """Image files as a model saved by this project expects them, for a plain Keras model.predict: uint8
+    (N, S, S, 3) at its training size, framed on the white cell when it was trained framed (its metadata says so;
+    inspect_model.py decodes the same way)."""
+    from runfiles import read_h5_metadata
+    try:
+        meta = read_h5_metadata(Path(model_file))
+    except OSError as e:
+        raise UserError(f"{model_file}: not a readable .h5 model file ({e})") from None
+    if "image_size" not in meta:
+        raise UserError(f"{model_file}: no training metadata (expected a model.h5 saved by this project's scripts)")
+    share = float((meta.get("framing") or {}).get("share", 0.0))
+    return np.stack([decode_image(Path(p), int(meta["image_size"]), frame_share=share) for p in paths])
+
+
 def decode_framed(path: Path, size: int, frame_share: float, mask_path: Path | None = None,
                   max_pixels: int = DEFAULT_MAX_PIXELS):
     """(image, cell mask or None), both cut to the frame centred on the white cell: found by its mask where one

@@ -50,12 +50,13 @@ def metadata(args, train_x) -> dict:
     """The domain options used, the stain reference (the training images' statistics) with --stain-norm reinhard,
     and the framing a user of the saved model must reproduce before calling it."""
     out = {"domain_options": {k: getattr(args, k, None) for k in ("norm", "stain_norm", "stain_jitter", "frame_cell")}}
-    if getattr(args, "stain_norm", "none") == "reinhard":
+    if getattr(args, "stain_norm", "none") == "reinhard" and len(train_x):  # none: training.train says so
         out["stain_normalisation"] = {"method": "reinhard", "inside_model": True,
                                       **stain.reference_stats(train_x, seed=getattr(args, "seed", 0))}
     if getattr(args, "frame_cell", 0.0):
         out["framing"] = {"share": float(args.frame_cell),
-                          "how": "framing.frame_image(full-size RGB image, image_size, share) before the model"}
+                          "how": "data.images_for_model(files, model file), or framing.frame_image(full-size RGB "
+                                 "image, image_size, share), before the model"}
     return out
 
 

@@ -192,8 +192,10 @@ def preprocessing(model) -> list[str]:
         kind = type(layer).__name__
         if kind == "InputLayer":
             continue
-        learned = layer.trainable and layer.trainable_weights
-        if learned or hasattr(layer, "layers"):
+        if hasattr(layer, "layers"):  # a nested model (the CNN inside its stain normalisation): look inside
+            steps += preprocessing(layer)
+            break
+        if layer.trainable and layer.trainable_weights:
             break
         cfg = layer.get_config()
         if kind == "Rescaling":

@@ -30,6 +30,10 @@ def parse_args(argv=None):
     m.add_argument("--model", choices=("cnn", "resnet50"), default="cnn",
                    help="cnn: the dropout CNN of --recipe's shape (what train_cnn.py --init takes); resnet50")
     m.add_argument("--recipe", choices=sorted(recipes.RECIPES), default="default", help="the CNN's shape")
+    m.add_argument("--frame-cell", type=float, default=None, metavar="SHARE",
+                   help="decode each image framed on its white cell, the nucleus spanning SHARE of the side (0: off; "
+                        "default: --recipe's, so that train_cnn.py --init fine-tunes on what the encoder saw: "
+                        f"{recipes.default_texts()['frame_cell']})")
     m.add_argument("--method", choices=("simclr", "vicreg"), default="simclr", help="the joint-embedding loss")
     m.add_argument("--temperature", type=float, default=0.2, help="SimCLR's softmax temperature")
     m.add_argument("--proj-dim", type=int, default=128, help="output size of the projection head")
@@ -63,6 +67,10 @@ def parse_args(argv=None):
     cli.resolve_data(args)
     if args.epochs is None:
         args.epochs = 8 if args.demo else 30
+    if args.frame_cell is None:
+        args.frame_cell = recipes.RECIPES[args.recipe]["frame_cell"]
+    if not 0 <= args.frame_cell <= 1:
+        raise cli.UserError(f"--frame-cell {args.frame_cell}: expected a share of the frame in (0, 1], or 0 for off")
     if args.batch_size is None:
         args.batch_size = 64 if args.demo else 128
     cli.check_positive(args, "epochs", "batch_size", "lr", "temperature", "proj_dim", "probe_every", "max_minutes")
@@ -82,7 +90,8 @@ def main(argv=None):
     files = data.find_split(args.data, args.split)
     pool_files, pool_info = selfsup.gather_pool(args.unlabeled, list(files.train.paths), list(files.val.paths),
                                                 args.data)
-    kw = dict(size=args.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache, verbose=not args.quiet)
+    kw = dict(size=args.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache, verbose=not args.quiet,
+              frame_share=args.frame_cell)
     pool = data.load_images(pool_files, name="pool", **kw)
     labelled, val = cli.load_wbc_split(args, verbose=not args.quiet)
     if not args.quiet:

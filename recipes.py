@@ -9,17 +9,22 @@ RECIPES = {
     "report": dict(width=32, depth=4, dropout=0.1, dropout_step=0.1, dense=128, pooling="flatten",
                    batchnorm=False, class_weight=False, class_weight_power=1.0, rotation=20.0, shear=10.0,
                    label_smoothing=0.0, lr=1e-3, lr_schedule="constant", zoom=0.0, shift=0.0, min_steps=0,
-                   stem_stride=1, bn_recalibrate=0),
+                   stem_stride=1, bn_recalibrate=0, frame_cell=0.0, stain_norm="none", stain_jitter=0.0),
     # stem_stride 'auto': a stride-2 first convolution from 160 px up (models.build_cnn): at 224 px it kept the
     # accuracy of the plain CNN on PBC at a quarter of the operations.
     # bn_recalibrate: batch-norm statistics recomputed from plain training images before each evaluation (the
     # moving averages describe the heavily augmented images; feeding.recalibrate_batchnorm).
     # Square-root class weights: full inverse frequency (basophil ~30x neutrophil on course proportions) made
     # the PBC models call neutrophils basophils; the root kept balanced accuracy and raised macro-F1 (docs/results.md).
+    # frame_cell, stain_norm, stain_jitter: each image framed on its white cell (the nucleus spanning half the
+    # side), colours matched to the training set's inside the model, stain amounts jittered in training. On PBC
+    # they raised balanced accuracy most where labels are fewest and ended the collapse on another lab's
+    # microscope (docs/microscopes.md, docs/results.md).
     "default": dict(width=32, depth=4, dropout=0.05, dropout_step=0.05, dense=128, pooling="avg",
                     batchnorm=True, class_weight=True, class_weight_power=0.5, rotation=180.0, shear=10.0,
                     label_smoothing=0.1, lr=2e-3, lr_schedule="cosine", zoom=0.1, shift=0.05, min_steps=20,
-                    stem_stride="auto", bn_recalibrate=512),
+                    stem_stride="auto", bn_recalibrate=512, frame_cell=0.5, stain_norm="reinhard",
+                    stain_jitter=0.2),
 }
 # pretrain_resnet.py's recipes: the default recipe's loss, class weights, schedule and rotation/shear; --lr is the
 # fine-tuning rate of an unfrozen pre-trained backbone, so lower. The CNN's small-split levers (zoom, shift,

@@ -284,11 +284,10 @@ def load_encoder_weights(core: keras.Model, path: Path) -> list[str]:
         weights = layer.get_weights()
         if not weights:
             continue
-        try:
-            target = core.get_layer(layer.name)
-        except ValueError:
+        target = find_layer(core, layer.name)
+        if target is None:
             raise UserError(f"--init {path}: its layer {layer.name} is not in the {core.name} model (expected an "
-                            f"encoder pre-trained for this model: pretrain_ssl.py --model cnn)") from None
+                            f"encoder pre-trained for this model: pretrain_ssl.py --model cnn)")
         own = target.get_weights()
         shapes = [tuple(w.shape) for w in weights]
         if [tuple(w.shape) for w in own] != shapes:
@@ -303,9 +302,21 @@ def load_encoder_weights(core: keras.Model, path: Path) -> list[str]:
     return names
 
 
+def find_layer(model: keras.Model, name: str):
+    """The layer called `name` in `model` or in a model nested in it (the CNN inside its stain-normalisation
+    wrapper), else None."""
+    for layer in model.layers:
+        if layer.name == name:
+            return layer
+    for layer in model.layers:
+        if isinstance(layer, keras.Model) and (found := find_layer(layer, name)) is not None:
+            return found
+    return None
+
+
 def set_layers_trainable(core: keras.Model, names, trainable: bool):
     for name in names:
-        core.get_layer(name).trainable = trainable
+        find_layer(core, name).trainable = trainable
 
 
 def train_from_init(run_dir: Path, build_core, train_set, val_set, config, args: dict, resume: bool,
@@ -461,6 +472,7 @@ def pretrain(run_dir: Path, args, pool_x: np.ndarray, labelled, val, pool_info: 
     cnn_kwargs = {k: v for k, v in recipes.RECIPES[args.recipe].items() if k in recipes.MODEL_KEYS}
     meta = {"model": f"encoder_{args.model}", "method": args.method, "image_size": int(pool_x.shape[1]),
             "recipe": args.recipe if args.model == "cnn" else None, "pool": pool_info, "seed": args.seed,
+            "framing": {"share": float(args.frame_cell)} if getattr(args, "frame_cell", 0) else None,
             "input": "uint8 RGB, shape (N, H, W, 3), preprocessing inside the model; output: pooled features",
             "precision": precision, "versions": versions(), "demo_data": getattr(args, "demo", False)}
     write_json(run_dir / "args.json", {**cli.args_dict(args), "precision": precision, "argv": sys.argv,

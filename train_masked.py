@@ -25,7 +25,10 @@ def parse_args(argv=None):
                         "predictions for each image and its masked copy (--masks is then not used)")
     cli.add_cnn_training_args(parser)
     cli.add_domain_args(parser)
-    args = cli.resolve_domain_args(cli.resolve_cnn_args(cli.parse_run_args(parser, argv)))
+    args = cli.parse_run_args(parser, argv)
+    if args.consistency and args.stain_jitter is None:
+        args.stain_jitter = 0.0  # the consistency wrapper has its own augmentation: the recipe's jitter is off
+    args = cli.resolve_domain_args(cli.resolve_cnn_args(args))
     if args.consistency < 0:
         raise cli.UserError(f"--consistency {args.consistency}: expected a weight >= 0")
     if args.consistency > 0 and (args.color_jitter or args.grayscale or args.blur or args.crop_scale < 1.0):

@@ -91,10 +91,13 @@ def test_jax_two_devices_match_one_device(demo_root, tmp_path):
 def test_tensorflow_two_devices_match_one_device_with_the_consistency_wrapper(demo_root, tmp_path):
     """train_masked.py --consistency (paired inputs, an added loss) under MirroredStrategy on 2 logical CPUs.
     No augmentation or dropout: under TensorFlow each replica draws its own random numbers for its half batch,
-    so those would differ from a one-device run by design, not by error."""
+    so those would differ from a one-device run by design, not by error. Unframed, without stain normalisation:
+    with them the two epochs' hold-out accuracies here lie within 1-3 of 88 images of each other, so the selected
+    epoch (whose predictions are compared) flips between runs that differ by 0.03 in loss; the other tests in this
+    file train the default recipe, framing and stain normalisation included, on two devices."""
     env = _env("tensorflow", tmp_path / "cache")
     base = ["--data", demo_root, *TINY, "--consistency", "0.5", "--no-augment", "--dropout", "0",
-            "--dropout-step", "0"]
+            "--dropout-step", "0", "--frame-cell", "0", "--stain-norm", "none"]
     procs = [_start("train_masked.py", [*base, "--devices", d, "--out", tmp_path / name], env)
              for d, name in (("cpu", "one"), ("cpu:0,1", "two"))]
     for p in procs:

@@ -39,10 +39,13 @@ def test_summary_describes_the_model_and_its_training(run, capsys):
     assert call([run_dir / "model.h5"]) == 0  # summary is the default command
     text = capsys.readouterr().out
     assert "input: 32x32 RGB" in text and "classes (5): " + ", ".join(CLASSES) in text
-    assert "preprocessing: scale_0_1: x * 0.00392157 + 0" in text
+    # the default recipe's stain normalisation, then the CNN's own scaling inside it
+    pre = next(line for line in text.splitlines() if line.startswith("preprocessing: "))
+    assert pre.startswith("preprocessing: stain_norm_float") and "stain_norm_per_image: GroupNormalization" in pre
+    assert pre.endswith("scale_0_1: x * 0.00392157 + 0")
     assert "split WBC_100, recipe default" in text
     assert f"accuracy {metrics['val_accuracy_selected']:.4f}" in text
-    assert "Grad-CAM feature map: block2_relu (16, 16, 16)" in text
+    assert "Grad-CAM feature map: dropout_cnn/block2_relu (16, 16, 16)" in text
 
     assert call([run_dir / "model.h5", "summary", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -77,6 +80,22 @@ def test_evaluate_agrees_with_the_runs_own_validation_metrics(run, demo_root, tm
                  "--cache-dir", cache, "--batch-size", 32]) == 0
     assert json.loads((out2 / "metrics.json").read_text())["accuracy"] == m["accuracy"]
     capsys.readouterr()
+
+
+def test_images_for_model_give_plain_keras_the_probabilities_the_run_recorded(run, demo_root):
+    """The README's plain-Keras recipe: data.images_for_model decodes (and, for a framed model, frames) the files
+    as training did, so keras' own predict gives the run's recorded validation probabilities."""
+    import keras
+    import data
+    run_dir, _ = run
+    assert runfiles.read_h5_metadata(run_dir / "model.h5")["framing"]["share"] == 0.5  # the default recipe frames
+    files = sorted((demo_root / "WBC_100" / "val" / "data" / "Monocyte").iterdir())[:4]
+    model = keras.models.load_model(run_dir / "model.h5", compile=False)
+    probs = model.predict(data.images_for_model(files, run_dir / "model.h5"), verbose=0)
+    recorded = {r["path"]: [float(r[f"p_{c}"]) for c in CLASSES] for r in read_csv(run_dir / "val_predictions.csv")}
+    assert np.allclose(probs, [recorded[str(f)] for f in files], atol=2e-3)
+    unframed = model.predict(np.stack([data.decode_image(f, 32) for f in files]), verbose=0)
+    assert not np.allclose(unframed, probs, atol=2e-3)  # plain resizing would not have matched
 
 
 def test_predict_writes_one_row_per_readable_image_with_probabilities_summing_to_1(run, demo_root, tmp_path,

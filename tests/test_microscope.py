@@ -296,3 +296,22 @@ def test_domain_option_mistakes_are_one_line_errors(tmp_path):
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
     done = run_script("inspect_model.py", tmp_path / "m.h5", "predict", tmp_path, "--save-adapted", tmp_path / "a.h5")
     assert done.returncode == 2 and "--save-adapted: needs --adapt-bn" in done.stderr
+
+
+def test_the_default_recipe_frames_and_normalises_stain_and_the_report_recipe_does_not():
+    import pretrain_ssl
+    import train_cnn
+    import train_masked
+    default = train_cnn.parse_args([])
+    assert (default.frame_cell, default.stain_norm, default.stain_jitter) == (0.5, "reinhard", 0.2)
+    report = train_cnn.parse_args(["--recipe", "report"])
+    assert (report.frame_cell, report.stain_norm, report.stain_jitter) == (0.0, "none", 0.0)
+    off = train_cnn.parse_args(["--frame-cell", "0", "--stain-norm", "none", "--stain-jitter", "0"])
+    assert (off.frame_cell, off.stain_norm, off.stain_jitter) == (0.0, "none", 0.0)
+    # --consistency has its own augmentation: the recipe's stain jitter is left out, a given one is refused
+    assert train_masked.parse_args(["--consistency", "0.5"]).stain_jitter == 0.0
+    with pytest.raises(cli.UserError, match="--stain-jitter with --consistency"):
+        train_masked.parse_args(["--consistency", "0.5", "--stain-jitter", "0.1"])
+    # the self-supervised encoder sees the cells framed as the classifier it initialises will
+    assert pretrain_ssl.parse_args([]).frame_cell == 0.5
+    assert pretrain_ssl.parse_args(["--recipe", "report"]).frame_cell == 0.0

@@ -44,8 +44,9 @@ def main(argv=None):
     saved = [[w.numpy().copy() for w in layer.weights] for layer in core.layers]
     size = core.input_shape[1]
     files = data.find_split(args.data, args.split)
-    train = data.load_images(files.train, size, verbose=False)
-    val = data.load_images(files.val, size, verbose=False)
+    share = run_args.get("frame_cell") or 0.0  # decoded as the run decoded them
+    train = data.load_images(files.train, size, verbose=False, frame_share=share)
+    val = data.load_images(files.val, size, verbose=False, frame_share=share)
     config = run_args["resolved_config"]
     layer = augment.make_augmentation(**config["augment"], seed=config["seed"])
     augmented = np.concatenate([np.asarray(layer(train.x[start:start + 64], training=True))
