@@ -97,10 +97,10 @@ def check_arguments(args):
 def apply_arguments(model, metadata: dict, image_size: int, args):
     """--adapt-bn and --save-adapted on a loaded model, in place."""
     import sys
-    import domain
+    import framing
     if args.adapt_bn is None:
         return
-    x = unlabeled_images(args.adapt_bn, image_size, domain.frame_share(metadata),
+    x = unlabeled_images(args.adapt_bn, image_size, framing.frame_share(metadata),
                          getattr(args, "cache_dir", None), not getattr(args, "no_cache", False),
                          getattr(args, "max_pixels", None))
     n = adapt_batchnorm(model, x, args.batch_size)

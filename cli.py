@@ -403,13 +403,18 @@ def _suffix_number(path: Path, base: Path) -> int:
     return int(tail) if tail.isdigit() else -1
 
 
+def decode_options(args) -> dict:
+    """data.load_images' keywords for a run's images: its size, cache, pixel bound and framing."""
+    return dict(size=args.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                max_pixels=getattr(args, "max_pixels", DEFAULT_MAX_PIXELS),
+                frame_share=getattr(args, "frame_cell", 0.0) or 0.0)
+
+
 def load_wbc_split(args, mask_mode: str = "none", mask_fill: str = "black", verbose: bool = True):
     """Find and decode one WBC split: (train ImageSet, val ImageSet). Prints the class counts."""
     import data
     files = data.find_split(args.data, args.split)
-    kw = dict(size=args.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache, verbose=verbose,
-              max_pixels=getattr(args, "max_pixels", data.DEFAULT_MAX_PIXELS),
-              frame_share=getattr(args, "frame_cell", 0.0) or 0.0)
+    kw = dict(decode_options(args), verbose=verbose)
     train = data.load_images(files.train, mask_mode=mask_mode, mask_fill=mask_fill, name=f"{args.split} train", **kw)
     val = data.load_images(files.val, name="val", **kw)
     if verbose:
@@ -445,10 +450,7 @@ def load_test_set(args, classes):
         return None
     import data
     files = data.find_labelled(args.test, tuple(classes), getattr(args, "split", "WBC_100"))
-    return data.load_images(files, size=args.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                            name="test", verbose=not args.quiet,
-                            max_pixels=getattr(args, "max_pixels", data.DEFAULT_MAX_PIXELS),
-                            frame_share=getattr(args, "frame_cell", 0.0) or 0.0)
+    return data.load_images(files, name="test", verbose=not args.quiet, **decode_options(args))
 
 
 def add_cnn_training_args(parser):
@@ -551,6 +553,10 @@ def resolve_domain_args(args):
         args.batchnorm = True
     if not 0 <= args.stain_jitter < 1:
         raise UserError(f"--stain-jitter {args.stain_jitter}: expected a strength in [0, 1)")
-    if not 0 <= args.frame_cell <= 1:
-        raise UserError(f"--frame-cell {args.frame_cell}: expected a share of the frame in (0, 1], or 0 for off")
+    check_frame_cell(args.frame_cell)
     return args
+
+
+def check_frame_cell(share: float):
+    if not 0 <= share <= 1:
+        raise UserError(f"--frame-cell {share}: expected a share of the frame in (0, 1], or 0 for off")

@@ -491,7 +491,8 @@ def images_for_model(paths, model_file) -> np.ndarray:
         raise UserError(f"{model_file}: not a readable .h5 model file ({e})") from None
     if "image_size" not in meta:
         raise UserError(f"{model_file}: no training metadata (expected a model.h5 saved by this project's scripts)")
-    share = float((meta.get("framing") or {}).get("share", 0.0))
+    import framing
+    share = framing.frame_share(meta)
     return np.stack([decode_image(Path(p), int(meta["image_size"]), frame_share=share) for p in paths])
 
 

@@ -60,11 +60,6 @@ def metadata(args, train_x) -> dict:
     return out
 
 
-def frame_share(meta: dict) -> float:
-    """The framing a saved model expects its images in (0.0: none), from its metadata."""
-    return float((meta.get("framing") or {}).get("share", 0.0))
-
-
 # ----------------------------------------------------------------------------------------------
 # What the training images looked like, and whether a folder looks like them
 # ----------------------------------------------------------------------------------------------

@@ -93,6 +93,11 @@ def crop(array, box: tuple[int, int, int], size: int, nearest: bool = False) -> 
     return np.asarray(part.resize((size, size), Image.BILINEAR, reducing_gap=3.0), dtype=np.uint8)
 
 
+def frame_share(meta: dict) -> float:
+    """The framing a saved model expects its images in (0.0: none), from its metadata."""
+    return float((meta.get("framing") or {}).get("share", 0.0))
+
+
 def frame_image(image, size: int, share: float, mask=None) -> np.ndarray:
     """A size x size uint8 crop centred on the cell, the cell's extent `share` of the side (bilinear resize):
     what a model trained with --frame-cell SHARE expects, from a full-size RGB image."""

@@ -14,20 +14,12 @@ CMAP = "jet"  # heatmap colours, shared by the overlay and its colour bar
 CONV_LAYERS = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose")
 
 
-def _flat_layers(model, chain=()):
-    """(chain of nested models, layer) for every layer, in order, descending into nested models."""
-    for layer in model.layers:
-        if hasattr(layer, "layers") and hasattr(layer, "inputs"):
-            yield from _flat_layers(layer, chain + (layer,))
-        else:
-            yield chain, layer
-
-
 def feature_layer(model):
     """The last convolutional feature map: the last conv layer, followed forward through the layers of the
     same model that keep its spatial shape (batch norm, activation, residual add), so the map is the block's
     output. Returns (chain of nested models, layer)."""
-    flat = list(_flat_layers(model))
+    import models
+    flat = list(models.flat_layers(model))
     convs = [i for i, (_, layer) in enumerate(flat) if type(layer).__name__ in CONV_LAYERS and layer.trainable]
     if not convs:
         convs = [i for i, (_, layer) in enumerate(flat) if type(layer).__name__ in CONV_LAYERS]

@@ -295,6 +295,7 @@ def eval_files(folder: Path, classes: list[str], split: str):
 
 def cmd_evaluate(loaded: Loaded, args):
     import domain
+    import framing
     import metrics
     import report
     import training
@@ -303,7 +304,7 @@ def cmd_evaluate(loaded: Loaded, args):
     files = eval_files(args.dir, loaded.classes, args.split)
     images = data.load_images(files, size=loaded.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                               name=Path(args.dir).name, max_pixels=args.max_pixels,
-                              frame_share=domain.frame_share(loaded.metadata))
+                              frame_share=framing.frame_share(loaded.metadata))
     if len(images) == 0:
         raise UserError(f"{args.dir}: none of the images could be decoded")
     start = time.perf_counter()
@@ -352,7 +353,7 @@ def check_writable_file(path: Path, overwrite: bool):
 
 def cmd_predict(loaded: Loaded, args):
     import numpy as np
-    import domain
+    import framing
     skipped = []
     files = data.images_in(args.paths, skipped)
     if args.out is not None:
@@ -369,7 +370,7 @@ def cmd_predict(loaded: Loaded, args):
         writer.writerow(["file", "predicted"] + [f"p_{c}" for c in loaded.classes])
         with data.progress(len(files) + len(skipped), stream=sys.stderr) as update:
             for paths, x in data.decode_batches(files, loaded.image_size, args.batch_size, skipped, args.max_pixels,
-                                          domain.frame_share(loaded.metadata)):
+                                          framing.frame_share(loaded.metadata)):
                 probs = adapt.predict(loaded.model, x, len(x), args.tta).astype(np.float64)
                 # Low-precision softmax sums to 1 only within rounding: renormalise what we report.
                 probs /= np.maximum(probs.sum(1, keepdims=True), 1e-12)
@@ -407,7 +408,7 @@ def cmd_predict(loaded: Loaded, args):
 # ----------------------------------------------------------------------------------------------
 
 def cmd_gradcam(loaded: Loaded, args):
-    import domain
+    import framing
     skipped = []
     files = data.images_in(args.paths, skipped)
     target = None
@@ -425,7 +426,7 @@ def cmd_gradcam(loaded: Loaded, args):
     names, rows = set(), []
     with data.progress(len(files) + len(skipped), stream=sys.stderr) as update:
         for paths, x in data.decode_batches(files, loaded.image_size, args.batch_size, skipped, args.max_pixels,
-                                          domain.frame_share(loaded.metadata)):
+                                          framing.frame_share(loaded.metadata)):
             heat, probs, ids = cam(x, None if target is None else [target] * len(x))
             for path, h, p, c in zip(paths, heat, probs, ids):
                 out = _unique_name(args.out, f"{path.stem}_gradcam_{loaded.classes[c]}.png", names)
@@ -433,7 +434,7 @@ def cmd_gradcam(loaded: Loaded, args):
                     raise UserError(f"{out}: already exists; pass --overwrite to replace it")
                 true = data.canonical_class(path.parent.name, tuple(loaded.classes))  # a class folder, if any
                 # The picture under the heatmap is decoded like the model's input, only larger.
-                gradcam.save_labelled(data.decode_image(path, size, args.max_pixels, domain.frame_share(loaded.metadata)), h, size,
+                gradcam.save_labelled(data.decode_image(path, size, args.max_pixels, framing.frame_share(loaded.metadata)), h, size,
                                       gradcam.caption(loaded.classes, p, int(c), true), out)
                 rows.append([str(path), str(out), true or "", loaded.classes[c], f"{p[c]:.6f}",
                              loaded.classes[int(p.argmax())], f"{p.max():.6f}"])

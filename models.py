@@ -35,6 +35,16 @@ def resolve_stem_stride(stem_stride: int | str, image_size: int) -> int:
     return int(stem_stride)
 
 
+def flat_layers(model, chain=()):
+    """(chain of nested models, layer) for every layer, in order, descending into nested models (a backbone, or
+    the CNN inside its stain normalisation)."""
+    for layer in model.layers:
+        if hasattr(layer, "layers") and hasattr(layer, "inputs"):
+            yield from flat_layers(layer, chain + (layer,))
+        else:
+            yield chain, layer
+
+
 def build_cnn(num_classes: int = 5, image_size: int = 224, width: int = 32, depth: int = 4,
               dropout: float = 0.1, dropout_step: float = 0.1, dense: int = 128, head_dropout: float = 0.5,
               pooling: str = "flatten", batchnorm: bool = False, stem_stride: int | str = 1,

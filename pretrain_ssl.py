@@ -69,8 +69,7 @@ def parse_args(argv=None):
         args.epochs = 8 if args.demo else 30
     if args.frame_cell is None:
         args.frame_cell = recipes.RECIPES[args.recipe]["frame_cell"]
-    if not 0 <= args.frame_cell <= 1:
-        raise cli.UserError(f"--frame-cell {args.frame_cell}: expected a share of the frame in (0, 1], or 0 for off")
+    cli.check_frame_cell(args.frame_cell)
     if args.batch_size is None:
         args.batch_size = 64 if args.demo else 128
     cli.check_positive(args, "epochs", "batch_size", "lr", "temperature", "proj_dim", "probe_every", "max_minutes")
@@ -90,9 +89,7 @@ def main(argv=None):
     files = data.find_split(args.data, args.split)
     pool_files, pool_info = selfsup.gather_pool(args.unlabeled, list(files.train.paths), list(files.val.paths),
                                                 args.data)
-    kw = dict(size=args.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache, verbose=not args.quiet,
-              frame_share=args.frame_cell)
-    pool = data.load_images(pool_files, name="pool", **kw)
+    pool = data.load_images(pool_files, name="pool", verbose=not args.quiet, **cli.decode_options(args))
     labelled, val = cli.load_wbc_split(args, verbose=not args.quiet)
     if not args.quiet:
         print(f"pool: {len(pool)} images from {pool_info['sources']}")

@@ -305,13 +305,7 @@ def load_encoder_weights(core: keras.Model, path: Path) -> list[str]:
 def find_layer(model: keras.Model, name: str):
     """The layer called `name` in `model` or in a model nested in it (the CNN inside its stain-normalisation
     wrapper), else None."""
-    for layer in model.layers:
-        if layer.name == name:
-            return layer
-    for layer in model.layers:
-        if isinstance(layer, keras.Model) and (found := find_layer(layer, name)) is not None:
-            return found
-    return None
+    return next((layer for _, layer in models.flat_layers(model) if layer.name == name), None)
 
 
 def set_layers_trainable(core: keras.Model, names, trainable: bool):

@@ -189,14 +189,13 @@ def hooks(base_hooks, pool_x: np.ndarray, labels, classes, config, ratio: int, w
 def from_args(args, base_hooks, train_set, val_set, config):
     """(hooks, metadata) for train_cnn.py --unlabeled: the pool decoded like the training images (validation
     images refused), and what model.h5's metadata records about it."""
+    import cli
     import data
     import selfsup
     # Every validation file found, the ones decoding skipped included: none may enter the pool.
     val_files = list(val_set.paths) + list(val_set.skipped)
     pool_files, pool_info = selfsup.gather_pool(args.unlabeled, [], val_files, args.data)
-    pool = data.load_images(pool_files, size=args.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                            verbose=not args.quiet, name="unlabeled", max_pixels=args.max_pixels,
-                            frame_share=args.frame_cell or 0.0)
+    pool = data.load_images(pool_files, verbose=not args.quiet, name="unlabeled", **cli.decode_options(args))
     if not args.quiet:
         print(f"unlabeled: {len(pool)} images from {', '.join(pool_info['sources'])}")
     num_classes = len(train_set.classes)

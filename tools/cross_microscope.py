@@ -92,11 +92,12 @@ def _evaluate(args, run: Path, split: str, lever: str, seed: int, cache: dict) -
     import adapt
     import data
     import domain
+    import framing
     import metrics
     import runfiles
     model_path = run / "model.h5"
     meta = runfiles.read_h5_metadata(model_path)
-    share = domain.frame_share(meta)
+    share = framing.frame_share(meta)
     classes = tuple(meta["classes"])
 
     def images(target):
