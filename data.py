@@ -493,6 +493,8 @@ def images_for_model(paths, model_file) -> np.ndarray:
         raise UserError(f"{model_file}: no training metadata (expected a model.h5 saved by this project's scripts)")
     import framing
     share = framing.frame_share(meta)
+    if framing.version_warning(meta):
+        print(framing.version_warning(meta), file=sys.stderr)
     return np.stack([decode_image(Path(p), int(meta["image_size"]), frame_share=share) for p in paths])
 
 
@@ -635,9 +637,10 @@ def cache_key(entries, size: int, mask_fill: str, mask_mode: str | None = None,
     """Changes whenever any file (path, size, mtime) or any option that changes pixels changes."""
     # The mode itself is in the key: 'only' and 'replace' have the same entries when every image has a mask,
     # but treat a broken mask differently. --max-pixels decides which images are kept.
+    import framing
     h = hashlib.sha256(json.dumps([CACHE_FORMAT, size, mask_fill, max_pixels]
                                   + ([mask_mode] if mask_mode else [])
-                                  + ([f"frame{frame_share:g}"] if frame_share else [])).encode())
+                                  + ([f"frame{frame_share:g}v{framing.VERSION}"] if frame_share else [])).encode())
     for image, mask, label in entries:
         for p in (image, mask):
             if p is None:

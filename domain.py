@@ -54,7 +54,7 @@ def metadata(args, train_x) -> dict:
         out["stain_normalisation"] = {"method": "reinhard", "inside_model": True,
                                       **stain.reference_stats(train_x, seed=getattr(args, "seed", 0))}
     if getattr(args, "frame_cell", 0.0):
-        out["framing"] = {"share": float(args.frame_cell),
+        out["framing"] = {**framing.describe(args.frame_cell),
                           "how": "data.images_for_model(files, model file), or framing.frame_image(full-size RGB "
                                  "image, image_size, share), before the model"}
     return out

@@ -16,6 +16,11 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+# Bumped whenever find_cell or the crop changes which pixels a framed image holds: the decode cache's key and a
+# model's metadata carry it, so a cache is never reused across framings and a model framed by another version is
+# named as such.
+VERSION = 1
+
 
 def nucleus_score(image) -> np.ndarray:
     """Darkness x saturation per pixel, in [0, 1]: high on a stained nucleus, low on background and red cells."""
@@ -96,6 +101,24 @@ def crop(array, box: tuple[int, int, int], size: int, nearest: bool = False) -> 
 def frame_share(meta: dict) -> float:
     """The framing a saved model expects its images in (0.0: none), from its metadata."""
     return float((meta.get("framing") or {}).get("share", 0.0))
+
+
+def describe(share: float) -> dict | None:
+    """What a model's metadata records of its framing (None: unframed)."""
+    return {"share": float(share), "version": VERSION} if share else None
+
+
+def version_warning(meta: dict) -> str | None:
+    """One line when a saved model was framed by another version of find_cell than this one (metadata without
+    a version: version 1, the first)."""
+    framed = meta.get("framing") or {}
+    if not framed.get("share"):
+        return None
+    version = int(framed.get("version", 1))
+    if version == VERSION:
+        return None
+    return (f"warning: this model was trained on images framed by framing version {version}; this code frames "
+            f"with version {VERSION}, so its images may be cut slightly differently from the training images")
 
 
 def frame_image(image, size: int, share: float, mask=None) -> np.ndarray:

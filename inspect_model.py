@@ -109,6 +109,8 @@ def main(argv=None):
     args = parse_args(argv)
     cli.import_keras_quietly()
     loaded = load(args.model, args.classes)
+    if args.command in ("evaluate", "predict", "gradcam") and framing.version_warning(loaded.metadata):
+        print(framing.version_warning(loaded.metadata), file=sys.stderr)
     if args.command in ("evaluate", "predict"):
         adapt.apply_arguments(loaded.model, loaded.metadata, loaded.image_size, args)
     return {"summary": cmd_summary, "evaluate": cmd_evaluate, "predict": cmd_predict,

@@ -19,6 +19,7 @@ import numpy as np
 from keras import layers, ops
 
 import augment
+import framing
 import models
 from feeding import ArrayBatches
 from runfiles import UserError, load_core_model, read_h5_metadata, save_model_h5, write_history
@@ -466,7 +467,7 @@ def pretrain(run_dir: Path, args, pool_x: np.ndarray, labelled, val, pool_info: 
     cnn_kwargs = {k: v for k, v in recipes.RECIPES[args.recipe].items() if k in recipes.MODEL_KEYS}
     meta = {"model": f"encoder_{args.model}", "method": args.method, "image_size": int(pool_x.shape[1]),
             "recipe": args.recipe if args.model == "cnn" else None, "pool": pool_info, "seed": args.seed,
-            "framing": {"share": float(args.frame_cell)} if getattr(args, "frame_cell", 0) else None,
+            "framing": framing.describe(getattr(args, "frame_cell", 0.0)),
             "input": "uint8 RGB, shape (N, H, W, 3), preprocessing inside the model; output: pooled features",
             "precision": precision, "versions": versions(), "demo_data": getattr(args, "demo", False)}
     write_json(run_dir / "args.json", {**cli.args_dict(args), "precision": precision, "argv": sys.argv,

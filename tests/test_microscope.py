@@ -126,6 +126,19 @@ def test_decoding_frames_an_image_and_its_mask_alike(tmp_path):
     np.testing.assert_array_equal(data.decode_image(tmp_path / "cell.png", 32, frame_share=0.5), framed)
 
 
+def test_framing_version_keys_the_cache_and_names_a_model_framed_otherwise(monkeypatch):
+    import data
+    entries = [("a.png", None, 0)]
+    key = data.cache_key(entries, 32, "black", frame_share=0.5)
+    assert data.cache_key(entries, 32, "black") != key
+    assert framing.version_warning({"framing": framing.describe(0.5)}) is None
+    assert framing.version_warning({"framing": {"share": 0.5}}) is None  # before versions: the first version
+    assert framing.version_warning({}) is None
+    monkeypatch.setattr(framing, "VERSION", framing.VERSION + 1)
+    assert data.cache_key(entries, 32, "black", frame_share=0.5) != key  # another framing: never the old cache
+    assert "framing version 1" in framing.version_warning({"framing": {"share": 0.5}})
+
+
 # ----------------------------------------------------------------------------------------------
 # Normalisation layers, test-time augmentation, batch-norm adaptation
 # ----------------------------------------------------------------------------------------------
@@ -223,6 +236,7 @@ def test_saved_model_with_normalisation_inside_loads_and_predicts_with_plain_ker
     run_dir, _, _ = lever_run
     meta = runfiles.read_h5_metadata(run_dir / "model.h5")
     assert meta["framing"]["share"] == 0.5 and meta["stain_normalisation"]["method"] == "reinhard"
+    assert meta["framing"]["version"] == framing.VERSION
     assert set(meta["image_stats"]) >= {"mean_rgb", "std_rgb", "cell_size_median"}
     x = np.stack([framing.frame_image(smear(seed=s), 24, 0.5) for s in range(3)])
     np.save(tmp_path / "x.npy", x)
