@@ -24,10 +24,11 @@ VERSION = 1
 
 def nucleus_score(image) -> np.ndarray:
     """Darkness x saturation per pixel, in [0, 1]: high on a stained nucleus, low on background and red cells."""
-    x = np.asarray(image, np.float32) / 255.0
-    top, low = x.max(-1), x.min(-1)
-    saturation = (top - low) / np.maximum(top, 1e-6)
-    return (1.0 - x.mean(-1)) * saturation
+    # Channel by channel: numpy's reductions over a length-3 last axis are ~20x slower, for the same numbers.
+    r, g, b = (np.asarray(image)[..., k].astype(np.float32) / np.float32(255.0) for k in range(3))
+    top, low = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+    saturation = (top - low) / np.maximum(top, np.float32(1e-6))
+    return (np.float32(1.0) - (r + g + b) / np.float32(3.0)) * saturation
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:

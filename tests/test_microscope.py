@@ -102,6 +102,14 @@ def test_framing_finds_a_drawn_cells_centre_and_size(centre, radius):
     assert abs(fy - 23.5) < 3 and abs(fx - 23.5) < 3  # centred
 
 
+def test_nucleus_score_is_darkness_times_saturation():
+    img = np.random.default_rng(3).integers(0, 256, (17, 19, 3), dtype=np.uint8)
+    x = img.astype(np.float64) / 255
+    expected = (1 - x.mean(-1)) * (x.max(-1) - x.min(-1)) / np.maximum(x.max(-1), 1e-6)
+    np.testing.assert_allclose(framing.nucleus_score(img), expected, atol=1e-6)
+    assert framing.nucleus_score(np.zeros((2, 2, 3), np.uint8)).max() == 0  # black: no saturation
+
+
 def test_framing_uses_a_mask_where_given():
     img = smear(cell=(20.0, 20.0), radius=11.0, seed=8)
     rows, cols = np.mgrid[:64, :64]
