@@ -108,6 +108,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cli.import_keras_quietly()
+    import framing
     loaded = load(args.model, args.classes)
     if args.command in ("evaluate", "predict", "gradcam") and framing.version_warning(loaded.metadata):
         print(framing.version_warning(loaded.metadata), file=sys.stderr)

@@ -415,6 +415,23 @@ def test_predict_prints_the_csv_only_after_success(tmp_path, h5_model, capsys):
     assert out.splitlines()[0].startswith("file,predicted,p_basophil") and len(out.splitlines()) == 2
 
 
+def test_predict_names_a_model_framed_by_another_framing_version(tmp_path, h5_model, capsys):
+    import shutil
+    import framing
+    import inspect_model
+    import runfiles
+    model = shutil.copy(h5_model, tmp_path / "framed.h5")
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (40, 40), (200, 100, 150)).save(tmp_path / "imgs" / "b.png")
+    runfiles.update_h5_metadata(model, framing=framing.describe(0.5))
+    assert exit_status(inspect_model.main, [model, "predict", tmp_path / "imgs"]) == 0
+    assert "framing version" not in capsys.readouterr().err
+    runfiles.update_h5_metadata(model, framing={"share": 0.5, "version": framing.VERSION + 1})
+    assert exit_status(inspect_model.main, [model, "predict", tmp_path / "imgs"]) == 0
+    out, err = capsys.readouterr()
+    assert f"framing version {framing.VERSION + 1}" in err and out.startswith("file,predicted")
+
+
 def test_model_summary_is_full_width_when_piped(h5_model):
     done = run_script("inspect_model.py", h5_model, timeout=120, env={"COLUMNS": ""})
     assert done.returncode == 0, done.stderr
