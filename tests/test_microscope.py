@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -108,6 +110,38 @@ def test_nucleus_score_is_darkness_times_saturation():
     expected = (1 - x.mean(-1)) * (x.max(-1) - x.min(-1)) / np.maximum(x.max(-1), 1e-6)
     np.testing.assert_allclose(framing.nucleus_score(img), expected, atol=1e-6)
     assert framing.nucleus_score(np.zeros((2, 2, 3), np.uint8)).max() == 0  # black: no saturation
+
+
+def load_tool(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_framing_check_finds_a_drawn_cell_alike_in_every_variant_and_notices_a_finder_that_does_not_scale(
+        tmp_path, monkeypatch, capsys):
+    from PIL import Image
+    from conftest import exit_status
+    check = load_tool("framing_check")
+    images = [smear(size=128, cell=(60.0 + 3 * s, 66.0 - 2 * s), radius=14.0, seed=s) for s in range(3)]
+    table = check.summarise([check.check_image(img) for img in images])
+    assert len(table) == 8
+    for name, row in table.items():
+        assert 0.85 < row["median_ratio"] < 1.15 and row["moved"] == 0, (name, row)
+    # A finder whose extent ignores the image's scale (as one cutting a nucleus to a fixed size would) is caught.
+    real = framing.find_cell
+    monkeypatch.setattr(framing, "find_cell", lambda img, mask=None: (*real(img)[:2], 28.0))
+    broken = check.summarise([check.check_image(img) for img in images])
+    assert broken[f"tight crop x{check.ENLARGE:g}"]["shrank"] == 1.0
+    monkeypatch.undo()
+    (tmp_path / "Neutrophil").mkdir()
+    Image.fromarray(images[0]).save(tmp_path / "Neutrophil" / "a.png")
+    assert exit_status(check.main, [tmp_path]) == 0
+    assert "Neutrophil     bluer" in capsys.readouterr().out
+    assert exit_status(check.main, [tmp_path / "missing"]) == 2
+    assert "no such folder" in capsys.readouterr().err
 
 
 def test_framing_uses_a_mask_where_given():
