@@ -24,7 +24,8 @@ Rows (names for --rows; shell-style patterns such as 'WBC_100_*' or '*_report' w
                                pretrain_ssl.py runs once per seed (OUT/runs/ssl_pretrain_seed<k>, pool: WBC_100's
                                training images without labels + ROOT/WBC_unlabeled when present) for every split
     <split>_semi_default       the default recipe trained semi-supervised (train_cnn.py --unlabeled, FixMatch-style;
-                               unlabeled pool: WBC_100's training images + ROOT/WBC_unlabeled when present)
+                               unlabeled pool: WBC_100's training images, labels ignored; with --semi-pool all
+                               also ROOT/WBC_unlabeled when present)
 
 Results folder OUT: results.csv (a row per run), table.md (mean +- std across seeds), comparisons.md (paired
 McNemar tests and bootstrap intervals on the same validation images), label_efficiency.png.
@@ -67,7 +68,8 @@ PAIRS += [("resnet-cam16", "resnet-scratch"), ("resnet-imagenet-cam16", "resnet-
 PAIRS += [("ssl_default", "raw_default"), ("semi_default", "raw_default")]
 # Settings that change what a finished run means: a results folder keeps one value of each.
 CONFIG_KEYS = ("data", "image_size", "epochs", "pretrain_epochs", "batch_size", "holdout", "imagenet_weights",
-               "ssl_epochs", "unlabeled_ratio", "thresholds")
+               "ssl_epochs", "unlabeled_ratio", "thresholds", "semi_pool")
+SEMI_POOLS = ("train", "all")
 # The no-argument demo: the report's 12 rows (Table 1) and the project recipe's raw rows; the ResNet50 rows are
 # one --rows away ('WBC_100_resnet-*'): on a 2-core CPU each costs minutes.
 DEMO_ROWS = "*_report,*_raw_default"
@@ -155,6 +157,10 @@ def parse_args(argv=None):
                    help="pre-training epochs of the ssl rows (pretrain_ssl.py; default 30; 2 on the demo data)")
     g.add_argument("--unlabeled-ratio", type=int, default=7, metavar="MU",
                    help="unlabeled images per labelled image in each step of the semi rows (train_cnn.py's option)")
+    g.add_argument("--semi-pool", choices=SEMI_POOLS, default="train",
+                   help="unlabeled pool of the semi rows: train = WBC_100's training images, labels ignored (the "
+                        "labelled splits' own population and class mix); all = also ROOT/WBC_unlabeled (the images "
+                        "the course proportions leave out: another class mix)")
     g.add_argument("--thresholds", choices=THRESHOLDS, default="fixed",
                    help="pseudo-label bars of the semi rows (train_cnn.py's option)")
     g.add_argument("--batch-size", type=int, default=32, help="images per step")
@@ -246,6 +252,8 @@ def check_config(out: Path, args) -> dict:
             old = json.loads(path.read_text())
         except (OSError, ValueError):
             raise UserError(f"{path}: unreadable (expected the JSON written by reproduce_table.py)") from None
+        if "unlabeled_ratio" in old:  # written before --semi-pool existed: its semi rows used every folder
+            old.setdefault("semi_pool", "all")
         for key in CONFIG_KEYS:
             if key in old and old[key] != config[key] and not (key == "imagenet_weights" and config[key] is None):
                 raise UserError(f"{out} holds runs made with --{key.replace('_', '-')} {old[key]} (now "
@@ -285,7 +293,8 @@ def command(row: Row, seed: int, args, out: Path) -> list[str]:
     if row.method == "ssl":
         cmd += ["--init", str(ssl_folder(out, seed) / "encoder.h5")]
     if row.method == "semi":
-        cmd += ["--unlabeled", *map(str, unlabeled_pool(args.data)), "--unlabeled-ratio", str(args.unlabeled_ratio),
+        cmd += ["--unlabeled", *map(str, unlabeled_pool(args.data, args.semi_pool)),
+                "--unlabeled-ratio", str(args.unlabeled_ratio),
                 "--thresholds", args.thresholds]
     if args.cache_dir is not None:
         cmd += ["--cache-dir", str(args.cache_dir)]
@@ -339,12 +348,18 @@ def _stale(path: Path) -> bool:
     return False
 
 
-def unlabeled_pool(root: Path) -> list[Path]:
-    """The semi rows' unlabeled folders: WBC_100's training images (its masks are left out) and ROOT/WBC_unlabeled
-    (prepare_splits.py --unlabeled) when it exists."""
+def unlabeled_pool(root: Path, pool: str = "train") -> list[Path]:
+    """The semi rows' unlabeled folders: WBC_100's training images (its masks are left out), and with pool 'all'
+    ROOT/WBC_unlabeled (prepare_splits.py --unlabeled) when it exists.
+
+    Why 'train' is the default: FixMatch assumes the unlabeled images come from the labelled ones' population.
+    WBC_100's training images do (the smaller splits are drawn from them in the same class shares); WBC_unlabeled
+    holds what the course proportions leave out, mostly the rarer classes (16% basophils on PBC against 2% in the
+    splits), and its pseudo-labels pulled WBC_1's neutrophils into the rare classes (docs/ssl.md)."""
     import data
     train = data.find_split(root, "WBC_100").train.root
-    return [train] + ([Path(root) / "WBC_unlabeled"] if (Path(root) / "WBC_unlabeled").is_dir() else [])
+    extra = Path(root) / "WBC_unlabeled"
+    return [train] + ([extra] if pool == "all" and extra.is_dir() else [])
 
 
 def ssl_folder(out: Path, seed: int) -> Path:

@@ -248,6 +248,29 @@ def test_table_semi_rows_train_on_the_pool_and_pair_with_raw(demo_root, tmp_path
     assert ("semi_default", "raw_default") in reproduce_table.PAIRS
 
 
+def test_table_semi_pool_is_the_labelled_population_unless_all_and_old_folders_keep_theirs(demo_root, tmp_path):
+    import reproduce_table
+    from runfiles import UserError
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "WBC_100").symlink_to(demo_root / "WBC_100")
+    (root / "WBC_unlabeled" / "data").mkdir(parents=True)
+    train = root / "WBC_100" / "train" / "data"
+    assert reproduce_table.unlabeled_pool(root) == [train]
+    assert reproduce_table.unlabeled_pool(root, "all") == [train, root / "WBC_unlabeled"]
+    args = reproduce_table.parse_args(["--data", str(root), "--rows", "WBC_1_semi_default", "--out", str(tmp_path / "t")])
+    assert args.semi_pool == "train"
+    # A results folder written before --semi-pool existed trained its semi rows on every folder: continuing it
+    # with the new default is refused, not mixed.
+    (tmp_path / "t").mkdir()
+    old = {k: v for k, v in reproduce_table.check_config(tmp_path / "t", args).items() if k != "semi_pool"}
+    (tmp_path / "t" / "table_config.json").write_text(json.dumps(old))
+    with pytest.raises(UserError, match="--semi-pool all"):
+        reproduce_table.check_config(tmp_path / "t", args)
+    args.semi_pool = "all"
+    assert reproduce_table.check_config(tmp_path / "t", args)["semi_pool"] == "all"
+
+
 def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_semi_supervised_run(tmp_path, capsys):
     """The unlabeled images of each step, the strong views' random state and the pseudo-labels continue exactly
     after a resume: history.csv and metrics.json equal the uninterrupted run's, timing aside."""
