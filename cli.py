@@ -493,7 +493,8 @@ def add_semisup_args(parser):
     g = parser.add_argument_group("semi-supervised: learn from unlabeled images too (FixMatch-style, docs/ssl.md)")
     g.add_argument("--unlabeled", type=Path, nargs="+", default=[], metavar="DIR",
                    help="folders of unlabeled images (searched recursively, folder names ignored); with them each "
-                        "step also trains on confident pseudo-labels of unlabeled images (default: none)")
+                        "step also trains on confident pseudo-labels of unlabeled images; best drawn from the "
+                        "labelled images' own population, in about their class shares (default: none)")
     g.add_argument("--unlabeled-ratio", type=int, default=7, metavar="MU",
                    help="unlabeled images per labelled image in each step; FixMatch's mu")
     g.add_argument("--unlabeled-weight", type=float, default=1.0, metavar="W",
