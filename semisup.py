@@ -12,6 +12,8 @@ can keep their own label (docs/ssl.md).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 import augment
@@ -121,6 +123,32 @@ def pool_columns(classes):
                 "pool_confidence": float(ops.convert_to_numpy(layer.confidence)),
                 **{f"pool_share_{c}": float(v) for c, v in zip(classes, share)}}
     return columns
+
+
+# Total variation between the pool's predicted class mix and the labelled split's above which a run is warned.
+# On PBC's WBC_1 a pool of the labelled population ended at 0.02-0.04, a pool of another class mix at 0.36-0.44
+# (docs/ssl.md); 0.2 lies between.
+MIX_WARNING_DISTANCE = 0.2
+
+
+def pool_mix_warning(run_dir, labels, classes) -> str | None:
+    """One line when the model's predicted class mix on the pool (history.csv's last pool_share_* columns) lies far
+    from the labelled split's class mix: pseudo-labels of another mix pull the model's prior towards it."""
+    import csv
+    try:
+        with open(Path(run_dir) / "history.csv", newline="") as f:
+            last = list(csv.DictReader(f))[-1]
+        pool = np.array([float(last[f"pool_share_{c}"]) for c in classes])
+    except (OSError, IndexError, KeyError, ValueError):
+        return None
+    labelled = np.bincount(np.asarray(labels), minlength=len(classes)) / max(1, len(labels))
+    distance = 0.5 * float(np.abs(pool - labelled).sum())
+    if distance <= MIX_WARNING_DISTANCE:
+        return None
+    shares = ", ".join(f"{c} {p:.2f} vs {q:.2f}" for c, p, q in zip(classes, pool, labelled))
+    return (f"warning: on the unlabeled pool the model predicts a class mix far from the labelled images' "
+            f"(total variation {distance:.2f}; pool vs labelled: {shares}); pseudo-labels of another mix pull the "
+            f"model towards it: a pool from the labelled images' own population is safer (docs/ssl.md)")
 
 
 def ema_momentum(steps_per_epoch: int) -> float:

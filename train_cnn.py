@@ -5,7 +5,7 @@
     python train_cnn.py --data ROOT --recipe report      # the original report's recipe
     python train_cnn.py --out runs/x --resume            # continue an interrupted run
     python train_cnn.py --init runs/ssl/encoder.h5 --freeze-epochs 2   # from a pretrain_ssl.py encoder
-    python train_cnn.py --data ROOT --split WBC_1 --unlabeled ROOT/WBC_unlabeled   # semi-supervised
+    python train_cnn.py --data ROOT --split WBC_1 --unlabeled ROOT/WBC_100/train   # semi-supervised
 
 Run folder: args.json, history.csv, metrics.json, model.h5, val_predictions.csv, curves.png, confusion.png.
 """
@@ -27,6 +27,7 @@ def main(argv=None):
     if args.resume:
         cli.check_resume(args, run_dir)
     cli.import_keras_quietly(args)
+    import devices
     import domain
     import selfsup
     import training
@@ -51,6 +52,9 @@ def main(argv=None):
                                      args.freeze_epochs,
                                      hooks=hooks, test_set=test_set)
     training.print_summary(run_dir, result)
+    warning = args.unlabeled and semisup.pool_mix_warning(run_dir, train_set.y, train_set.classes)
+    if warning and devices.is_chief():
+        print(warning)
 
 
 if __name__ == "__main__":

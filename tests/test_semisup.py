@@ -248,6 +248,23 @@ def test_table_semi_rows_train_on_the_pool_and_pair_with_raw(demo_root, tmp_path
     assert ("semi_default", "raw_default") in reproduce_table.PAIRS
 
 
+def test_pool_mix_warning_fires_only_when_the_pools_predicted_mix_is_far_from_the_labelled_one(tmp_path):
+    import semisup
+    classes = ["a", "b", "c"]
+    labels = [0] * 2 + [1] * 2 + [2] * 6  # 0.2 / 0.2 / 0.6
+
+    def history(*shares):
+        (tmp_path / "history.csv").write_text("epoch,pool_share_a,pool_share_b,pool_share_c\n"
+                                              + "".join(f"{i},{a},{b},{c}\n" for i, (a, b, c) in enumerate(shares)))
+    history((0.6, 0.2, 0.2), (0.25, 0.2, 0.55))  # the last epoch counts: 0.05 apart
+    assert semisup.pool_mix_warning(tmp_path, labels, classes) is None
+    history((0.25, 0.2, 0.55), (0.45, 0.3, 0.25))  # 0.35 apart
+    warning = semisup.pool_mix_warning(tmp_path, labels, classes)
+    assert "total variation 0.35" in warning and "a 0.45 vs 0.20" in warning
+    (tmp_path / "history.csv").write_text("epoch,train_loss\n1,0.5\n")  # a supervised run: nothing to say
+    assert semisup.pool_mix_warning(tmp_path, labels, classes) is None
+
+
 def test_table_semi_pool_is_the_labelled_population_unless_all_and_old_folders_keep_theirs(demo_root, tmp_path):
     import reproduce_table
     from runfiles import UserError
