@@ -24,7 +24,6 @@ from runfiles import UserError  # noqa: E402
 
 TIGHT = 1.4  # the tight crop's side, in found extents: the cell spans ~70% of it
 ENLARGE = 1.7
-SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 def parse_args(argv=None):
@@ -89,11 +88,12 @@ def summarise(results: list[dict]) -> dict[str, dict[str, float]]:
 def main(argv=None):
     args = parse_args(argv)
     from PIL import Image
+    import data
     groups = defaultdict(list)
-    for path in sorted(p for p in args.folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()):
+    for path in data.list_images(args.folder):  # regular image files only, junk and symlink loops skipped
         groups[str(path.parent.relative_to(args.folder)) if path.parent != args.folder else "."].append(path)
     if not groups:
-        raise UserError(f"{args.folder}: no images found (expected .png, .jpg, .bmp or .tif files)")
+        raise UserError(f"{args.folder}: no images found (expected image files such as .png or .jpg)")
     unreadable = 0
     print(f"{'folder':14s} {'variant':22s} {'median extent ratio':>19s} {'shrank <0.8':>11s} "
           f"{'grew >1.25':>10s} {'moved >0.25':>11s}")
