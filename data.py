@@ -493,8 +493,9 @@ def images_for_model(paths, model_file) -> np.ndarray:
         raise UserError(f"{model_file}: no training metadata (expected a model.h5 saved by this project's scripts)")
     import framing
     share = framing.frame_share(meta)
-    if framing.version_warning(meta):
-        print(framing.version_warning(meta), file=sys.stderr)
+    warning = framing.version_warning(meta)
+    if warning:
+        print(warning, file=sys.stderr)
     return np.stack([decode_image(Path(p), int(meta["image_size"]), frame_share=share) for p in paths])
 
 

@@ -110,8 +110,9 @@ def main(argv=None):
     cli.import_keras_quietly()
     import framing
     loaded = load(args.model, args.classes)
-    if args.command in ("evaluate", "predict", "gradcam") and framing.version_warning(loaded.metadata):
-        print(framing.version_warning(loaded.metadata), file=sys.stderr)
+    warning = framing.version_warning(loaded.metadata)
+    if warning and args.command in ("evaluate", "predict", "gradcam"):
+        print(warning, file=sys.stderr)
     if args.command in ("evaluate", "predict"):
         adapt.apply_arguments(loaded.model, loaded.metadata, loaded.image_size, args)
     return {"summary": cmd_summary, "evaluate": cmd_evaluate, "predict": cmd_predict,

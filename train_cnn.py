@@ -52,9 +52,10 @@ def main(argv=None):
                                      args.freeze_epochs,
                                      hooks=hooks, test_set=test_set)
     training.print_summary(run_dir, result)
-    warning = args.unlabeled and semisup.pool_mix_warning(run_dir, train_set.y, train_set.classes)
-    if warning and devices.is_chief():
-        print(warning)
+    if args.unlabeled and devices.is_chief():  # process 0 wrote history.csv
+        warning = semisup.pool_mix_warning(run_dir, train_set.y, train_set.classes)
+        if warning:
+            print(warning)
 
 
 if __name__ == "__main__":
