@@ -59,6 +59,11 @@ def run_main(main):
         print("interrupted: finished epochs are kept; rerun with the same arguments and --resume to continue",
               file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (`... | head`): nothing is wrong with the run. Python's own advice: point stdout
+        # at devnull so the flush at exit does not raise a second time, and exit 1.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     sys.exit(code or 0)
 
 

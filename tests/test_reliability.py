@@ -9,6 +9,7 @@ import io
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -475,3 +476,18 @@ def test_same_seed_same_metrics_in_process_and_in_a_fresh_process(tmp_path, caps
     rows = [[{k: v for k, v in row.items() if k not in drop}
              for row in csv.DictReader(open(tmp_path / x / "history.csv", newline=""))] for x in "ab"]
     assert rows[0] == rows[1]
+
+
+def test_a_reader_that_goes_away_ends_the_script_without_a_traceback():
+    """`script | head`: once head exits, the next write raises BrokenPipeError; cli.run_main ends quietly."""
+    talker = ("import sys; sys.path.insert(0, %r); import cli\n"
+              "def main():\n"
+              "    for i in range(200000):\n"
+              "        print('line', i)\n"
+              "cli.run_main(main)\n") % str(PROJECT)
+    proc = subprocess.Popen([sys.executable, "-c", talker], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"line 0\n"
+    proc.stdout.close()  # the reader goes away, as head does after its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
