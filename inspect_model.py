@@ -11,6 +11,7 @@ models that take (N, H, W, 3) images. Models load in Keras' safe mode: nothing i
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import io
@@ -129,6 +130,18 @@ class Loaded:
     def __init__(self, path: Path, model, metadata: dict, classes: list[str], image_size: int):
         self.path, self.model, self.metadata = path, model, metadata
         self.classes, self.image_size = classes, image_size
+
+    @property
+    def frame_share(self) -> float:
+        """The framing the model was trained with (0: none): every command decodes its images the same way."""
+        import framing
+        return framing.frame_share(self.metadata)
+
+    def decode_options(self, args) -> dict:
+        """cli.decode_options for this model: its own input side and framing, not the command line's."""
+        return cli.decode_options(argparse.Namespace(
+            image_size=self.image_size, frame_cell=self.frame_share, cache_dir=args.cache_dir,
+            no_cache=args.no_cache, max_pixels=args.max_pixels))
 
 
 def load(path: Path, classes_arg: str | None = None) -> Loaded:
@@ -299,16 +312,13 @@ def eval_files(folder: Path, classes: list[str], split: str):
 
 def cmd_evaluate(loaded: Loaded, args):
     import domain
-    import framing
     import metrics
     import report
     import training
     from sklearn.metrics import classification_report
 
     files = eval_files(args.dir, loaded.classes, args.split)
-    images = data.load_images(files, size=loaded.image_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                              name=Path(args.dir).name, max_pixels=args.max_pixels,
-                              frame_share=framing.frame_share(loaded.metadata))
+    images = data.load_images(files, name=Path(args.dir).name, **loaded.decode_options(args))
     if len(images) == 0:
         raise UserError(f"{args.dir}: none of the images could be decoded")
     start = time.perf_counter()
@@ -357,7 +367,6 @@ def check_writable_file(path: Path, overwrite: bool):
 
 def cmd_predict(loaded: Loaded, args):
     import numpy as np
-    import framing
     skipped = []
     files = data.images_in(args.paths, skipped)
     if args.out is not None:
@@ -374,7 +383,7 @@ def cmd_predict(loaded: Loaded, args):
         writer.writerow(["file", "predicted"] + [f"p_{c}" for c in loaded.classes])
         with data.progress(len(files) + len(skipped), stream=sys.stderr) as update:
             for paths, x in data.decode_batches(files, loaded.image_size, args.batch_size, skipped, args.max_pixels,
-                                          framing.frame_share(loaded.metadata)):
+                                                loaded.frame_share):
                 probs = adapt.predict(loaded.model, x, len(x), args.tta).astype(np.float64)
                 # Low-precision softmax sums to 1 only within rounding: renormalise what we report.
                 probs /= np.maximum(probs.sum(1, keepdims=True), 1e-12)
@@ -412,7 +421,6 @@ def cmd_predict(loaded: Loaded, args):
 # ----------------------------------------------------------------------------------------------
 
 def cmd_gradcam(loaded: Loaded, args):
-    import framing
     skipped = []
     files = data.images_in(args.paths, skipped)
     target = None
@@ -430,7 +438,7 @@ def cmd_gradcam(loaded: Loaded, args):
     names, rows = set(), []
     with data.progress(len(files) + len(skipped), stream=sys.stderr) as update:
         for paths, x in data.decode_batches(files, loaded.image_size, args.batch_size, skipped, args.max_pixels,
-                                          framing.frame_share(loaded.metadata)):
+                                            loaded.frame_share):
             heat, probs, ids = cam(x, None if target is None else [target] * len(x))
             for path, h, p, c in zip(paths, heat, probs, ids):
                 out = _unique_name(args.out, f"{path.stem}_gradcam_{loaded.classes[c]}.png", names)
@@ -438,7 +446,7 @@ def cmd_gradcam(loaded: Loaded, args):
                     raise UserError(f"{out}: already exists; pass --overwrite to replace it")
                 true = data.canonical_class(path.parent.name, tuple(loaded.classes))  # a class folder, if any
                 # The picture under the heatmap is decoded like the model's input, only larger.
-                gradcam.save_labelled(data.decode_image(path, size, args.max_pixels, framing.frame_share(loaded.metadata)), h, size,
+                gradcam.save_labelled(data.decode_image(path, size, args.max_pixels, loaded.frame_share), h, size,
                                       gradcam.caption(loaded.classes, p, int(c), true), out)
                 rows.append([str(path), str(out), true or "", loaded.classes[c], f"{p[c]:.6f}",
                              loaded.classes[int(p.argmax())], f"{p.max():.6f}"])
