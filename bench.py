@@ -213,12 +213,24 @@ def recipe_augmentation(name: str) -> dict:
     return augment.from_args(recipe_args(name))
 
 
-def build_core(spec: dict, num_classes: int):
+def build_training_model(spec: dict, train, augmentation: dict | None):
+    """The model fit trains, built as train_cnn.py builds it for the recipe: the CNN inside the recipe's stain
+    normalisation (part of the saved model), and in front of it, when `augmentation` is given (on the device),
+    the augmentation and the recipe's stain jitter. ResNet50: random init, augmentation only."""
+    import types
+    import domain
     import models
+    num_classes = len(train.classes)
     if spec["model"] == "resnet50":
-        return models.build_resnet50(num_classes, spec["image_size"], weights=None)
-    shape = recipes.model_kwargs(recipe_args(spec["recipe"], **spec.get("model_overrides", {})))
-    return models.build_cnn(num_classes, spec["image_size"], **shape)
+        return augment.with_augmentation(models.build_resnet50(num_classes, spec["image_size"], weights=None),
+                                         augmentation, spec["seed"])
+    args = recipe_args(spec["recipe"], image_size=spec["image_size"], norm="batch", seed=spec["seed"],
+                       **spec.get("model_overrides", {}))
+    core = domain.cnn_builder(args, num_classes, domain.metadata(args, train.x))()
+    jitter = domain.training_wrapper(args) if augmentation else None
+    if jitter is None:
+        return augment.with_augmentation(core, augmentation, spec["seed"])
+    return jitter(core, types.SimpleNamespace(seed=spec["seed"], augment=augmentation), None)
 
 
 def job_pipeline(spec: dict) -> dict:
@@ -238,8 +250,7 @@ def job_pipeline(spec: dict) -> dict:
     y = keras.utils.to_categorical(train.y[index], len(train.classes)).astype("float32")
     augmentation = spec["augment"]
     with devices.distribution_scope():
-        core = build_core(spec, len(train.classes))
-        model = augment.with_augmentation(core, augmentation if pipeline == "cached" else None, spec["seed"])
+        model = build_training_model(spec, train, augmentation if pipeline == "cached" else None)
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", metrics=["accuracy"])
     timer = EpochTimer()
     if pipeline == "legacy":

@@ -174,3 +174,23 @@ def test_default_path_runs_under_jax_without_tensorflow(jax_run):
     assert result["backend"] == "jax" and result["pipelines"]["cached"]["warp"] == "gather"
     assert result["ratios"]["cached_vs_model_bound"] > 0
     assert not any(e["tensorflow_imported"] for e in result["pipelines"].values())
+
+
+def test_bench_trains_the_recipes_model_with_its_stain_layers(demo_root):
+    """The default recipe's model as train_cnn.py builds it: stain normalisation inside the model in every
+    pipeline, stain jitter and the affine warp only where augmentation runs on the device (cached)."""
+    import models
+    train = data.load_images(_split(demo_root).train, 32, use_cache=False, verbose=False)
+    spec = {"model": "cnn", "recipe": "default", "image_size": 32, "seed": 0}
+
+    def layer_kinds(model):
+        return {layer.__class__.__name__ for _, layer in models.flat_layers(model)}, \
+            {layer.name for _, layer in models.flat_layers(model)}
+
+    kinds, names = layer_kinds(bench.build_training_model(spec, train, bench.recipe_augmentation("default")))
+    assert {"StainJitter", "RandomAffine"} <= kinds and "stain_norm_opponent" in names
+    kinds, names = layer_kinds(bench.build_training_model(spec, train, None))
+    assert not {"StainJitter", "RandomAffine"} & kinds and "stain_norm_opponent" in names
+    kinds, names = layer_kinds(bench.build_training_model({**spec, "recipe": "report"}, train,
+                                                          bench.recipe_augmentation("report")))
+    assert "StainJitter" not in kinds and "stain_norm_opponent" not in names and "RandomAffine" in kinds
