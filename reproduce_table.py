@@ -68,7 +68,7 @@ PAIRS += [("resnet-cam16", "resnet-scratch"), ("resnet-imagenet-cam16", "resnet-
 PAIRS += [("ssl_default", "raw_default"), ("semi_default", "raw_default")]
 # Settings that change what a finished run means: a results folder keeps one value of each.
 CONFIG_KEYS = ("data", "image_size", "epochs", "pretrain_epochs", "batch_size", "holdout", "imagenet_weights",
-               "ssl_epochs", "unlabeled_ratio", "thresholds", "semi_pool")
+               "ssl_epochs", "freeze_epochs", "unlabeled_ratio", "thresholds", "semi_pool")
 SEMI_POOLS = ("train", "all")
 # The no-argument demo: the report's 12 rows (Table 1) and the project recipe's raw rows; the ResNet50 rows are
 # one --rows away ('WBC_100_resnet-*'): on a 2-core CPU each costs minutes.
@@ -155,6 +155,10 @@ def parse_args(argv=None):
                    help="CAM16 pre-training epochs of the ResNet50 rows (default: --epochs; 1 on the demo data)")
     g.add_argument("--ssl-epochs", type=int, default=None,
                    help="pre-training epochs of the ssl rows (pretrain_ssl.py; default 30; 2 on the demo data)")
+    g.add_argument("--freeze-epochs", type=int, default=None, metavar="N",
+                   help="first epochs of the ssl rows that train the new head alone, the encoder frozen, within "
+                        "--epochs (train_cnn.py's option): a random head's first gradients would otherwise rewrite "
+                        "the pre-trained features (default: 5, at most half of --epochs; 0 fine-tunes everything at once)")
     g.add_argument("--unlabeled-ratio", type=int, default=7, metavar="MU",
                    help="unlabeled images per labelled image in each step of the semi rows (train_cnn.py's option)")
     g.add_argument("--semi-pool", choices=SEMI_POOLS, default="train",
@@ -207,12 +211,17 @@ def parse_args(argv=None):
         args.pretrain_epochs = 1 if args.demo else args.epochs
     if args.ssl_epochs is None:
         args.ssl_epochs = 2 if args.demo else 30
+    if args.freeze_epochs is None:
+        args.freeze_epochs = min(5, args.epochs // 2)
     if args.rows is None and args.demo:
         args.rows = DEMO_ROWS
     if args.out is None:
         args.out = Path("runs/table_demo" if args.demo else "runs/table")
     cli.check_positive(args, "seeds", "epochs", "pretrain_epochs", "ssl_epochs", "batch_size", "bootstrap", "jobs",
                       "unlabeled_ratio")
+    cli.check_non_negative(args, "freeze_epochs")
+    if args.freeze_epochs >= args.epochs:
+        raise UserError(f"--freeze-epochs {args.freeze_epochs}: expected fewer than --epochs {args.epochs}")
     if args.imagenet_weights not in (None, "imagenet"):
         args.imagenet_weights = Path(args.imagenet_weights).resolve()
         if not args.imagenet_weights.is_file():
@@ -292,6 +301,8 @@ def command(row: Row, seed: int, args, out: Path) -> list[str]:
         cmd += ["--pretrain-epochs", str(args.pretrain_epochs)]
     if row.method == "ssl":
         cmd += ["--init", str(ssl_folder(out, seed) / "encoder.h5")]
+        if args.freeze_epochs:
+            cmd += ["--freeze-epochs", str(args.freeze_epochs)]
     if row.method == "semi":
         cmd += ["--unlabeled", *map(str, unlabeled_pool(args.data, args.semi_pool)),
                 "--unlabeled-ratio", str(args.unlabeled_ratio),

@@ -348,5 +348,19 @@ def test_table_ssl_rows_pretrain_once_per_seed_and_start_from_that_encoder(tmp_p
     for seed in (0, 1):
         encoder = str(tmp_path / "table" / "runs" / f"ssl_pretrain_seed{seed}" / "encoder.h5")
         ssl_runs = [ln for ln in lines if "_ssl_default_seed" in ln and f"--seed {seed} " in ln]
-        assert len(ssl_runs) == 2 and all(ln.endswith(f"--init {encoder}") for ln in ssl_runs)
+        assert len(ssl_runs) == 2 and all(f"--init {encoder} " in ln + " " for ln in ssl_runs)
     assert not any("--init" in ln for ln in lines if "_raw_default_" in ln)
+
+
+def test_table_ssl_rows_train_the_head_alone_first_and_refuse_a_freeze_as_long_as_training(tmp_path):
+    # The ssl rows start with the encoder frozen (linear probing, then fine-tuning) within the same epochs.
+    result = run_script("reproduce_table.py", "--rows", "WBC_1_ssl_default,WBC_1_raw_default", "--seeds", "1",
+                        "--epochs", "8", "--freeze-epochs", "3", "--dry-run", "--out", tmp_path / "t", timeout=120)
+    assert result.returncode == 0, result.stderr
+    ssl_runs = [ln for ln in result.stdout.splitlines() if "_ssl_default_seed" in ln]
+    raw_runs = [ln for ln in result.stdout.splitlines() if "_raw_default_seed" in ln]
+    assert len(ssl_runs) == 1 and "--freeze-epochs 3" in ssl_runs[0] and "--epochs 8 " in ssl_runs[0]
+    assert raw_runs and not any("--freeze-epochs" in ln for ln in raw_runs)
+    refused = run_script("reproduce_table.py", "--rows", "WBC_1_ssl_default", "--epochs", "4", "--freeze-epochs", "4",
+                         "--dry-run", "--out", tmp_path / "u", timeout=120)
+    assert refused.returncode == 2 and "--freeze-epochs 4" in refused.stderr and "Traceback" not in refused.stderr
