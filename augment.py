@@ -184,7 +184,8 @@ def from_args(args) -> dict | None:
                vertical_flip=not args.no_vflip, zoom=getattr(args, "zoom", None) or 0.0,
                shift=getattr(args, "shift", None) or 0.0)
     # The photometric options join the dict only when switched on (PHOTOMETRIC_KEYS).
-    for key, off in (("color_jitter", 0.0), ("grayscale", 0.0), ("blur", 0.0), ("crop_scale", 1.0)):
+    for key, off in (("color_jitter", 0.0), ("grayscale", 0.0), ("blur", 0.0), ("crop_scale", 1.0),
+                     ("tight_crop", 0.0)):
         value = getattr(args, key, None)
         if value is not None and value != off:
             out[key] = value
@@ -201,8 +202,8 @@ def with_augmentation(core, augment: dict | None, seed: int):
     affine = {k: v for k, v in augment.items() if k not in PHOTOMETRIC_KEYS}
     photometric = {k: v for k, v in augment.items() if k in PHOTOMETRIC_KEYS}
     layers = photometric_layers(**photometric, seed=seed)
-    # The crop first (it zooms in), then the affine warp, then colour: the order of make_two_views.
-    crops = [l for l in layers if l.__class__.__name__ == "RandomResizedCrop"]
+    # The crops first (another lab's cut, then the zoom), then the affine warp, then colour: make_two_views' order.
+    crops = [l for l in layers if l.__class__.__name__ in ("RandomTightCrop", "RandomResizedCrop")]
     x = inputs
     for layer in crops + [make_augmentation(**affine, seed=seed)] + [l for l in layers if l not in crops]:
         x = layer(x)
@@ -217,7 +218,10 @@ def with_augmentation(core, augment: dict | None, seed: int):
 
 # The keys with_augmentation passes to photometric_layers rather than to the affine warp; each is absent from an
 # augmentation dict unless its option is switched on, so recipes and the other wrappers see the dict they knew.
-PHOTOMETRIC_KEYS = ("color_jitter", "grayscale", "blur", "crop_scale")
+PHOTOMETRIC_KEYS = ("color_jitter", "grayscale", "blur", "crop_scale", "tight_crop")
+# Tight crops: each edge of a chosen image cut by up to this share of the side. A framed image (--frame-cell 0.5)
+# holds the nucleus in its middle half, so a cut of at most a quarter never reaches it.
+TIGHT_CROP_MAX_CUT = 0.25
 # Colour-jitter strength S scales SimCLR's jitter: brightness, contrast and saturation factors in [1-0.8S, 1+0.8S]
 # (S=0.5 gives SimCLR's 0.4), hue shifted by up to 0.2S of a full turn (S=0.5: 0.1), applied to 80% of the images.
 JITTER_SCALE = {"brightness": 0.8, "contrast": 0.8, "saturation": 0.8, "hue": 0.2}
@@ -416,6 +420,38 @@ def photometric_classes():
             return {**super().get_config(), "scale": self.scale, "ratio": self.ratio, "warp": self.warp}
 
     @keras.saving.register_keras_serializable(package="wbc")
+    class RandomTightCrop(_Random):
+        """How a framed image of a tightly cropped picture looks: `probability` of the images have each edge
+        cut by U(0, max_cut) of the side, and the cut part filled by repeating the edge pixels of what is left,
+        as framing.crop fills a frame that leaves the picture (another lab's crops may end just past the
+        cell). Geometry stays: no pixel inside the kept box moves. An index gather, so it runs on every backend."""
+
+        def __init__(self, probability=0.0, max_cut=TIGHT_CROP_MAX_CUT, **kwargs):
+            super().__init__(**kwargs)
+            self.probability, self.max_cut = float(probability), float(max_cut)
+
+        def _kept(self, batch, size, on):
+            """Per image, the source index of each output row (or column): clipped into the kept band."""
+            first = ops.floor(on * self.uniform(batch, 0.0, self.max_cut) * size)
+            last = (size - 1) - ops.floor(on * self.uniform(batch, 0.0, self.max_cut) * size)
+            index = ops.arange(size, dtype="float32")[None, :]
+            return ops.cast(ops.minimum(ops.maximum(index, first[:, None]), last[:, None]), "int32")  # (B, size)
+
+        def call(self, images, training=None):
+            if not training or self.probability <= 0 or self.max_cut <= 0:
+                return images
+            batch, height, width, channels = ops.shape(images)[0], images.shape[1], images.shape[2], images.shape[3]
+            on = self.chosen(batch, self.probability)
+            full = (batch, height, width, channels)
+            rows = ops.broadcast_to(self._kept(batch, height, on)[:, :, None, None], full)
+            images = ops.take_along_axis(images, rows, axis=1)
+            cols = ops.broadcast_to(self._kept(batch, width, on)[:, None, :, None], full)
+            return ops.take_along_axis(images, cols, axis=2)
+
+        def get_config(self):
+            return {**super().get_config(), "probability": self.probability, "max_cut": self.max_cut}
+
+    @keras.saving.register_keras_serializable(package="wbc")
     class TwoViews(keras.layers.Layer):
         """The two-view generator of self-supervised pre-training: the same random pipeline applied twice to a
         batch, each time with fresh random draws, giving (view_a, view_b) of every image."""
@@ -436,15 +472,18 @@ def photometric_classes():
             return input_shape, input_shape
 
     return {c.__name__: c for c in (RandomColorJitter, RandomGrayscale, RandomGaussianBlur, RandomResizedCrop,
-                                    TwoViews)}
+                                    RandomTightCrop, TwoViews)}
 
 
-def photometric_layers(color_jitter=0.0, grayscale=0.0, blur=0.0, crop_scale=1.0, seed=None) -> list:
-    """The layers for the options that are on, in the order crop, colour, greyscale, blur (SimCLR's order);
-    each gets its own seed derived from `seed`, so the layers draw independently. [] when all are off."""
+def photometric_layers(color_jitter=0.0, grayscale=0.0, blur=0.0, crop_scale=1.0, tight_crop=0.0, seed=None) -> list:
+    """The layers for the options that are on, in the order tight crop, crop, colour, greyscale, blur (SimCLR's
+    order after the tight crop); each gets its own seed derived from `seed`, so the layers draw independently.
+    [] when all are off."""
     classes = photometric_classes()
     base = 0 if seed is None else int(seed)
     out = []
+    if tight_crop:
+        out.append(classes["RandomTightCrop"](tight_crop, seed=base + 105))
     if crop_scale is not None and crop_scale < 1.0:
         out.append(classes["RandomResizedCrop"](scale=(float(crop_scale), 1.0), seed=base + 101))
     if color_jitter:

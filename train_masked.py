@@ -31,9 +31,9 @@ def parse_args(argv=None):
     args = cli.resolve_domain_args(cli.resolve_cnn_args(args))
     if args.consistency < 0:
         raise cli.UserError(f"--consistency {args.consistency}: expected a weight >= 0")
-    if args.consistency > 0 and (args.color_jitter or args.grayscale or args.blur or args.crop_scale < 1.0):
+    if args.consistency > 0 and cli.photometric_on(args):
         raise cli.UserError("--consistency warps each image and its masked copy as one 6-channel image: it takes "
-                            "no --color-jitter, --grayscale, --blur or --crop-scale")
+                            "no --color-jitter, --grayscale, --blur, --crop-scale or --tight-crop")
     if args.consistency and args.stain_jitter:
         raise cli.UserError("--stain-jitter with --consistency: not supported together (the consistency wrapper "
                             "has its own augmentation); use one of them")

@@ -53,10 +53,11 @@ def _layers(strength):
         "blur": lambda seed: classes["RandomGaussianBlur"](1.0 if on else 0.0, sigma=(1.0, 2.0), seed=seed),
         "crop": lambda seed: classes["RandomResizedCrop"](scale=(0.2, 1.0) if on else (1.0, 1.0),
                                                           ratio=(0.75, 1.33) if on else (1.0, 1.0), seed=seed),
+        "tight": lambda seed: classes["RandomTightCrop"](1.0 if on else 0.0, seed=seed),
     }
 
 
-@pytest.mark.parametrize("name", ["jitter", "grayscale", "blur", "crop"])
+@pytest.mark.parametrize("name", ["jitter", "grayscale", "blur", "crop", "tight"])
 def test_augmentation_layers_keep_shape_dtype_are_identity_at_zero_and_seeded(name):
     from keras import ops
     x = _images()
@@ -84,6 +85,21 @@ def test_jitter_at_tiny_strength_moves_pixels_by_little():
     assert np.abs(out - x).max() <= 6
 
 
+def test_tight_crop_repeats_the_kept_boxs_edge_pixels_and_never_touches_the_middle_half():
+    from keras import ops
+    import augment
+    x = _images(n=16, size=40)
+    out = ops.convert_to_numpy(augment.photometric_classes()["RandomTightCrop"](1.0, seed=3)(x, training=True))
+    assert np.array_equal(out[:, 10:30, 10:30], x[:, 10:30, 10:30]), "a cut reached the middle half"
+    for image, cut in zip(x, out):
+        # each output row is a source row clipped into the kept band: the kept band itself is untouched
+        rows = [next(r for r in range(40) if np.array_equal(cut[i, 10:30], image[r, 10:30])) for i in range(40)]
+        top, bottom = min(rows), max(rows)
+        assert rows == [min(max(i, top), bottom) for i in range(40)]
+        assert top <= 10 and bottom >= 29
+    assert not np.array_equal(out, x)
+
+
 def test_supervised_flags_add_the_layers_and_default_off():
     import argparse
     import augment
@@ -98,16 +114,20 @@ def test_supervised_flags_add_the_layers_and_default_off():
                                                    "--crop-scale", "0.3"]))
     kw = augment.from_args(args)
     assert kw["color_jitter"] == 0.5 and kw["crop_scale"] == 0.3
+    tight = augment.from_args(cli.resolve_cnn_args(parser.parse_args(["--tight-crop", "0.5"])))
+    assert tight["tight_crop"] == 0.5
     core = models.build_cnn(5, 24, width=4, depth=2)
     wrapped = augment.with_augmentation(core, kw, seed=0)
     names = [l.__class__.__name__ for l in wrapped.layers]
     for expected in ("RandomResizedCrop", "RandomAffine", "RandomColorJitter", "RandomGrayscale",
                      "RandomGaussianBlur"):
         assert expected in names
+    tight_names = [l.__class__.__name__ for l in augment.with_augmentation(core, tight, seed=0).layers]
+    assert tight_names.index("RandomTightCrop") < tight_names.index("RandomAffine")  # the lab's cut comes first
     assert isinstance(args, argparse.Namespace)
 
 
-@pytest.mark.parametrize("argv", [["--color-jitter", "2"], ["--crop-scale", "0"],
+@pytest.mark.parametrize("argv", [["--color-jitter", "2"], ["--crop-scale", "0"], ["--tight-crop", "1.5"],
                                   ["--freeze-epochs", "2"], ["--init", "no/such/encoder.h5"]])
 def test_bad_flags_are_one_line_exit_2(argv):
     result = run_script("train_cnn.py", *argv, timeout=60)
