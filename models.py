@@ -172,12 +172,41 @@ def resolve_init(init: str):
 
 
 def build_from_init(weights, num_classes: int, image_size: int, bn_momentum: float | None = None):
-    """build_resnet50 from resolve_init's weights; a file that is not ResNet50 weights is one UserError line."""
+    """build_resnet50 from resolve_init's weights: Keras ResNet50 weights, or a saved encoder of
+    `pretrain_ssl.py --model resnet50` (encoder_from_ssl); a file that is neither is one UserError line."""
+    if weights is not None and weights != "imagenet" and is_saved_model(weights):
+        return encoder_from_ssl(weights, num_classes, image_size, bn_momentum or RESNET_BN_MOMENTUM)
     try:
         return build_resnet50(num_classes, image_size, weights=weights, bn_momentum=bn_momentum or RESNET_BN_MOMENTUM)
     except (ValueError, OSError, KeyError) as e:
         raise UserError(f"--init {weights}: not a Keras ResNet50 weights file without top "
                         f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
+
+
+def is_saved_model(path) -> bool:
+    """Whether `path` is an HDF5 file holding a whole Keras model (not weights only)."""
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            return "model_config" in f.attrs
+    except (OSError, ValueError):
+        return False
+
+
+def encoder_from_ssl(path, num_classes: int, image_size: int, bn_momentum: float = RESNET_BN_MOMENTUM):
+    """A ResNet50 classifier whose backbone holds a self-supervised encoder's weights (pretrain_ssl.py --model
+    resnet50 saves preprocessing + backbone + pooled features). Built fresh at `image_size` with the encoder's
+    [-1, 1] preprocessing and a new head: convolution weights do not depend on the input side."""
+    from runfiles import load_core_model
+    saved = load_core_model(path)
+    names = {layer.name for layer in saved.layers}
+    if BACKBONE_NAME not in names or "scale_minus1_1" not in names:
+        raise UserError(f"--init {path}: a Keras model, but not a ResNet50 encoder of pretrain_ssl.py --model "
+                        f"resnet50 (expected layers {BACKBONE_NAME} and scale_minus1_1; a CAM16 stage model goes "
+                        f"to --pretrained)")
+    core = build_resnet50(num_classes, image_size, weights=None, bn_momentum=bn_momentum)
+    core.get_layer(BACKBONE_NAME).set_weights(saved.get_layer(BACKBONE_NAME).get_weights())
+    return core
 
 
 def replace_head(core: keras.Model, num_classes: int, head_dropout: float = 0.0, name: str | None = None):

@@ -5,6 +5,7 @@
     python pretrain_resnet.py --data ROOT --init imagenet        # ImageNet -> CAM16 -> WBC (downloads when online)
     python pretrain_resnet.py --data ROOT --init resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5
     python pretrain_resnet.py --data ROOT --skip-pretrain --init imagenet   # fine-tune from --init directly
+    python pretrain_resnet.py --data ROOT --skip-pretrain --init runs/ssl_resnet50_WBC_100_seed0/encoder.h5
 
 Stage 1 trains on CAM16 train/, selects the epoch on CAM16 val/ and reports CAM16 test/ (accuracy, ROC AUC).
 Stage 2 puts a new 5-class head on the selected backbone and fine-tunes on --split: --head-epochs with the backbone
@@ -36,9 +37,10 @@ def parse_args(argv=None):
                         "class weights, schedule, rotation and shear at the fine-tuning rate --lr "
                         f"{recipes.RESNET_RECIPES['default']['lr']:g}")
     g.add_argument("--init", default="scratch",
-                   help="scratch (random), imagenet (Keras' download; needs the internet once) or the PATH of a "
+                   help="scratch (random), imagenet (Keras' download; needs the internet once), the PATH of a "
                         "local Keras ResNet50 weights file without top, e.g. "
-                        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")
+                        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5, or the encoder.h5 of "
+                        "pretrain_ssl.py --model resnet50")
     g.add_argument("--skip-pretrain", action="store_true", help="no CAM16 stage: fine-tune from --init directly")
     g.add_argument("--pretrained", type=Path, default=None,
                    help="a stage-1 run folder (or its model.h5) to fine-tune instead of pre-training again, "
@@ -71,7 +73,7 @@ def parse_args(argv=None):
         args.pretrain_epochs = 4 if args.demo else 10
     if args.init not in ("scratch", "imagenet") and not Path(args.init).is_file():
         raise UserError(f"--init {args.init}: no such weights file (expected scratch, imagenet or the path of a "
-                        f"Keras ResNet50 weights file without top)")
+                        f"Keras ResNet50 weights file without top, or a pretrain_ssl.py --model resnet50 encoder.h5)")
     if args.pretrain_lr is None:
         args.pretrain_lr = 1e-3 if args.init == "scratch" else 1e-4
     if args.image_size < 32:
@@ -260,8 +262,9 @@ def main(argv=None):
         cli.check_resume(args, out)
     cli.import_keras_quietly(args)
     args.out_root = out
-    init_name = args.init if args.init in ("scratch", "imagenet") else "file"
     import models
+    init_name = (args.init if args.init in ("scratch", "imagenet")
+                 else "ssl-encoder" if models.is_saved_model(args.init) else "file")
     weights = models.resolve_init(args.init)
     train_set, val_set = cli.load_wbc_split(args, verbose=not args.quiet)
     args._test_set = cli.load_test_set(args, train_set.classes)  # every arm's final WBC model meets it once

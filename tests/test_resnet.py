@@ -146,3 +146,29 @@ def test_not_a_weights_file_is_a_user_error(tmp_path):
     bad.write_bytes(b"not hdf5")
     with pytest.raises(UserError, match="not a Keras ResNet50 weights file"):
         models.build_from_init(str(bad), 5, SIZE)
+
+
+def test_a_self_supervised_resnet50_encoder_initialises_the_backbone_at_any_size(tmp_path):
+    import selfsup
+    from runfiles import save_model_h5
+    encoder = selfsup.build_encoder("resnet50", SIZE)
+    for w in encoder.get_layer(models.BACKBONE_NAME).weights:  # weights no fresh initialisation would draw
+        w.assign(0.01 + np.arange(np.prod(w.shape), dtype=np.float32).reshape(w.shape) * 1e-6)
+    path = tmp_path / "encoder.h5"
+    save_model_h5(encoder, path, {"model": "resnet50"})
+    expected = [np.asarray(w) for w in encoder.get_layer(models.BACKBONE_NAME).weights]
+    for size in (SIZE, 48):  # the classifier may be built at another side than the pre-training's
+        core = models.build_from_init(str(path), 5, size)
+        got = [np.asarray(w) for w in core.get_layer(models.BACKBONE_NAME).weights]
+        assert core.input_shape == (None, size, size, 3) and core.output_shape == (None, 5)
+        assert len(got) == len(expected) and all(np.array_equal(a, b) for a, b in zip(got, expected))
+        assert "scale_minus1_1" in [layer.name for layer in core.layers]  # the encoder's own preprocessing
+
+
+def test_a_saved_model_that_is_no_resnet50_encoder_is_a_user_error(tmp_path):
+    import selfsup
+    from runfiles import save_model_h5
+    path = tmp_path / "cnn_encoder.h5"
+    save_model_h5(selfsup.build_encoder("cnn", SIZE), path, {"model": "cnn"})
+    with pytest.raises(UserError, match="not a ResNet50 encoder"):
+        models.build_from_init(str(path), 5, SIZE)
