@@ -158,7 +158,7 @@ def parse_args(argv=None):
     g.add_argument("--freeze-epochs", type=int, default=None, metavar="N",
                    help="first epochs of the ssl rows that train the new head alone, the encoder frozen, within "
                         "--epochs (train_cnn.py's option): a random head's first gradients would otherwise rewrite "
-                        "the pre-trained features (default: 5, at most half of --epochs; 0 fine-tunes everything at once)")
+                        "the pre-trained features (default: 5, at most half of --epochs; 0: all trained at once)")
     g.add_argument("--unlabeled-ratio", type=int, default=7, metavar="MU",
                    help="unlabeled images per labelled image in each step of the semi rows (train_cnn.py's option)")
     g.add_argument("--semi-pool", choices=SEMI_POOLS, default="train",
