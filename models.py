@@ -2,11 +2,13 @@
 preprocessing, built from Keras' built-in layers only, so a saved .h5 loads with plain keras.models.load_model."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 from keras import layers
 
-from runfiles import UserError
+from runfiles import UserError, load_core_model, model_file_problem
 
 
 def image_input(image_size: int) -> keras.KerasTensor:
@@ -184,20 +186,14 @@ def build_from_init(weights, num_classes: int, image_size: int, bn_momentum: flo
 
 
 def is_saved_model(path) -> bool:
-    """Whether `path` is an HDF5 file holding a whole Keras model (not weights only)."""
-    import h5py
-    try:
-        with h5py.File(path, "r") as f:
-            return "model_config" in f.attrs
-    except (OSError, ValueError):
-        return False
+    """Whether `path` holds a whole Keras model (not weights only): runfiles.model_file_problem finds none."""
+    return model_file_problem(Path(path)) is None
 
 
 def encoder_from_ssl(path, num_classes: int, image_size: int, bn_momentum: float = RESNET_BN_MOMENTUM):
     """A ResNet50 classifier whose backbone holds a self-supervised encoder's weights (pretrain_ssl.py --model
     resnet50 saves preprocessing + backbone + pooled features). Built fresh at `image_size` with the encoder's
     [-1, 1] preprocessing and a new head: convolution weights do not depend on the input side."""
-    from runfiles import load_core_model
     saved = load_core_model(path)
     names = {layer.name for layer in saved.layers}
     if BACKBONE_NAME not in names or "scale_minus1_1" not in names:
