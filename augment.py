@@ -184,8 +184,8 @@ def from_args(args) -> dict | None:
                vertical_flip=not args.no_vflip, zoom=getattr(args, "zoom", None) or 0.0,
                shift=getattr(args, "shift", None) or 0.0)
     # The photometric options join the dict only when switched on (PHOTOMETRIC_KEYS).
-    for key, off in (("color_jitter", 0.0), ("grayscale", 0.0), ("blur", 0.0), ("crop_scale", 1.0),
-                     ("tight_crop", 0.0)):
+    for key, off in (("color_jitter", 0.0), ("hue_jitter", None), ("grayscale", 0.0), ("blur", 0.0),
+                     ("crop_scale", 1.0), ("tight_crop", 0.0)):
         value = getattr(args, key, None)
         if value is not None and value != off:
             out[key] = value
@@ -218,12 +218,14 @@ def with_augmentation(core, augment: dict | None, seed: int):
 
 # The keys with_augmentation passes to photometric_layers rather than to the affine warp; each is absent from an
 # augmentation dict unless its option is switched on, so recipes and the other wrappers see the dict they knew.
-PHOTOMETRIC_KEYS = ("color_jitter", "grayscale", "blur", "crop_scale", "tight_crop")
+PHOTOMETRIC_KEYS = ("color_jitter", "hue_jitter", "grayscale", "blur", "crop_scale", "tight_crop")
 # Tight crops: each edge of a chosen image cut by up to this share of the side. A framed image (--frame-cell 0.5)
 # holds the nucleus in its middle half, so a cut of at most a quarter never reaches it.
 TIGHT_CROP_MAX_CUT = 0.25
 # Colour-jitter strength S scales SimCLR's jitter: brightness, contrast and saturation factors in [1-0.8S, 1+0.8S]
 # (S=0.5 gives SimCLR's 0.4), hue shifted by up to 0.2S of a full turn (S=0.5: 0.1), applied to 80% of the images.
+# A separate hue strength H (hue_jitter) replaces S for the hue alone: H=0 jitters everything but the hue, which
+# carries the granule colour that tells eosinophils and basophils from the rest.
 JITTER_SCALE = {"brightness": 0.8, "contrast": 0.8, "saturation": 0.8, "hue": 0.2}
 # Gaussian blur sigma, as SimCLR draws it at 224 px (0.1 to 2.0 pixels), scaled with the image side.
 BLUR_SIGMA_AT_224 = (0.1, 2.0)
@@ -475,10 +477,11 @@ def photometric_classes():
                                     RandomTightCrop, TwoViews)}
 
 
-def photometric_layers(color_jitter=0.0, grayscale=0.0, blur=0.0, crop_scale=1.0, tight_crop=0.0, seed=None) -> list:
+def photometric_layers(color_jitter=0.0, grayscale=0.0, blur=0.0, crop_scale=1.0, tight_crop=0.0, seed=None,
+                       hue_jitter=None) -> list:
     """The layers for the options that are on, in the order tight crop, crop, colour, greyscale, blur (SimCLR's
     order after the tight crop); each gets its own seed derived from `seed`, so the layers draw independently.
-    [] when all are off."""
+    hue_jitter: the hue's strength when it differs from color_jitter's (None: the same). [] when all are off."""
     classes = photometric_classes()
     base = 0 if seed is None else int(seed)
     out = []
@@ -486,9 +489,10 @@ def photometric_layers(color_jitter=0.0, grayscale=0.0, blur=0.0, crop_scale=1.0
         out.append(classes["RandomTightCrop"](tight_crop, seed=base + 105))
     if crop_scale is not None and crop_scale < 1.0:
         out.append(classes["RandomResizedCrop"](scale=(float(crop_scale), 1.0), seed=base + 101))
-    if color_jitter:
-        out.append(classes["RandomColorJitter"](**{k: v * color_jitter for k, v in JITTER_SCALE.items()},
-                                                probability=0.8, seed=base + 102))
+    hue = color_jitter if hue_jitter is None else hue_jitter
+    if color_jitter or hue:
+        strengths = {k: v * (hue if k == "hue" else color_jitter) for k, v in JITTER_SCALE.items()}
+        out.append(classes["RandomColorJitter"](**strengths, probability=0.8, seed=base + 102))
     if grayscale:
         out.append(classes["RandomGrayscale"](grayscale, seed=base + 103))
     if blur:
@@ -496,12 +500,13 @@ def photometric_layers(color_jitter=0.0, grayscale=0.0, blur=0.0, crop_scale=1.0
     return out
 
 
-def make_two_views(crop_scale=0.2, color_jitter=0.5, grayscale=0.2, blur=0.5, rotation=180.0, seed=None):
+def make_two_views(crop_scale=0.2, color_jitter=0.5, grayscale=0.2, blur=0.5, rotation=180.0, seed=None,
+                   hue_jitter=None):
     """The two-view layer for self-supervised pre-training: random resized crop, rotation and flips (one affine
     warp), colour jitter, greyscale, blur; every view drawn independently. The defaults are SimCLR's view recipe
     with the rotations and flips a cell image allows (a cell has no up or left)."""
     pipeline = photometric_layers(crop_scale=crop_scale, seed=seed)
     pipeline.append(make_augmentation(rotation=rotation, shear=0.0, horizontal_flip=True, vertical_flip=True,
                                       seed=None if seed is None else int(seed) + 100))
-    pipeline += photometric_layers(color_jitter, grayscale, blur, seed=seed)
+    pipeline += photometric_layers(color_jitter, grayscale, blur, seed=seed, hue_jitter=hue_jitter)
     return photometric_classes()["TwoViews"](pipeline, name="two_views")

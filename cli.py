@@ -319,6 +319,9 @@ def add_augmentation_args(parser):
     g.add_argument("--color-jitter", type=float, default=0.0, metavar="S",
                    help="colour jitter of strength S on 80%% of the images: brightness, contrast and saturation "
                         "x[1-0.8S, 1+0.8S], hue +/-0.2S of a turn (0.5 = SimCLR's; 0: off)")
+    g.add_argument("--hue-jitter", type=float, default=None, metavar="H",
+                   help="the colour jitter's hue strength alone: hue +/-0.2H of a turn (default: --color-jitter's "
+                        "S; 0: brightness, contrast and saturation jittered, the stain's hue kept)")
     g.add_argument("--grayscale", type=float, default=0.0, metavar="P", help="share of images made grey (0: off)")
     g.add_argument("--blur", type=float, default=0.0, metavar="P",
                    help="share of images blurred (Gaussian, sigma 0.1-2 px at 224 px, scaled with the side; 0: off)")
@@ -333,20 +336,20 @@ def add_augmentation_args(parser):
 
 def photometric_on(args) -> bool:
     """Whether any augmentation that runs only in the on-device pipeline is switched on."""
-    return bool(args.color_jitter or args.grayscale or args.blur or args.crop_scale < 1.0
-                or getattr(args, "tight_crop", 0.0))
+    return bool(args.color_jitter or getattr(args, "hue_jitter", None) or args.grayscale or args.blur
+                or args.crop_scale < 1.0 or getattr(args, "tight_crop", 0.0))
 
 
 def check_augmentation_args(args):
     """The photometric options: strengths and shares within their ranges; the legacy loader has none of them."""
-    for name in ("color_jitter", "grayscale", "blur", "tight_crop"):
+    for name in ("color_jitter", "hue_jitter", "grayscale", "blur", "tight_crop"):
         value = getattr(args, name, 0.0)
-        if not 0.0 <= value <= 1.0:
+        if value is not None and not 0.0 <= value <= 1.0:
             raise UserError(f"--{name.replace('_', '-')} {value}: expected a number between 0 and 1")
     if not 0.0 < getattr(args, "crop_scale", 1.0) <= 1.0:
         raise UserError(f"--crop-scale {args.crop_scale}: expected a fraction of the area in (0, 1]")
     if photometric_on(args) and getattr(args, "loader", "cached") == "generator":
-        raise UserError("--color-jitter, --grayscale, --blur, --crop-scale and --tight-crop run on the device: "
+        raise UserError("--color-jitter, --hue-jitter, --grayscale, --blur, --crop-scale and --tight-crop run on the device: "
                         "use --loader cached (the default), not --loader generator")
 
 

@@ -51,6 +51,8 @@ def parse_args(argv=None):
     v = parser.add_argument_group("the two views (applied on the device)")
     v.add_argument("--crop-scale", type=float, default=0.2, help="random resized crops of MIN to 1 of the area")
     v.add_argument("--color-jitter", type=float, default=0.5, help="colour-jitter strength (train_cnn.py's meaning)")
+    v.add_argument("--hue-jitter", type=float, default=None, metavar="H",
+                   help="the jitter's hue strength alone (default: --color-jitter's; 0: views keep the stain's hue)")
     v.add_argument("--grayscale", type=float, default=0.2, help="share of views made grey")
     v.add_argument("--blur", type=float, default=0.5, help="share of views blurred")
     v.add_argument("--rotation", type=float, default=180.0, help="random rotation range, degrees (+/-)")

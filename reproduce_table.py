@@ -68,8 +68,11 @@ PAIRS += [("resnet-cam16", "resnet-scratch"), ("resnet-imagenet-cam16", "resnet-
 PAIRS += [("ssl_default", "raw_default"), ("semi_default", "raw_default")]
 # Settings that change what a finished run means: a results folder keeps one value of each.
 CONFIG_KEYS = ("data", "image_size", "epochs", "pretrain_epochs", "batch_size", "holdout", "imagenet_weights",
-               "ssl_epochs", "freeze_epochs", "unlabeled_ratio", "thresholds", "semi_pool")
+               "ssl_epochs", "ssl_views", "freeze_epochs", "unlabeled_ratio", "thresholds", "semi_pool")
 SEMI_POOLS = ("train", "all")
+# The ssl rows' two views: pretrain_ssl.py's own (SimCLR's), or those with the stain's hue kept (no hue shift, no
+# greyscale): granule colour tells eosinophils and basophils from the rest (docs/ssl.md).
+SSL_VIEWS = {"simclr": [], "keep-hue": ["--hue-jitter", "0", "--grayscale", "0"]}
 # The no-argument demo: the report's 12 rows (Table 1) and the project recipe's raw rows; the ResNet50 rows are
 # one --rows away ('WBC_100_resnet-*'): on a 2-core CPU each costs minutes.
 DEMO_ROWS = "*_report,*_raw_default"
@@ -155,6 +158,9 @@ def parse_args(argv=None):
                    help="CAM16 pre-training epochs of the ResNet50 rows (default: --epochs; 1 on the demo data)")
     g.add_argument("--ssl-epochs", type=int, default=None,
                    help="pre-training epochs of the ssl rows (pretrain_ssl.py; default 30; 2 on the demo data)")
+    g.add_argument("--ssl-views", choices=tuple(SSL_VIEWS), default="simclr",
+                   help="two views of the ssl rows' pre-training: simclr = pretrain_ssl.py's defaults (hue shifts, "
+                        "20%% grey views); keep-hue = the same without hue shifts or grey views")
     g.add_argument("--freeze-epochs", type=int, default=None, metavar="N",
                    help="first epochs of the ssl rows that train the new head alone, the encoder frozen, within "
                         "--epochs (train_cnn.py's option): a random head's first gradients would otherwise rewrite "
@@ -263,6 +269,8 @@ def check_config(out: Path, args) -> dict:
             raise UserError(f"{path}: unreadable (expected the JSON written by reproduce_table.py)") from None
         if "unlabeled_ratio" in old:  # written before --semi-pool existed: its semi rows used every folder
             old.setdefault("semi_pool", "all")
+        if "ssl_epochs" in old:  # written before --ssl-views existed: pretrain_ssl.py's own views
+            old.setdefault("ssl_views", "simclr")
         for key in CONFIG_KEYS:
             if key in old and old[key] != config[key] and not (key == "imagenet_weights" and config[key] is None):
                 raise UserError(f"{out} holds runs made with --{key.replace('_', '-')} {old[key]} (now "
@@ -382,7 +390,8 @@ def ssl_command(seed: int, args, out: Path) -> list[str]:
     and ROOT/WBC_unlabeled (prepare_splits.py --unlabeled) when it exists."""
     cmd = [sys.executable, str(PROJECT / "pretrain_ssl.py"), "--data", str(args.data), "--split", "WBC_100",
            "--image-size", str(args.image_size), "--epochs", str(args.ssl_epochs), "--precision", args.precision,
-           "--seed", str(seed), "--out", str(ssl_folder(out, seed)), "--resume", "--quiet"]
+           "--seed", str(seed), "--out", str(ssl_folder(out, seed)), "--resume", "--quiet",
+           *SSL_VIEWS[args.ssl_views]]
     if (Path(args.data) / "WBC_unlabeled").is_dir():
         cmd += ["--unlabeled", str(Path(args.data) / "WBC_unlabeled")]
     if args.cache_dir is not None:

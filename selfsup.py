@@ -475,7 +475,7 @@ def pretrain(run_dir: Path, args, pool_x: np.ndarray, labelled, val, pool_info: 
                                        "versions": versions()})
     encoder = build_encoder(args.model, int(pool_x.shape[1]), cnn_kwargs)
     views = augment.make_two_views(args.crop_scale, args.color_jitter, args.grayscale, args.blur, args.rotation,
-                                   seed=args.seed)
+                                   seed=args.seed, hue_jitter=args.hue_jitter)
     model = JointEmbedding(encoder, views, args.method, args.temperature, proj_dim=args.proj_dim, name="ssl")
     stream = Endless(PoolBatches(pool_x, batch_size, args.seed))
     schedule = keras.optimizers.schedules.CosineDecay(args.lr, max(1, args.epochs * stream.steps_per_epoch),
