@@ -85,6 +85,35 @@ def test_jitter_at_tiny_strength_moves_pixels_by_little():
     assert np.abs(out - x).max() <= 6
 
 
+def _chroma_angle(images):
+    """Each pixel's hue as the angle of its chroma (I, Q) in YIQ, and the chroma's length, in 0-255 units."""
+    import augment
+    yiq = images.astype(np.float64) @ augment._RGB_TO_YIQ.T.astype(np.float64)
+    return np.arctan2(yiq[..., 2], yiq[..., 1]), np.hypot(yiq[..., 1], yiq[..., 2])
+
+
+def test_hue_jitter_zero_keeps_every_pixels_hue_while_the_rest_of_the_jitter_acts():
+    # Brightness, contrast and saturation scale the chroma plane without turning it; only the hue shift turns it.
+    from keras import ops
+    import augment
+    x = _images(n=16)
+    before, length = _chroma_angle(x)
+
+    def turned(hue_jitter):
+        (layer,) = augment.photometric_layers(color_jitter=0.5, hue_jitter=hue_jitter, seed=4)
+        out = ops.convert_to_numpy(layer(x, training=True))
+        after, out_length = _chroma_angle(out)
+        clean = (length > 20) & (out_length > 20) & (out.min(-1) > 0) & (out.max(-1) < 255)  # no clipping
+        turn = np.abs(np.angle(np.exp(1j * (after - before))))[clean]
+        return out, turn
+
+    kept, turn = turned(0.0)
+    assert np.abs(kept.astype(int) - x).mean() > 2.0, "the jitter without hue changed nothing"
+    assert np.percentile(turn, 99) < 0.06, "hue turned although its strength was 0"
+    _, turn = turned(0.5)
+    assert turn.max() > 0.2, "hue strength 0.5 (up to 0.1 of a turn) turned no pixel's hue"
+
+
 def test_tight_crop_repeats_the_kept_boxs_edge_pixels_and_never_touches_the_middle_half():
     from keras import ops
     import augment
@@ -116,6 +145,10 @@ def test_supervised_flags_add_the_layers_and_default_off():
     assert kw["color_jitter"] == 0.5 and kw["crop_scale"] == 0.3
     tight = augment.from_args(cli.resolve_cnn_args(parser.parse_args(["--tight-crop", "0.5"])))
     assert tight["tight_crop"] == 0.5
+    no_hue = augment.from_args(cli.resolve_cnn_args(parser.parse_args(["--color-jitter", "0.5", "--hue-jitter", "0"])))
+    assert no_hue["hue_jitter"] == 0.0 and "hue_jitter" not in kw
+    (jitter,) = augment.photometric_layers(**{k: v for k, v in no_hue.items() if k in augment.PHOTOMETRIC_KEYS})
+    assert jitter.hue == 0.0 and jitter.saturation == pytest.approx(0.4)
     core = models.build_cnn(5, 24, width=4, depth=2)
     wrapped = augment.with_augmentation(core, kw, seed=0)
     names = [l.__class__.__name__ for l in wrapped.layers]
@@ -127,7 +160,8 @@ def test_supervised_flags_add_the_layers_and_default_off():
     assert isinstance(args, argparse.Namespace)
 
 
-@pytest.mark.parametrize("argv", [["--color-jitter", "2"], ["--crop-scale", "0"], ["--tight-crop", "1.5"],
+@pytest.mark.parametrize("argv", [["--color-jitter", "2"], ["--hue-jitter", "-0.1"], ["--crop-scale", "0"],
+                                  ["--tight-crop", "1.5"],
                                   ["--freeze-epochs", "2"], ["--init", "no/such/encoder.h5"]])
 def test_bad_flags_are_one_line_exit_2(argv):
     result = run_script("train_cnn.py", *argv, timeout=60)
@@ -370,6 +404,22 @@ def test_table_ssl_rows_pretrain_once_per_seed_and_start_from_that_encoder(tmp_p
         ssl_runs = [ln for ln in lines if "_ssl_default_seed" in ln and f"--seed {seed} " in ln]
         assert len(ssl_runs) == 2 and all(f"--init {encoder} " in ln + " " for ln in ssl_runs)
     assert not any("--init" in ln for ln in lines if "_raw_default_" in ln)
+
+
+def test_table_ssl_views_keep_hue_reach_pretraining_only_and_an_older_folder_keeps_its_views(tmp_path):
+    result = run_script("reproduce_table.py", "--rows", "WBC_1_ssl_default,WBC_1_raw_default", "--seeds", "1",
+                        "--ssl-views", "keep-hue", "--dry-run", "--out", tmp_path / "t", timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [ln for ln in lines if "pretrain_ssl.py" in ln and "--hue-jitter 0 --grayscale 0" in ln]
+    assert not any("--hue-jitter" in ln for ln in lines if "train_cnn.py" in ln)
+    # a results folder from before --ssl-views pre-trained with pretrain_ssl.py's own views
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "table_config.json").write_text(json.dumps({"ssl_epochs": 2}))
+    refused = run_script("reproduce_table.py", "--rows", "WBC_1_ssl_default", "--seeds", "1", "--ssl-views",
+                         "keep-hue", "--dry-run", "--out", old, timeout=120)
+    assert refused.returncode == 2 and "--ssl-views simclr" in refused.stderr, refused.stderr
 
 
 def test_table_ssl_rows_train_the_head_alone_first_and_refuse_a_freeze_as_long_as_training(tmp_path):
