@@ -748,19 +748,20 @@ def _decode_into(x, entries, size, mask_fill, verbose, name, max_pixels=DEFAULT_
 
     def work(i):
         image, mask, _ = entries[i]
-        img = decode_image(image, size, max_pixels, frame_share)
-        if mask is not None:
-            try:
-                if frame_share:  # framed on the mask's cell, and the mask framed with it
-                    img, cell = decode_framed(image, size, frame_share, mask, max_pixels)
-                else:
-                    cell = decode_mask(mask, size, max_pixels)
-                if not cell.any():
-                    raise ValueError("empty mask")
-                img = apply_mask(img, cell, mask_fill)
-            except Exception:  # noqa: BLE001 - any mask failure: the image is kept unmasked and reported
-                return img, False
-        return img, True
+        if mask is None:
+            return decode_image(image, size, max_pixels, frame_share), True
+        img = None
+        try:
+            if frame_share:  # framed on the mask's cell, and the mask framed with it
+                img, cell = decode_framed(image, size, frame_share, mask, max_pixels)
+            else:
+                img, cell = decode_image(image, size, max_pixels), decode_mask(mask, size, max_pixels)
+            if not cell.any():
+                raise ValueError("empty mask")
+            return apply_mask(img, cell, mask_fill), True
+        except Exception:  # noqa: BLE001 - any mask failure: the image is kept unmasked and reported
+            # Framed on its own when the mask failed; an image that cannot be decoded is skipped here.
+            return decode_image(image, size, max_pixels, frame_share), False
 
     if verbose:
         print(f"{name}: decoding {n} images to {size}x{size} (once; cached afterwards)")

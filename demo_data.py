@@ -32,9 +32,14 @@ COURSE_SHARES = {"basophil": 0.021, "eosinophil": 0.073, "lymphocyte": 0.239, "m
 TRAIN_IMAGES, VAL_IMAGES, CELL_SIZE, TILE_SIZE = 520, 200, 128, 96
 
 
+def demo_root() -> Path:
+    """Where the demo data lives (in the cache folder), generated or not."""
+    return default_cache_dir() / f"demo_v{DEMO_VERSION}"
+
+
 def ensure_demo_data(root: Path | None = None) -> Path:
     """The demo data's root folder, generated once (atomically) on first use."""
-    root = Path(root) if root else default_cache_dir() / f"demo_v{DEMO_VERSION}"
+    root = Path(root) if root else demo_root()
     if (root / "manifest.json").exists():
         return root
     print(f"generating the synthetic demo dataset in {root} (once)")

@@ -66,7 +66,7 @@ def parse_args(argv=None):
                                   for key, v in recipes.RESNET_RECIPES["default"].items()})
     args = cli.parse_run_args(parser, argv)
     recipes.apply_recipe(args, table=recipes.RESNET_RECIPES)
-    cli.resolve_data(args)
+    cli.resolve_data(args, generate=False)
     if args.epochs is None:
         args.epochs = 3 if args.demo else 10
     if args.pretrain_epochs is None:
@@ -260,7 +260,8 @@ def main(argv=None):
     out = cli.resolve_run_dir(args, f"resnet_{args.split}_seed{args.seed}")
     if args.resume:
         cli.check_resume(args, out)
-    cli.import_keras_quietly(args)
+    cli.import_keras_quietly(args)  # applies --devices: its mistakes answer before the demo data is made
+    cli.ensure_data(args)
     args.out_root = out
     import models
     init_name = (args.init if args.init in ("scratch", "imagenet")

@@ -66,7 +66,7 @@ def parse_args(argv=None):
     cli.add_output_args(parser, supervised=False)
     args = parser.parse_args(argv)
     cli.check_unlabeled_folders(args.unlabeled)
-    cli.resolve_data(args)
+    cli.resolve_data(args, generate=False)
     if args.epochs is None:
         args.epochs = 8 if args.demo else 30
     if args.frame_cell is None:
@@ -84,6 +84,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cli.import_keras_quietly()
+    cli.ensure_data(args)
     import data
     import selfsup
 

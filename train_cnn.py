@@ -26,7 +26,8 @@ def main(argv=None):
     run_dir = cli.resolve_run_dir(args, f"cnn_{args.split}_seed{args.seed}")
     if args.resume:
         cli.check_resume(args, run_dir)
-    cli.import_keras_quietly(args)
+    cli.import_keras_quietly(args)  # applies --devices: its mistakes answer before the demo data is made
+    cli.ensure_data(args)
     import devices
     import domain
     import selfsup

@@ -83,7 +83,8 @@ def main(argv=None):
     run_dir = cli.resolve_run_dir(args, f"masked_{args.mask_mode}_{args.split}_seed{args.seed}")
     if args.resume:
         cli.check_resume(args, run_dir)
-    cli.import_keras_quietly(args)
+    cli.import_keras_quietly(args)  # applies --devices: its mistakes answer before the demo data is made
+    cli.ensure_data(args)
     import consistency
     import domain
     import selfsup

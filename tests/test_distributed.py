@@ -209,12 +209,16 @@ def test_three_concurrent_table_processes_train_each_run_once_and_match_one_proc
 
 
 def test_device_mistakes_end_in_one_line_before_keras_starts(tmp_path):
+    # On a fresh machine (an empty cache folder): answered before the demo data is generated, too.
     from conftest import run_script
-    for argv, fragment in ((["--devices", "gpu:x"], "expected auto, cpu, all"),
-                           (["--devices", "cpu:0,0"], "named twice"),
-                           (["--num-processes", "2", "--process-id", "2"], "below --num-processes 2"),
-                           (["--num-processes", "0"], "expected a number >= 1")):
-        done = run_script("train_cnn.py", *argv, "--out", tmp_path / "r")
+    fresh = {"WBC_CACHE_DIR": str(tmp_path / "cache")}
+    for script, argv, fragment in (("train_cnn.py", ["--devices", "gpu:x"], "expected auto, cpu, all"),
+                                   ("train_cnn.py", ["--devices", "cpu:0,0"], "named twice"),
+                                   ("train_masked.py", ["--num-processes", "2", "--process-id", "2"],
+                                    "below --num-processes 2"),
+                                   ("pretrain_resnet.py", ["--num-processes", "0"], "expected a number >= 1")):
+        done = run_script(script, *argv, "--out", tmp_path / "r", env=fresh)
         assert done.returncode == 2 and fragment in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "r").exists()
+    assert not list((tmp_path / "cache").glob("demo*")), "the demo data was generated for a mistyped option"
