@@ -22,7 +22,8 @@ Rows (names for --rows; shell-style patterns such as 'WBC_100_*' or '*_report' w
     <split>_resnet-imagenet-cam16   ImageNet weights (--imagenet-weights PATH) -> CAM16 -> fine-tuned
     <split>_ssl_default        the default recipe started from a self-supervised encoder (train_cnn.py --init):
                                pretrain_ssl.py runs once per seed (OUT/runs/ssl_pretrain_seed<k>, pool: WBC_100's
-                               training images without labels + ROOT/WBC_unlabeled when present) for every split
+                               training images without labels + ROOT/WBC_unlabeled when present + the
+                               --ssl-unlabeled folders) for every split
     <split>_semi_default       the default recipe trained semi-supervised (train_cnn.py --unlabeled, FixMatch-style;
                                unlabeled pool: WBC_100's training images, labels ignored; with --semi-pool all
                                also ROOT/WBC_unlabeled when present)
@@ -68,7 +69,8 @@ PAIRS += [("resnet-cam16", "resnet-scratch"), ("resnet-imagenet-cam16", "resnet-
 PAIRS += [("ssl_default", "raw_default"), ("semi_default", "raw_default")]
 # Settings that change what a finished run means: a results folder keeps one value of each.
 CONFIG_KEYS = ("data", "image_size", "epochs", "pretrain_epochs", "batch_size", "holdout", "imagenet_weights",
-               "ssl_epochs", "ssl_views", "freeze_epochs", "unlabeled_ratio", "thresholds", "semi_pool")
+               "ssl_epochs", "ssl_views", "ssl_unlabeled", "freeze_epochs", "unlabeled_ratio", "thresholds",
+               "semi_pool")
 SEMI_POOLS = ("train", "all")
 # The ssl rows' two views: pretrain_ssl.py's own (SimCLR's), or those with the stain's hue kept (no hue shift, no
 # greyscale): granule colour tells eosinophils and basophils from the rest (docs/ssl.md).
@@ -161,6 +163,9 @@ def parse_args(argv=None):
     g.add_argument("--ssl-views", choices=tuple(SSL_VIEWS), default="simclr",
                    help="two views of the ssl rows' pre-training: simclr = pretrain_ssl.py's defaults (hue shifts, "
                         "20%% grey views); keep-hue = the same without hue shifts or grey views")
+    g.add_argument("--ssl-unlabeled", type=Path, nargs="+", default=[], metavar="DIR",
+                   help="more folders for the ssl rows' pre-training pool, searched recursively, labels ignored "
+                        "(another lab's images, the course's pRCC_nolabel/ or CAM16 folders; default: none)")
     g.add_argument("--freeze-epochs", type=int, default=None, metavar="N",
                    help="first epochs of the ssl rows that train the new head alone, the encoder frozen, within "
                         "--epochs (train_cnn.py's option): a random head's first gradients would otherwise rewrite "
@@ -226,6 +231,11 @@ def parse_args(argv=None):
     cli.check_positive(args, "seeds", "epochs", "pretrain_epochs", "ssl_epochs", "batch_size", "bootstrap", "jobs",
                       "unlabeled_ratio")
     cli.check_non_negative(args, "freeze_epochs")
+    for folder in args.ssl_unlabeled:
+        if not folder.is_dir():
+            raise UserError(f"--ssl-unlabeled {folder}: not a folder (expected a folder of images, searched "
+                            f"recursively)")
+    args.ssl_unlabeled = [str(folder.resolve()) for folder in args.ssl_unlabeled]
     if args.freeze_epochs >= args.epochs:
         raise UserError(f"--freeze-epochs {args.freeze_epochs}: expected fewer than --epochs {args.epochs}")
     if args.imagenet_weights not in (None, "imagenet"):
@@ -271,6 +281,7 @@ def check_config(out: Path, args) -> dict:
             old.setdefault("semi_pool", "all")
         if "ssl_epochs" in old:  # written before --ssl-views existed: pretrain_ssl.py's own views
             old.setdefault("ssl_views", "simclr")
+            old.setdefault("ssl_unlabeled", [])
         for key in CONFIG_KEYS:
             if key in old and old[key] != config[key] and not (key == "imagenet_weights" and config[key] is None):
                 raise UserError(f"{out} holds runs made with --{key.replace('_', '-')} {old[key]} (now "
@@ -386,14 +397,16 @@ def ssl_folder(out: Path, seed: int) -> Path:
 
 
 def ssl_command(seed: int, args, out: Path) -> list[str]:
-    """Pre-training for the ssl rows of one seed: WBC_100's training images (labels ignored; the probe uses them)
-    and ROOT/WBC_unlabeled (prepare_splits.py --unlabeled) when it exists."""
+    """Pre-training for the ssl rows of one seed: WBC_100's training images (labels ignored; the probe uses them),
+    ROOT/WBC_unlabeled (prepare_splits.py --unlabeled) when it exists, and the --ssl-unlabeled folders."""
     cmd = [sys.executable, str(PROJECT / "pretrain_ssl.py"), "--data", str(args.data), "--split", "WBC_100",
            "--image-size", str(args.image_size), "--epochs", str(args.ssl_epochs), "--precision", args.precision,
            "--seed", str(seed), "--out", str(ssl_folder(out, seed)), "--resume", "--quiet",
            *SSL_VIEWS[args.ssl_views]]
-    if (Path(args.data) / "WBC_unlabeled").is_dir():
-        cmd += ["--unlabeled", str(Path(args.data) / "WBC_unlabeled")]
+    pool = [str(Path(args.data) / "WBC_unlabeled")] if (Path(args.data) / "WBC_unlabeled").is_dir() else []
+    pool += args.ssl_unlabeled
+    if pool:
+        cmd += ["--unlabeled", *pool]
     if args.cache_dir is not None:
         cmd += ["--cache-dir", str(args.cache_dir)]
     return cmd

@@ -423,6 +423,30 @@ def test_table_ssl_views_keep_hue_reach_pretraining_only_and_an_older_folder_kee
     assert refused.returncode == 2 and "--ssl-views simclr" in refused.stderr, refused.stderr
 
 
+def test_table_ssl_unlabeled_folders_join_the_pretraining_pool_only_and_a_folder_keeps_its_pool(demo_root, tmp_path):
+    other_lab = tmp_path / "other_lab"
+    other_lab.mkdir()
+    result = run_script("reproduce_table.py", "--data", demo_root, "--rows", "WBC_1_ssl_default,WBC_1_raw_default",
+                        "--seeds", "1", "--ssl-unlabeled", other_lab, "--dry-run", "--out", tmp_path / "t",
+                        timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    pretrain = [ln for ln in lines if "pretrain_ssl.py" in ln]
+    assert len(pretrain) == 1 and str(other_lab.resolve()) in pretrain[0].split("--unlabeled", 1)[1]
+    assert not any(str(other_lab) in ln for ln in lines if "train_cnn.py" in ln)
+    # a results folder pre-trained on another pool is not continued with this one
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "table_config.json").write_text(json.dumps({"ssl_epochs": 2}))
+    refused = run_script("reproduce_table.py", "--data", demo_root, "--rows", "WBC_1_ssl_default", "--seeds", "1",
+                         "--ssl-epochs", "2", "--ssl-unlabeled", other_lab, "--dry-run", "--out", old,
+                         timeout=120)
+    assert refused.returncode == 2 and "--ssl-unlabeled []" in refused.stderr, refused.stderr
+    missing = run_script("reproduce_table.py", "--data", demo_root, "--rows", "WBC_1_ssl_default", "--dry-run",
+                         "--ssl-unlabeled", tmp_path / "nowhere", "--out", tmp_path / "u", timeout=120)
+    assert missing.returncode == 2 and "--ssl-unlabeled" in missing.stderr and "Traceback" not in missing.stderr
+
+
 def test_table_ssl_rows_train_the_head_alone_first_and_refuse_a_freeze_as_long_as_training(demo_root, tmp_path):
     # The ssl rows start with the encoder frozen (linear probing, then fine-tuning) within the same epochs.
     result = run_script("reproduce_table.py", "--data", demo_root, "--rows", "WBC_1_ssl_default,WBC_1_raw_default",
