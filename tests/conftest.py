@@ -130,6 +130,17 @@ def exit_status(main, argv):
     return done.value.code
 
 
+def table_in_process(capsys, *argv):
+    """reproduce_table.py's main as the command line runs it, in this process (a dry run starts no Keras):
+    returns returncode, stdout and stderr as a finished process would."""
+    import types
+    import reproduce_table
+    capsys.readouterr()
+    status = exit_status(reproduce_table.main, argv)
+    printed = capsys.readouterr()
+    return types.SimpleNamespace(returncode=status, stdout=printed.out, stderr=printed.err)
+
+
 @pytest.fixture
 def no_hang(request):
     """Fail, rather than hang CI, when a case does not finish in two minutes (a named pipe once blocked for ever)."""

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import JAX_XLA_FLAGS, Started, exit_status, run_script, selected, start_script
+from conftest import JAX_XLA_FLAGS, Started, exit_status, run_script, selected, start_script, table_in_process
 
 TINY = ["--image-size", "16", "--batch-size", "8", "--width", "4", "--no-cache", "--epochs", "1"]
 
@@ -235,10 +235,10 @@ def test_semi_supervised_training_under_jax(jax_run):
 
 
 
-def test_table_semi_rows_train_on_the_pool_and_pair_with_raw(demo_root, tmp_path):
+def test_table_semi_rows_train_on_the_pool_and_pair_with_raw(demo_root, tmp_path, capsys):
     import reproduce_table
-    result = run_script("reproduce_table.py", "--data", demo_root, "--rows", "WBC_1_semi_default", "--seeds", "1",
-                        "--list", "--out", tmp_path / "table", timeout=120)
+    result = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_semi_default", "--seeds", "1",
+                              "--list", "--out", tmp_path / "table")
     assert result.returncode == 0, result.stderr[-2000:]
     line = result.stdout.strip().splitlines()[-1]
     assert "train_cnn.py" in line and "--split WBC_1" in line
