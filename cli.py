@@ -535,11 +535,12 @@ def add_semisup_args(parser):
     return g
 
 
-def check_unlabeled_folders(folders):
-    """--unlabeled DIR ...: each must be a folder (train_cnn.py, pretrain_ssl.py)."""
+def check_unlabeled_folders(folders, option="--unlabeled"):
+    """--unlabeled DIR ... (train_cnn.py, pretrain_ssl.py; reproduce_table.py's --ssl-unlabeled): each must be a
+    folder."""
     for folder in folders:
         if not Path(folder).is_dir():
-            raise UserError(f"--unlabeled {folder}: not a folder (expected a folder of images, searched recursively)")
+            raise UserError(f"{option} {folder}: not a folder (expected a folder of images, searched recursively)")
 
 
 def resolve_semisup_args(args):

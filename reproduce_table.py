@@ -231,10 +231,7 @@ def parse_args(argv=None):
     cli.check_positive(args, "seeds", "epochs", "pretrain_epochs", "ssl_epochs", "batch_size", "bootstrap", "jobs",
                       "unlabeled_ratio")
     cli.check_non_negative(args, "freeze_epochs")
-    for folder in args.ssl_unlabeled:
-        if not folder.is_dir():
-            raise UserError(f"--ssl-unlabeled {folder}: not a folder (expected a folder of images, searched "
-                            f"recursively)")
+    cli.check_unlabeled_folders(args.ssl_unlabeled, "--ssl-unlabeled")
     args.ssl_unlabeled = [str(folder.resolve()) for folder in args.ssl_unlabeled]
     if args.freeze_epochs >= args.epochs:
         raise UserError(f"--freeze-epochs {args.freeze_epochs}: expected fewer than --epochs {args.epochs}")
