@@ -394,8 +394,8 @@ def test_prepare_splits_unlabeled_pool_is_every_left_over_image_and_no_validatio
 
 def test_table_ssl_rows_pretrain_once_per_seed_and_start_from_that_encoder(demo_root, tmp_path, capsys):
     result = table_in_process(capsys, "--data", demo_root, "--rows",
-                        "WBC_1_ssl_default,WBC_10_ssl_default,WBC_1_raw_default", "--seeds", "2", "--dry-run",
-                        "--out", tmp_path / "table")
+                              "WBC_1_ssl_default,WBC_10_ssl_default,WBC_1_raw_default", "--seeds", "2", "--dry-run",
+                              "--out", tmp_path / "table")
     assert result.returncode == 0, result.stderr
     lines = [ln for ln in result.stdout.splitlines() if "python" in ln or ln.startswith("/")]
     pretrain = [ln for ln in lines if "pretrain_ssl.py" in ln]
@@ -407,9 +407,10 @@ def test_table_ssl_rows_pretrain_once_per_seed_and_start_from_that_encoder(demo_
     assert not any("--init" in ln for ln in lines if "_raw_default_" in ln)
 
 
-def test_table_ssl_views_keep_hue_reach_pretraining_only_and_an_older_folder_keeps_its_views(demo_root, tmp_path, capsys):
+def test_table_ssl_views_keep_hue_reach_pretraining_only_and_an_older_folder_keeps_its_views(
+        demo_root, tmp_path, capsys):
     result = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default,WBC_1_raw_default",
-                        "--seeds", "1", "--ssl-views", "keep-hue", "--dry-run", "--out", tmp_path / "t")
+                              "--seeds", "1", "--ssl-views", "keep-hue", "--dry-run", "--out", tmp_path / "t")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert [ln for ln in lines if "pretrain_ssl.py" in ln and "--hue-jitter 0 --grayscale 0" in ln]
@@ -419,15 +420,16 @@ def test_table_ssl_views_keep_hue_reach_pretraining_only_and_an_older_folder_kee
     old.mkdir()
     (old / "table_config.json").write_text(json.dumps({"ssl_epochs": 2}))
     refused = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default", "--seeds", "1",
-                         "--ssl-epochs", "2", "--ssl-views", "keep-hue", "--dry-run", "--out", old)
+                               "--ssl-epochs", "2", "--ssl-views", "keep-hue", "--dry-run", "--out", old)
     assert refused.returncode == 2 and "--ssl-views simclr" in refused.stderr, refused.stderr
 
 
-def test_table_ssl_unlabeled_folders_join_the_pretraining_pool_only_and_a_folder_keeps_its_pool(demo_root, tmp_path, capsys):
+def test_table_ssl_unlabeled_folders_join_the_pretraining_pool_only_and_a_folder_keeps_its_pool(
+        demo_root, tmp_path, capsys):
     other_lab = tmp_path / "other_lab"
     other_lab.mkdir()
     result = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default,WBC_1_raw_default",
-                        "--seeds", "1", "--ssl-unlabeled", other_lab, "--dry-run", "--out", tmp_path / "t")
+                              "--seeds", "1", "--ssl-unlabeled", other_lab, "--dry-run", "--out", tmp_path / "t")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     pretrain = [ln for ln in lines if "pretrain_ssl.py" in ln]
@@ -438,22 +440,23 @@ def test_table_ssl_unlabeled_folders_join_the_pretraining_pool_only_and_a_folder
     old.mkdir()
     (old / "table_config.json").write_text(json.dumps({"ssl_epochs": 2}))
     refused = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default", "--seeds", "1",
-                         "--ssl-epochs", "2", "--ssl-unlabeled", other_lab, "--dry-run", "--out", old)
+                               "--ssl-epochs", "2", "--ssl-unlabeled", other_lab, "--dry-run", "--out", old)
     assert refused.returncode == 2 and "--ssl-unlabeled []" in refused.stderr, refused.stderr
     missing = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default", "--dry-run",
-                         "--ssl-unlabeled", tmp_path / "nowhere", "--out", tmp_path / "u")
+                               "--ssl-unlabeled", tmp_path / "nowhere", "--out", tmp_path / "u")
     assert missing.returncode == 2 and "--ssl-unlabeled" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_table_ssl_rows_train_the_head_alone_first_and_refuse_a_freeze_as_long_as_training(demo_root, tmp_path, capsys):
     # The ssl rows start with the encoder frozen (linear probing, then fine-tuning) within the same epochs.
     result = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default,WBC_1_raw_default",
-                        "--seeds", "1", "--epochs", "8", "--freeze-epochs", "3", "--dry-run", "--out", tmp_path / "t")
+                              "--seeds", "1", "--epochs", "8", "--freeze-epochs", "3", "--dry-run",
+                              "--out", tmp_path / "t")
     assert result.returncode == 0, result.stderr
     ssl_runs = [ln for ln in result.stdout.splitlines() if "_ssl_default_seed" in ln]
     raw_runs = [ln for ln in result.stdout.splitlines() if "_raw_default_seed" in ln]
     assert len(ssl_runs) == 1 and "--freeze-epochs 3" in ssl_runs[0] and "--epochs 8 " in ssl_runs[0]
     assert raw_runs and not any("--freeze-epochs" in ln for ln in raw_runs)
     refused = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default", "--epochs", "4",
-                         "--freeze-epochs", "4", "--dry-run", "--out", tmp_path / "u")
+                               "--freeze-epochs", "4", "--dry-run", "--out", tmp_path / "u")
     assert refused.returncode == 2 and "--freeze-epochs 4" in refused.stderr and "Traceback" not in refused.stderr
