@@ -490,7 +490,8 @@ def add_cnn_training_args(parser):
                         "replace the fresh ones of the same names (default: random initialisation)")
     g.add_argument("--freeze-epochs", type=int, default=0, metavar="N",
                    help="with --init: the first N of --epochs train the head alone, the encoder frozen "
-                        "(written to RUN/head_frozen/); the rest train everything")
+                        "(written to RUN/head_frozen/); the rest train everything. N = --epochs: the encoder "
+                        "stays frozen throughout, only the head learns (for a handful of labels)")
     add_output_args(parser)
     describe_defaults(parser, recipes.default_texts())
 
@@ -507,8 +508,9 @@ def resolve_cnn_args(args):
     if args.freeze_epochs and args.init is None:
         raise UserError(f"--freeze-epochs {args.freeze_epochs}: needs --init ENCODER (a fresh encoder has nothing "
                         "worth freezing)")
-    if args.freeze_epochs >= args.epochs:
-        raise UserError(f"--freeze-epochs {args.freeze_epochs}: expected fewer than --epochs {args.epochs}")
+    if args.freeze_epochs > args.epochs:
+        raise UserError(f"--freeze-epochs {args.freeze_epochs}: expected at most --epochs {args.epochs} (equal: "
+                        "the encoder stays frozen throughout)")
     if args.init is not None and not Path(args.init).is_file():
         raise UserError(f"--init {args.init}: no such file (expected an encoder.h5 written by pretrain_ssl.py)")
     return args

@@ -169,7 +169,8 @@ def parse_args(argv=None):
     g.add_argument("--freeze-epochs", type=int, default=None, metavar="N",
                    help="first epochs of the ssl rows that train the new head alone, the encoder frozen, within "
                         "--epochs (train_cnn.py's option): a random head's first gradients would otherwise rewrite "
-                        "the pre-trained features (default: 5, at most half of --epochs; 0: all trained at once)")
+                        "the pre-trained features (default: 5, at most half of --epochs; 0: all trained at once; "
+                        "--epochs: the encoder stays frozen, only the head learns)")
     g.add_argument("--unlabeled-ratio", type=int, default=7, metavar="MU",
                    help="unlabeled images per labelled image in each step of the semi rows (train_cnn.py's option)")
     g.add_argument("--semi-pool", choices=SEMI_POOLS, default="train",
@@ -233,8 +234,9 @@ def parse_args(argv=None):
     cli.check_non_negative(args, "freeze_epochs")
     cli.check_unlabeled_folders(args.ssl_unlabeled, "--ssl-unlabeled")
     args.ssl_unlabeled = [str(folder.resolve()) for folder in args.ssl_unlabeled]
-    if args.freeze_epochs >= args.epochs:
-        raise UserError(f"--freeze-epochs {args.freeze_epochs}: expected fewer than --epochs {args.epochs}")
+    if args.freeze_epochs > args.epochs:
+        raise UserError(f"--freeze-epochs {args.freeze_epochs}: expected at most --epochs {args.epochs} (equal: "
+                        "the encoder stays frozen throughout)")
     if args.imagenet_weights not in (None, "imagenet"):
         args.imagenet_weights = Path(args.imagenet_weights).resolve()
         if not args.imagenet_weights.is_file():

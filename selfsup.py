@@ -321,7 +321,8 @@ def train_from_init(run_dir: Path, build_core, train_set, val_set, config, args:
 
     args.json and model.h5's metadata name the encoder file and its sha256. With freeze_epochs N, the first N
     epochs train the head alone (encoder layers frozen, their batch norm in inference mode) in RUN/head_frozen/,
-    and the run continues from that phase's selected model for the remaining epochs with everything trainable."""
+    and the run continues from that phase's selected model for the remaining epochs with everything trainable;
+    with freeze_epochs >= the epochs, the encoder stays frozen throughout and only the head is trained (in RUN)."""
     import training
     hooks = hooks or training.Hooks()
     if init is None:
@@ -341,8 +342,12 @@ def train_from_init(run_dir: Path, build_core, train_set, val_set, config, args:
     if not freeze_epochs:
         return training.train(run_dir, build, train_set, val_set, config, args=args, resume=resume,
                               extra_metadata=meta, hooks=hooks, test_set=test_set)
-    head_dir = Path(run_dir) / "head_frozen"
     frozen = dataclasses.replace(hooks, before_fit=lambda core: set_layers_trainable(core, names, False))
+    if freeze_epochs >= config.epochs:  # the encoder stays as pre-trained: only the head learns from the labels
+        return training.train(run_dir, build, train_set, val_set, config, args=args, resume=resume,
+                              extra_metadata={**meta, "stage": "head_only", "head_frozen_epochs": config.epochs},
+                              hooks=frozen, test_set=test_set)
+    head_dir = Path(run_dir) / "head_frozen"
     training.train(head_dir, build, train_set, val_set, dataclasses.replace(config, epochs=freeze_epochs),
                    args=args, resume=resume, extra_metadata={**meta, "stage": "head_frozen"}, hooks=frozen)
     unfrozen = dataclasses.replace(hooks, before_fit=lambda core: set_layers_trainable(core, names, True))

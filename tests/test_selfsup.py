@@ -339,6 +339,29 @@ def test_train_cnn_init_with_frozen_head_phase_names_the_encoder(pretrained, dem
     assert (out / "metrics.json").is_file()
 
 
+def test_freeze_for_every_epoch_trains_the_head_alone_and_keeps_the_encoder_exactly(pretrained, demo_root,
+                                                                                       tmp_path, capsys):
+    # --freeze-epochs = --epochs: one phase in RUN itself, the encoder (batch-norm statistics included) untouched.
+    from runfiles import load_core_model, read_h5_metadata
+    import selfsup
+    import train_cnn
+    out = tmp_path / "head_only"
+    code = exit_status(train_cnn.main, ["--data", demo_root, "--split", "WBC_10", *TINY, "--epochs", "2",
+                                        "--freeze-epochs", "2", "--init", pretrained / "encoder.h5", "--out", out,
+                                        "--quiet"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert not (out / "head_frozen").exists()
+    trained = load_core_model(out / "model.h5")
+    encoder = load_core_model(pretrained / "encoder.h5")
+    for layer in encoder.layers:
+        for a, b in zip(layer.get_weights(), selfsup.find_layer(trained, layer.name).get_weights()):
+            assert np.array_equal(a, b), layer.name
+    meta = read_h5_metadata(out / "model.h5")
+    assert meta["stage"] == "head_only" and meta["head_frozen_epochs"] == 2
+    history = (out / "history.csv").read_text().strip().splitlines()
+    assert len(history) == 3  # header + both epochs, all in the one phase
+
+
 def test_init_shape_mismatch_is_one_line_naming_both_shapes(demo_root, tmp_path, capsys):
     import models
     import selfsup
@@ -447,7 +470,7 @@ def test_table_ssl_unlabeled_folders_join_the_pretraining_pool_only_and_a_folder
     assert missing.returncode == 2 and "--ssl-unlabeled" in missing.stderr and "Traceback" not in missing.stderr
 
 
-def test_table_ssl_rows_train_the_head_alone_first_and_refuse_a_freeze_as_long_as_training(demo_root, tmp_path, capsys):
+def test_table_ssl_rows_train_the_head_alone_first_and_refuse_a_freeze_longer_than_training(demo_root, tmp_path, capsys):
     # The ssl rows start with the encoder frozen (linear probing, then fine-tuning) within the same epochs.
     result = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default,WBC_1_raw_default",
                               "--seeds", "1", "--epochs", "8", "--freeze-epochs", "3", "--dry-run",
@@ -458,5 +481,9 @@ def test_table_ssl_rows_train_the_head_alone_first_and_refuse_a_freeze_as_long_a
     assert len(ssl_runs) == 1 and "--freeze-epochs 3" in ssl_runs[0] and "--epochs 8 " in ssl_runs[0]
     assert raw_runs and not any("--freeze-epochs" in ln for ln in raw_runs)
     refused = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default", "--epochs", "4",
-                               "--freeze-epochs", "4", "--dry-run", "--out", tmp_path / "u")
-    assert refused.returncode == 2 and "--freeze-epochs 4" in refused.stderr and "Traceback" not in refused.stderr
+                               "--freeze-epochs", "5", "--dry-run", "--out", tmp_path / "u")
+    assert refused.returncode == 2 and "--freeze-epochs 5" in refused.stderr and "Traceback" not in refused.stderr
+    head_only = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default", "--epochs", "4",
+                                 "--freeze-epochs", "4", "--dry-run", "--out", tmp_path / "h")
+    assert head_only.returncode == 0, head_only.stderr
+    assert any("--freeze-epochs 4" in ln for ln in head_only.stdout.splitlines() if "_ssl_default_seed" in ln)
