@@ -185,7 +185,7 @@ def from_args(args) -> dict | None:
                shift=getattr(args, "shift", None) or 0.0)
     # The photometric options join the dict only when switched on (PHOTOMETRIC_KEYS).
     for key, off in (("color_jitter", 0.0), ("hue_jitter", None), ("grayscale", 0.0), ("blur", 0.0),
-                     ("crop_scale", 1.0), ("tight_crop", 0.0)):
+                     ("crop_scale", 1.0), ("tight_crop", 0.0), ("random_conv", 0.0)):
         value = getattr(args, key, None)
         if value is not None and value != off:
             out[key] = value
@@ -218,7 +218,7 @@ def with_augmentation(core, augment: dict | None, seed: int):
 
 # The keys with_augmentation passes to photometric_layers rather than to the affine warp; each is absent from an
 # augmentation dict unless its option is switched on, so recipes and the other wrappers see the dict they knew.
-PHOTOMETRIC_KEYS = ("color_jitter", "hue_jitter", "grayscale", "blur", "crop_scale", "tight_crop")
+PHOTOMETRIC_KEYS = ("color_jitter", "hue_jitter", "grayscale", "blur", "crop_scale", "tight_crop", "random_conv")
 # Tight crops: each edge of a chosen image cut by up to this share of the side. A framed image (--frame-cell 0.5)
 # holds the nucleus in its middle half, so a cut of at most a quarter never reaches it.
 TIGHT_CROP_MAX_CUT = 0.25
@@ -392,6 +392,50 @@ def photometric_classes():
             return {**super().get_config(), "probability": self.probability, "sigma": self.sigma}
 
     @keras.saving.register_keras_serializable(package="wbc")
+    class RandomConvolution(_Random):
+        """Random convolutions (RandConv, Xu et al., ICLR 2021): `probability` of the images are blended with
+        the output of one random convolution per batch, its side drawn from `kernel_sizes` and its weights from
+        N(0, 1/(3 k^2)), so colours are re-mixed (k = 1) and local texture and edges re-weighted (k > 1): what
+        another lab's stain, optics and camera change while the cell's shape stays. Per image the result is given
+        the image's own mean and spread, then blended as a*image + (1-a)*convolved, a ~ U(0, 1). Edges mirrored."""
+
+        def __init__(self, probability=0.0, kernel_sizes=(1, 3, 5), **kwargs):
+            super().__init__(**kwargs)
+            self.probability = float(probability)
+            self.kernel_sizes = tuple(int(k) for k in kernel_sizes)
+            if any(k < 1 or k % 2 == 0 for k in self.kernel_sizes):
+                raise ValueError(f"kernel_sizes {self.kernel_sizes}: expected odd sides >= 1")
+
+        def call(self, images, training=None):
+            if not training or self.probability <= 0:
+                return images
+            largest = max(self.kernel_sizes)
+            radius = largest // 2
+            # One kernel for the batch: the side k drawn from kernel_sizes, weights outside the middle k x k zero.
+            pick = keras.random.randint((), 0, len(self.kernel_sizes), seed=self.seed_generator)
+            side = ops.take(ops.convert_to_tensor(np.array(self.kernel_sizes, np.float32)), pick)
+            distance = ops.convert_to_tensor(np.abs(np.arange(largest) - radius).astype(np.float32))
+            inside = ops.cast(distance <= (side - 1.0) / 2.0, "float32")
+            mask = inside[:, None] * inside[None, :]
+            weights = keras.random.normal((largest, largest, 3, 3), seed=self.seed_generator)
+            weights = weights * mask[:, :, None, None] / ops.sqrt(3.0 * ops.square(side))
+            x = _to_unit(images)
+            padded = ops.pad(x, [(0, 0), (radius, radius), (radius, radius), (0, 0)], mode="symmetric")
+            y = ops.conv(padded, weights, strides=1, padding="valid")
+            # Brought to the image's own overall brightness and spread (over all channels together, so that the
+            # re-mixed colours stay re-mixed), then clipped into the pixel range.
+            mean_x, std_x = ops.mean(x, axis=(1, 2, 3), keepdims=True), ops.std(x, axis=(1, 2, 3), keepdims=True)
+            mean_y, std_y = ops.mean(y, axis=(1, 2, 3), keepdims=True), ops.std(y, axis=(1, 2, 3), keepdims=True)
+            y = (y - mean_y) / (std_y + 1e-4) * std_x + mean_x
+            batch = ops.shape(images)[0]
+            keep = 1.0 - self.chosen(batch, self.probability) * (1.0 - self.uniform(batch, 0.0, 1.0))
+            keep = ops.reshape(keep, (-1, 1, 1, 1))  # 1 for images not chosen, else the blend's a
+            return _to_uint8(keep * x + (1.0 - keep) * y, images.dtype)
+
+        def get_config(self):
+            return {**super().get_config(), "probability": self.probability, "kernel_sizes": self.kernel_sizes}
+
+    @keras.saving.register_keras_serializable(package="wbc")
     class RandomResizedCrop(_Random):
         """A crop of `scale` of the image's area (uniform) and aspect ratio in `ratio` (log-uniform), at a
         random place, resized back to the full side (bilinear, through warp_images). scale (1, 1) and ratio
@@ -473,14 +517,16 @@ def photometric_classes():
         def compute_output_shape(self, input_shape):
             return input_shape, input_shape
 
-    return {c.__name__: c for c in (RandomColorJitter, RandomGrayscale, RandomGaussianBlur, RandomResizedCrop,
-                                    RandomTightCrop, TwoViews)}
+    return {c.__name__: c for c in (RandomColorJitter, RandomGrayscale, RandomGaussianBlur, RandomConvolution,
+                                    RandomResizedCrop, RandomTightCrop, TwoViews)}
 
 
 def photometric_layers(color_jitter=0.0, grayscale=0.0, blur=0.0, crop_scale=1.0, tight_crop=0.0, seed=None,
-                       hue_jitter=None) -> list:
-    """The layers for the options that are on, in the order tight crop, crop, colour, greyscale, blur (SimCLR's
-    order after the tight crop); each gets its own seed derived from `seed`, so the layers draw independently.
+                       hue_jitter=None, random_conv=0.0) -> list:
+    """The layers for the options that are on, in the order tight crop, crop, colour, greyscale, random
+    convolution, blur (SimCLR's order after the tight crop, the random convolution after colour as its stands in
+    for another lab's stain and optics); each gets its own seed derived from `seed`, so the layers draw
+    independently.
     hue_jitter: the hue's strength when it differs from color_jitter's (None: the same). [] when all are off."""
     classes = photometric_classes()
     base = 0 if seed is None else int(seed)
@@ -495,6 +541,8 @@ def photometric_layers(color_jitter=0.0, grayscale=0.0, blur=0.0, crop_scale=1.0
         out.append(classes["RandomColorJitter"](**strengths, probability=0.8, seed=base + 102))
     if grayscale:
         out.append(classes["RandomGrayscale"](grayscale, seed=base + 103))
+    if random_conv:
+        out.append(classes["RandomConvolution"](random_conv, seed=base + 106))
     if blur:
         out.append(classes["RandomGaussianBlur"](blur, seed=base + 104))
     return out

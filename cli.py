@@ -331,26 +331,29 @@ def add_augmentation_args(parser):
                    help="share of images cut as another lab's tight crop would be: each edge cut by up to a "
                         "quarter of the side and filled with its edge pixels, as framing fills a frame that "
                         "leaves the picture (0: off; docs/microscopes.md)")
+    g.add_argument("--random-conv", type=float, default=0.0, metavar="P",
+                   help="share of images blended with a random convolution (RandConv: colours re-mixed, texture "
+                        "and edges re-weighted, 1-5 px kernels; 0: off; docs/microscopes.md)")
     return g
 
 
 def photometric_on(args) -> bool:
     """Whether any augmentation that runs only in the on-device pipeline is switched on."""
     return bool(args.color_jitter or getattr(args, "hue_jitter", None) or args.grayscale or args.blur
-                or args.crop_scale < 1.0 or getattr(args, "tight_crop", 0.0))
+                or args.crop_scale < 1.0 or getattr(args, "tight_crop", 0.0) or getattr(args, "random_conv", 0.0))
 
 
 def check_augmentation_args(args):
     """The photometric options: strengths and shares within their ranges; the legacy loader has none of them."""
-    for name in ("color_jitter", "hue_jitter", "grayscale", "blur", "tight_crop"):
+    for name in ("color_jitter", "hue_jitter", "grayscale", "blur", "tight_crop", "random_conv"):
         value = getattr(args, name, 0.0)
         if value is not None and not 0.0 <= value <= 1.0:
             raise UserError(f"--{name.replace('_', '-')} {value}: expected a number between 0 and 1")
     if not 0.0 < getattr(args, "crop_scale", 1.0) <= 1.0:
         raise UserError(f"--crop-scale {args.crop_scale}: expected a fraction of the area in (0, 1]")
     if photometric_on(args) and getattr(args, "loader", "cached") == "generator":
-        raise UserError("--color-jitter, --hue-jitter, --grayscale, --blur, --crop-scale and --tight-crop run on the "
-                        "device: use --loader cached (the default), not --loader generator")
+        raise UserError("--color-jitter, --hue-jitter, --grayscale, --blur, --crop-scale, --tight-crop and "
+                        "--random-conv run on the device: use --loader cached (the default), not --loader generator")
 
 
 def add_output_args(parser, supervised: bool = True):

@@ -33,7 +33,7 @@ def parse_args(argv=None):
         raise cli.UserError(f"--consistency {args.consistency}: expected a weight >= 0")
     if args.consistency > 0 and cli.photometric_on(args):
         raise cli.UserError("--consistency warps each image and its masked copy as one 6-channel image: it takes "
-                            "no --color-jitter, --grayscale, --blur, --crop-scale or --tight-crop")
+                            "no --color-jitter, --grayscale, --blur, --crop-scale, --tight-crop or --random-conv")
     if args.consistency and args.stain_jitter:
         raise cli.UserError("--stain-jitter with --consistency: not supported together (the consistency wrapper "
                             "has its own augmentation); use one of them")

@@ -54,10 +54,11 @@ def _layers(strength):
         "crop": lambda seed: classes["RandomResizedCrop"](scale=(0.2, 1.0) if on else (1.0, 1.0),
                                                           ratio=(0.75, 1.33) if on else (1.0, 1.0), seed=seed),
         "tight": lambda seed: classes["RandomTightCrop"](1.0 if on else 0.0, seed=seed),
+        "randconv": lambda seed: classes["RandomConvolution"](1.0 if on else 0.0, seed=seed),
     }
 
 
-@pytest.mark.parametrize("name", ["jitter", "grayscale", "blur", "crop", "tight"])
+@pytest.mark.parametrize("name", ["jitter", "grayscale", "blur", "crop", "tight", "randconv"])
 def test_augmentation_layers_keep_shape_dtype_are_identity_at_zero_and_seeded(name):
     from keras import ops
     x = _images()
@@ -129,6 +130,26 @@ def test_tight_crop_repeats_the_kept_boxs_edge_pixels_and_never_touches_the_midd
     assert not np.array_equal(out, x)
 
 
+def test_one_pixel_random_convolution_remixes_colours_and_keeps_geometry():
+    # A 1x1 random convolution is one colour map per batch: pixels of one colour stay of one colour (no shape
+    # changes), while the colours themselves change; a single-colour image stays single-coloured at every side.
+    from keras import ops
+    import augment
+    classes = augment.photometric_classes()
+    x = np.zeros((4, 16, 16, 3), np.uint8)
+    x[:, :, :8] = (200, 120, 150)  # two flat halves, pink and violet, like plasma and a nucleus
+    x[:, :, 8:] = (90, 60, 140)
+    out = ops.convert_to_numpy(classes["RandomConvolution"](1.0, kernel_sizes=(1,), seed=5)(x, training=True))
+    for image in out.astype(int):
+        assert np.ptp(image[:, :8].reshape(-1, 3), axis=0).max() <= 1 and np.ptp(image[:, 8:].reshape(-1, 3), axis=0).max() <= 1
+    assert np.abs(out.astype(int) - x).mean() > 1.0, "the colours did not change"
+    flat = np.full((2, 16, 16, 3), (180, 100, 160), np.uint8)
+    wide = ops.convert_to_numpy(classes["RandomConvolution"](1.0, kernel_sizes=(5,), seed=5)(flat, training=True))
+    assert np.ptp(wide.reshape(2, -1, 3), axis=1).max() <= 1, "a flat image gained texture"
+    with pytest.raises(ValueError):
+        classes["RandomConvolution"](1.0, kernel_sizes=(2,))
+
+
 def test_supervised_flags_add_the_layers_and_default_off():
     import argparse
     import augment
@@ -145,6 +166,8 @@ def test_supervised_flags_add_the_layers_and_default_off():
     assert kw["color_jitter"] == 0.5 and kw["crop_scale"] == 0.3
     tight = augment.from_args(cli.resolve_cnn_args(parser.parse_args(["--tight-crop", "0.5"])))
     assert tight["tight_crop"] == 0.5
+    randconv = augment.from_args(cli.resolve_cnn_args(parser.parse_args(["--random-conv", "0.5"])))
+    assert randconv["random_conv"] == 0.5 and "random_conv" not in kw
     no_hue = augment.from_args(cli.resolve_cnn_args(parser.parse_args(["--color-jitter", "0.5", "--hue-jitter", "0"])))
     assert no_hue["hue_jitter"] == 0.0 and "hue_jitter" not in kw
     (jitter,) = augment.photometric_layers(**{k: v for k, v in no_hue.items() if k in augment.PHOTOMETRIC_KEYS})
@@ -155,13 +178,15 @@ def test_supervised_flags_add_the_layers_and_default_off():
     for expected in ("RandomResizedCrop", "RandomAffine", "RandomColorJitter", "RandomGrayscale",
                      "RandomGaussianBlur"):
         assert expected in names
+    randconv_names = [l.__class__.__name__ for l in augment.with_augmentation(core, randconv, seed=0).layers]
+    assert "RandomConvolution" in randconv_names
     tight_names = [l.__class__.__name__ for l in augment.with_augmentation(core, tight, seed=0).layers]
     assert tight_names.index("RandomTightCrop") < tight_names.index("RandomAffine")  # the lab's cut comes first
     assert isinstance(args, argparse.Namespace)
 
 
 @pytest.mark.parametrize("argv", [["--color-jitter", "2"], ["--hue-jitter", "-0.1"], ["--crop-scale", "0"],
-                                  ["--tight-crop", "1.5"],
+                                  ["--tight-crop", "1.5"], ["--random-conv", "-0.5"],
                                   ["--freeze-epochs", "2"], ["--init", "no/such/encoder.h5"]])
 def test_bad_flags_are_one_line_exit_2(argv):
     result = run_script("train_cnn.py", *argv, timeout=60)
