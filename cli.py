@@ -495,6 +495,10 @@ def add_cnn_training_args(parser):
                    help="with --init: the first N of --epochs train the head alone, the encoder frozen "
                         "(written to RUN/head_frozen/); the rest train everything. N = --epochs: the encoder "
                         "stays frozen throughout, only the head learns (for a handful of labels)")
+    g.add_argument("--finetune-lr", type=float, default=None, metavar="LR",
+                   help="with --freeze-epochs: the learning rate of the epochs after the head-only ones, the "
+                        "encoder trainable (default: --lr; smaller keeps the pre-trained features closer to what "
+                        "they were: LP-FT, docs/microscopes.md)")
     add_output_args(parser)
     describe_defaults(parser, recipes.default_texts())
 
@@ -514,6 +518,9 @@ def resolve_cnn_args(args):
     if args.freeze_epochs > args.epochs:
         raise UserError(f"--freeze-epochs {args.freeze_epochs}: expected at most --epochs {args.epochs} (equal: "
                         "the encoder stays frozen throughout)")
+    if args.finetune_lr is not None and not (args.finetune_lr > 0 and 0 < args.freeze_epochs < args.epochs):
+        raise UserError(f"--finetune-lr {args.finetune_lr}: expected a learning rate > 0 for the epochs after "
+                        "--freeze-epochs N (0 < N < --epochs)")
     if args.init is not None and not Path(args.init).is_file():
         raise UserError(f"--init {args.init}: no such file (expected an encoder.h5 written by pretrain_ssl.py)")
     return args

@@ -316,13 +316,15 @@ def set_layers_trainable(core: keras.Model, names, trainable: bool):
 
 def train_from_init(run_dir: Path, build_core, train_set, val_set, config, args: dict, resume: bool,
                     extra_metadata: dict, init: Path | None, freeze_epochs: int = 0, hooks=None,
-                    test_set=None) -> dict:
+                    test_set=None, finetune_lr: float | None = None) -> dict:
     """training.train, started from the encoder file `init` when given (else exactly training.train).
 
     args.json and model.h5's metadata name the encoder file and its sha256. With freeze_epochs N, the first N
     epochs train the head alone (encoder layers frozen, their batch norm in inference mode) in RUN/head_frozen/,
-    and the run continues from that phase's selected model for the remaining epochs with everything trainable;
-    with freeze_epochs >= the epochs, the encoder stays frozen throughout and only the head is trained (in RUN)."""
+    and the run continues from that phase's selected model for the remaining epochs with everything trainable,
+    at learning rate finetune_lr when given (LP-FT: a small step keeps the pre-trained features nearly as they
+    were, Kumar et al., ICLR 2022); with freeze_epochs >= the epochs, the encoder stays frozen throughout and only
+    the head is trained (in RUN)."""
     import training
     hooks = hooks or training.Hooks()
     if init is None:
@@ -351,10 +353,11 @@ def train_from_init(run_dir: Path, build_core, train_set, val_set, config, args:
     training.train(head_dir, build, train_set, val_set, dataclasses.replace(config, epochs=freeze_epochs),
                    args=args, resume=resume, extra_metadata={**meta, "stage": "head_frozen"}, hooks=frozen)
     unfrozen = dataclasses.replace(hooks, before_fit=lambda core: set_layers_trainable(core, names, True))
-    return training.train(run_dir, lambda: load_core_model(head_dir / "model.h5"), train_set, val_set,
-                          dataclasses.replace(config, epochs=config.epochs - freeze_epochs), args=args,
-                          resume=resume, extra_metadata={**meta, "stage": "after_head_frozen",
-                                                         "head_frozen_epochs": freeze_epochs},
+    rest = dataclasses.replace(config, epochs=config.epochs - freeze_epochs, lr=finetune_lr or config.lr)
+    return training.train(run_dir, lambda: load_core_model(head_dir / "model.h5"), train_set, val_set, rest,
+                          args=args, resume=resume,
+                          extra_metadata={**meta, "stage": "after_head_frozen", "head_frozen_epochs": freeze_epochs,
+                                          "finetune_lr": rest.lr},
                           hooks=unfrozen, test_set=test_set)
 
 

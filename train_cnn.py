@@ -51,7 +51,7 @@ def main(argv=None):
                                      {"model": "dropout_cnn", "recipe": args.recipe, "split": args.split,
                                       "demo_data": args.demo, **domain_meta, **semi_meta}, args.init,
                                      args.freeze_epochs,
-                                     hooks=hooks, test_set=test_set)
+                                     hooks=hooks, test_set=test_set, finetune_lr=args.finetune_lr)
     training.print_summary(run_dir, result)
     if args.unlabeled and devices.is_chief():  # process 0 wrote history.csv
         warning = semisup.pool_mix_warning(run_dir, train_set.y, train_set.classes)

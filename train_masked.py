@@ -110,7 +110,7 @@ def main(argv=None):
             "mask_counts": counts, **domain_meta}
     result = selfsup.train_from_init(run_dir, build, train_set, val_set, config, cli.args_dict(args), args.resume,
                                      meta, args.init, args.freeze_epochs, hooks=hooks,
-                                     test_set=test_set)
+                                     test_set=test_set, finetune_lr=args.finetune_lr)
     training.print_summary(run_dir, result)
 
 

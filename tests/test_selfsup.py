@@ -187,6 +187,7 @@ def test_supervised_flags_add_the_layers_and_default_off():
 
 @pytest.mark.parametrize("argv", [["--color-jitter", "2"], ["--hue-jitter", "-0.1"], ["--crop-scale", "0"],
                                   ["--tight-crop", "1.5"], ["--random-conv", "-0.5"],
+                                  ["--finetune-lr", "1e-4"],
                                   ["--freeze-epochs", "2"], ["--init", "no/such/encoder.h5"]])
 def test_bad_flags_are_one_line_exit_2(argv):
     result = run_script("train_cnn.py", *argv, timeout=60)
@@ -348,13 +349,20 @@ def test_train_cnn_init_with_frozen_head_phase_names_the_encoder(pretrained, dem
     out = tmp_path / "ft"
     code = exit_status(train_cnn.main, ["--data", demo_root, "--split", "WBC_10", *TINY, "--epochs", "2",
                                         "--freeze-epochs", "1", "--init", pretrained / "encoder.h5", "--out", out,
-                                        "--quiet"])
+                                        "--finetune-lr", "3e-4", "--lr-schedule", "constant", "--quiet"])
     assert code == 0, capsys.readouterr().err[-2000:]
     digest = selfsup.file_sha256(pretrained / "encoder.h5")
     args = json.loads((out / "args.json").read_text())
     assert args["init_sha256"] == digest and args["init"] == str(pretrained / "encoder.h5")
     meta = read_h5_metadata(out / "model.h5")
     assert meta["init_encoder"]["sha256"] == digest
+    # the epochs after the head-only ones ran at --finetune-lr (LP-FT), the head-only ones at --lr
+    import csv
+    with open(out / "history.csv") as f:
+        assert float(next(csv.DictReader(f))["lr"]) == pytest.approx(3e-4, rel=0.01)
+    with open(out / "head_frozen" / "history.csv") as f:
+        assert float(next(csv.DictReader(f))["lr"]) == pytest.approx(2e-3, rel=0.01)  # the recipe's --lr
+    assert meta["finetune_lr"] == pytest.approx(3e-4)
     # during the frozen phase the encoder's weights (batch-norm statistics included) did not move at all
     encoder = load_core_model(pretrained / "encoder.h5")
     frozen = load_core_model(out / "head_frozen" / "model.h5")
