@@ -69,8 +69,8 @@ PAIRS += [("resnet-cam16", "resnet-scratch"), ("resnet-imagenet-cam16", "resnet-
 PAIRS += [("ssl_default", "raw_default"), ("semi_default", "raw_default")]
 # Settings that change what a finished run means: a results folder keeps one value of each.
 CONFIG_KEYS = ("data", "image_size", "epochs", "pretrain_epochs", "batch_size", "holdout", "imagenet_weights",
-               "ssl_epochs", "ssl_views", "ssl_unlabeled", "freeze_epochs", "unlabeled_ratio", "thresholds",
-               "semi_pool")
+               "ssl_epochs", "ssl_views", "ssl_unlabeled", "freeze_epochs", "finetune_lr", "unlabeled_ratio",
+               "thresholds", "semi_pool")
 SEMI_POOLS = ("train", "all")
 # The ssl rows' two views: pretrain_ssl.py's own (SimCLR's), or those with the stain's hue kept (no hue shift, no
 # greyscale): granule colour tells eosinophils and basophils from the rest (docs/ssl.md).
@@ -171,6 +171,9 @@ def parse_args(argv=None):
                         "--epochs (train_cnn.py's option): a random head's first gradients would otherwise rewrite "
                         "the pre-trained features (default: 5, at most half of --epochs; 0: all trained at once; "
                         "--epochs: the encoder stays frozen, only the head learns)")
+    g.add_argument("--finetune-lr", type=float, default=None, metavar="LR",
+                   help="learning rate of the ssl rows' epochs after --freeze-epochs (train_cnn.py's option; "
+                        "default: the recipe's --lr)")
     g.add_argument("--unlabeled-ratio", type=int, default=7, metavar="MU",
                    help="unlabeled images per labelled image in each step of the semi rows (train_cnn.py's option)")
     g.add_argument("--semi-pool", choices=SEMI_POOLS, default="train",
@@ -237,6 +240,9 @@ def parse_args(argv=None):
     if args.freeze_epochs > args.epochs:
         raise UserError(f"--freeze-epochs {args.freeze_epochs}: expected at most --epochs {args.epochs} (equal: "
                         "the encoder stays frozen throughout)")
+    if args.finetune_lr is not None and not (args.finetune_lr > 0 and 0 < args.freeze_epochs < args.epochs):
+        raise UserError(f"--finetune-lr {args.finetune_lr}: expected a learning rate > 0 for the epochs after "
+                        "--freeze-epochs N (0 < N < --epochs)")
     if args.imagenet_weights not in (None, "imagenet"):
         args.imagenet_weights = Path(args.imagenet_weights).resolve()
         if not args.imagenet_weights.is_file():
@@ -281,6 +287,7 @@ def check_config(out: Path, args) -> dict:
         if "ssl_epochs" in old:  # written before --ssl-views existed: pretrain_ssl.py's own views
             old.setdefault("ssl_views", "simclr")
             old.setdefault("ssl_unlabeled", [])
+            old.setdefault("finetune_lr", None)
         for key in CONFIG_KEYS:
             if key in old and old[key] != config[key] and not (key == "imagenet_weights" and config[key] is None):
                 raise UserError(f"{out} holds runs made with --{key.replace('_', '-')} {old[key]} (now "
@@ -321,6 +328,8 @@ def command(row: Row, seed: int, args, out: Path) -> list[str]:
         cmd += ["--init", str(ssl_folder(out, seed) / "encoder.h5")]
         if args.freeze_epochs:
             cmd += ["--freeze-epochs", str(args.freeze_epochs)]
+        if args.finetune_lr is not None:
+            cmd += ["--finetune-lr", str(args.finetune_lr)]
     if row.method == "semi":
         cmd += ["--unlabeled", *map(str, unlabeled_pool(args.data, args.semi_pool)),
                 "--unlabeled-ratio", str(args.unlabeled_ratio),

@@ -520,3 +520,18 @@ def test_table_ssl_rows_train_the_head_alone_first_and_refuse_a_freeze_longer_th
                                  "--freeze-epochs", "4", "--dry-run", "--out", tmp_path / "h")
     assert head_only.returncode == 0, head_only.stderr
     assert any("--freeze-epochs 4" in ln for ln in head_only.stdout.splitlines() if "_ssl_default_seed" in ln)
+    # --finetune-lr reaches the ssl rows only, and a folder keeps one value of it (one from before the option: none)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "table_config.json").write_text(json.dumps({"ssl_epochs": 2}))
+    refused = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default", "--seeds", "1",
+                               "--ssl-epochs", "2", "--epochs", "8", "--freeze-epochs", "3", "--finetune-lr", "0.0002",
+                               "--dry-run", "--out", old)
+    assert refused.returncode == 2 and "--finetune-lr None" in refused.stderr, refused.stderr
+    lpft = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default,WBC_1_raw_default",
+                            "--seeds", "1", "--epochs", "8", "--freeze-epochs", "3", "--finetune-lr", "0.0002",
+                            "--dry-run", "--out", tmp_path / "lpft")
+    assert lpft.returncode == 0, lpft.stderr
+    lines = lpft.stdout.splitlines()
+    assert any("--finetune-lr 0.0002" in ln for ln in lines if "_ssl_default_seed" in ln)
+    assert not any("--finetune-lr" in ln for ln in lines if "_raw_default_seed" in ln)
