@@ -1,6 +1,7 @@
 """Using a trained model on another lab's images: test-time augmentation (flips and rotations averaged) and
 batch-norm adaptation (statistics re-estimated on a folder of that lab's unlabeled images; no labels, no weights
-changed), for inspect_model.py evaluate / predict.
+changed), for inspect_model.py evaluate / predict; and weight-space interpolation between a fine-tuned model and
+the frozen-encoder model it started from (WiSE-FT, tools/wise_ft.py).
 """
 from __future__ import annotations
 
@@ -112,3 +113,23 @@ def apply_arguments(model, metadata: dict, image_size: int, args):
     if args.save_adapted is not None:
         save_adapted(model, args.save_adapted, metadata, args.adapt_bn, n)
         print(f"wrote the adapted model to {args.save_adapted}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight-space interpolation (WiSE-FT, Wortsman et al., CVPR 2022)
+# ----------------------------------------------------------------------------------------------
+
+def interpolate_weights(start, end, alpha: float):
+    """Set `end`'s weights to (1 - alpha) * start + alpha * end, layer by layer: alpha 0 is `start`, 1 is `end`.
+    The two models must be of one form (the same weights, in the same shapes); one line names the first that
+    differs. Batch-norm statistics are interpolated too: recalibrate them afterwards."""
+    a, b = start.get_weights(), end.get_weights()
+    shapes_a, shapes_b = [w.shape for w in a], [w.shape for w in b]
+    if shapes_a != shapes_b:
+        first = next((k for k, (x, y) in enumerate(zip(shapes_a, shapes_b)) if x != y), min(len(a), len(b)))
+        raise UserError(f"the two models differ in form (weight {first}: "
+                        f"{shapes_a[first] if first < len(a) else 'none'} against "
+                        f"{shapes_b[first] if first < len(b) else 'none'}); expected a fine-tuned model and the "
+                        f"frozen-encoder model it started from")
+    end.set_weights([(1.0 - alpha) * x + alpha * y for x, y in zip(a, b)])
+    return end

@@ -122,6 +122,15 @@ def cnn_run(demo_root, tmp_path_factory):
     keras.mixed_precision.set_global_policy(policy)
 
 
+def load_tool(name):
+    """A script of tools/ as a module (tools/ is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, PROJECT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def exit_status(main, argv):
     """main(argv) as the command line runs it (cli.run_main): returns the exit status."""
     import cli

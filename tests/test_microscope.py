@@ -20,7 +20,7 @@ import inspect_model
 import models
 import runfiles
 import stain
-from conftest import run_script
+from conftest import load_tool, run_script
 
 
 def smear(size=64, cell=(32.0, 32.0), radius=10.0, seed=0, tint=(1.0, 1.0, 1.0)):
@@ -110,14 +110,6 @@ def test_nucleus_score_is_darkness_times_saturation():
     expected = (1 - x.mean(-1)) * (x.max(-1) - x.min(-1)) / np.maximum(x.max(-1), 1e-6)
     np.testing.assert_allclose(framing.nucleus_score(img), expected, atol=1e-6)
     assert framing.nucleus_score(np.zeros((2, 2, 3), np.uint8)).max() == 0  # black: no saturation
-
-
-def load_tool(name):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_framing_check_finds_a_drawn_cell_alike_in_every_variant_and_notices_a_finder_that_does_not_scale(

@@ -370,6 +370,30 @@ def test_train_cnn_init_with_frozen_head_phase_names_the_encoder(pretrained, dem
         for a, b in zip(layer.get_weights(), selfsup.find_layer(frozen, layer.name).get_weights()):
             assert np.array_equal(a, b), layer.name
     assert (out / "metrics.json").is_file()
+    _check_wise_ft(out, capsys)
+
+
+def _check_wise_ft(run, capsys):
+    # tools/wise_ft.py: weights half-way between the head-only model and the fine-tuned one, batch norm recomputed
+    import keras
+    import adapt
+    from conftest import load_tool
+    from runfiles import load_core_model, read_h5_metadata
+    wise_ft = load_tool("wise_ft")
+    assert exit_status(wise_ft.main, [run, "--alpha", "0.5"]) == 0, capsys.readouterr().err
+    start, end = load_core_model(run / "head_frozen" / "model.h5"), load_core_model(run / "model.h5")
+    mixed = keras.models.load_model(run / "model_wise0.5.h5", compile=False)  # plain Keras loads it
+    assert read_h5_metadata(run / "model_wise0.5.h5")["wise_ft"]["alpha"] == 0.5
+    kernels = [(a, b, m) for a, b, m in zip(start.get_weights(), end.get_weights(), mixed.get_weights())
+               if a.ndim == 4]  # convolution kernels: interpolated, never recalibrated
+    assert kernels and any(not np.array_equal(a, b) for a, b, _ in kernels)
+    for a, b, m in kernels:
+        assert np.allclose(m, 0.5 * a + 0.5 * b, atol=1e-6)
+    assert np.array_equal(adapt.interpolate_weights(start, load_core_model(run / "model.h5"), 0.0).get_weights()[0],
+                          start.get_weights()[0])
+    assert exit_status(wise_ft.main, [run, "--alpha", "1.5"]) == 2
+    assert exit_status(wise_ft.main, [run / "head_frozen"]) == 2  # no head-only phase of its own
+    assert "head_frozen/model.h5" in capsys.readouterr().err
 
 
 def test_freeze_for_every_epoch_trains_the_head_alone_and_keeps_the_encoder_exactly(pretrained, demo_root,
