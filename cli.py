@@ -515,15 +515,21 @@ def resolve_cnn_args(args):
     if args.freeze_epochs and args.init is None:
         raise UserError(f"--freeze-epochs {args.freeze_epochs}: needs --init ENCODER (a fresh encoder has nothing "
                         "worth freezing)")
-    if args.freeze_epochs > args.epochs:
-        raise UserError(f"--freeze-epochs {args.freeze_epochs}: expected at most --epochs {args.epochs} (equal: "
-                        "the encoder stays frozen throughout)")
-    if args.finetune_lr is not None and not (args.finetune_lr > 0 and 0 < args.freeze_epochs < args.epochs):
-        raise UserError(f"--finetune-lr {args.finetune_lr}: expected a learning rate > 0 for the epochs after "
-                        "--freeze-epochs N (0 < N < --epochs)")
+    check_freeze_args(args.freeze_epochs, args.epochs, args.finetune_lr)
     if args.init is not None and not Path(args.init).is_file():
         raise UserError(f"--init {args.init}: no such file (expected an encoder.h5 written by pretrain_ssl.py)")
     return args
+
+
+def check_freeze_args(freeze_epochs: int, epochs: int, finetune_lr: float | None):
+    """--freeze-epochs within --epochs (equal: the encoder frozen throughout); --finetune-lr only where epochs
+    follow the head-only ones."""
+    if freeze_epochs > epochs:
+        raise UserError(f"--freeze-epochs {freeze_epochs}: expected at most --epochs {epochs} (equal: the encoder "
+                        "stays frozen throughout)")
+    if finetune_lr is not None and not (finetune_lr > 0 and 0 < freeze_epochs < epochs):
+        raise UserError(f"--finetune-lr {finetune_lr}: expected a learning rate > 0 for the epochs after "
+                        "--freeze-epochs N (0 < N < --epochs)")
 
 
 def add_semisup_args(parser):

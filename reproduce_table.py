@@ -237,12 +237,7 @@ def parse_args(argv=None):
     cli.check_non_negative(args, "freeze_epochs")
     cli.check_unlabeled_folders(args.ssl_unlabeled, "--ssl-unlabeled")
     args.ssl_unlabeled = [str(folder.resolve()) for folder in args.ssl_unlabeled]
-    if args.freeze_epochs > args.epochs:
-        raise UserError(f"--freeze-epochs {args.freeze_epochs}: expected at most --epochs {args.epochs} (equal: "
-                        "the encoder stays frozen throughout)")
-    if args.finetune_lr is not None and not (args.finetune_lr > 0 and 0 < args.freeze_epochs < args.epochs):
-        raise UserError(f"--finetune-lr {args.finetune_lr}: expected a learning rate > 0 for the epochs after "
-                        "--freeze-epochs N (0 < N < --epochs)")
+    cli.check_freeze_args(args.freeze_epochs, args.epochs, args.finetune_lr)
     if args.imagenet_weights not in (None, "imagenet"):
         args.imagenet_weights = Path(args.imagenet_weights).resolve()
         if not args.imagenet_weights.is_file():
