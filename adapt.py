@@ -42,16 +42,17 @@ def predict(model, x, batch_size: int = 64, tta: int = 1) -> np.ndarray:
 
 
 def unlabeled_images(folder: Path, size: int, frame_share: float = 0.0, cache_dir=None, use_cache: bool = True,
-                     max_pixels: int | None = None):
+                     max_pixels: int | None = None, option: str = "--adapt-bn"):
     """Every image under `folder` (any sub-folders, labels ignored), decoded as the model's inputs are; one over
-    `max_pixels` (--max-pixels; None: data.DEFAULT_MAX_PIXELS) is skipped and named in a warning."""
+    `max_pixels` (--max-pixels; None: data.DEFAULT_MAX_PIXELS) is skipped and named in a warning. `option` names
+    the folder's source in the one-line errors."""
     import data
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"--adapt-bn {folder}: no such folder (expected a folder of unlabeled images)")
+        raise UserError(f"{option} {folder}: no such folder (expected a folder of unlabeled images)")
     paths = data.list_images(folder)
     if len(paths) < 2:
-        raise UserError(f"--adapt-bn {folder}: {len(paths)} image(s) found; batch-norm statistics need at least 2")
+        raise UserError(f"{option} {folder}: {len(paths)} image(s) found; batch-norm statistics need at least 2")
     files = data.FileList(paths, np.zeros(len(paths), np.int32), ("unlabeled",), [None] * len(paths), folder)
     return data.load_images(files, size=size, cache_dir=cache_dir, use_cache=use_cache, name=folder.name,
                             frame_share=frame_share, max_pixels=max_pixels or data.DEFAULT_MAX_PIXELS).x

@@ -81,6 +81,7 @@ def parse_args(argv=None):
     cli.check_positive(args, "epochs", "pretrain_epochs", "batch_size", "lr", "pretrain_lr", "head_lr",
                        "scratch_lr")
     cli.check_non_negative(args, "class_weight_power", "bn_recalibrate", "patience")
+    cli.check_augmentation_args(args)
     if args.bn_momentum is not None and not 0 < args.bn_momentum < 1:
         raise UserError(f"--bn-momentum {args.bn_momentum}: expected a number between 0 and 1")
     if args.head_epochs < 0:

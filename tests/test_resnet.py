@@ -141,6 +141,13 @@ def test_bad_init_path_is_a_user_error(tmp_path):
         pretrain_resnet.parse_args(["--data", str(tmp_path), "--init", str(tmp_path / "missing.h5")])
 
 
+def test_out_of_range_augmentation_is_a_user_error(tmp_path):
+    # pretrain_resnet.py takes the shared augmentation options and checks them as train_cnn.py does
+    for flag in ("--random-conv", "--color-jitter", "--tight-crop"):
+        with pytest.raises(UserError, match=f"{flag} 1.5: expected a number between 0 and 1"):
+            pretrain_resnet.parse_args(["--data", str(tmp_path), flag, "1.5"])
+
+
 def test_not_a_weights_file_is_a_user_error(tmp_path):
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"not hdf5")

@@ -15,8 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 import cli  # noqa: E402
@@ -51,7 +49,7 @@ def training_images(run_args: dict, size: int, frame_share: float, run: Path):
     folder = Path(run_args["data"]) / run_args["split"] / "train" / "data"
     if not folder.is_dir():
         raise UserError(f"{run}: its training images {folder} are not there (expected the run's --data folder)")
-    return adapt.unlabeled_images(folder, size, frame_share)
+    return adapt.unlabeled_images(folder, size, frame_share, option=f"{run}: training images")
 
 
 def main(argv=None):
