@@ -499,6 +499,9 @@ def add_cnn_training_args(parser):
                    help="with --freeze-epochs: the learning rate of the epochs after the head-only ones, the "
                         "encoder trainable (default: --lr; smaller keeps the pre-trained features closer to what "
                         "they were: LP-FT, docs/microscopes.md)")
+    g.add_argument("--frozen-blocks", type=int, default=0, metavar="K",
+                   help="with --init: the encoder's first K convolution blocks stay frozen in every epoch (batch "
+                        "norm included); the later blocks and the head learn (docs/microscopes.md)")
     add_output_args(parser)
     describe_defaults(parser, recipes.default_texts())
 
@@ -510,20 +513,28 @@ def resolve_cnn_args(args):
     if args.epochs is None:
         args.epochs = 12 if args.demo else 30
     check_positive(args, "epochs", "batch_size", "lr")
-    check_non_negative(args, "class_weight_power", "bn_recalibrate", "patience", "freeze_epochs")
+    check_non_negative(args, "class_weight_power", "bn_recalibrate", "patience", "freeze_epochs", "frozen_blocks")
     check_augmentation_args(args)
-    if args.freeze_epochs and args.init is None:
-        raise UserError(f"--freeze-epochs {args.freeze_epochs}: needs --init ENCODER (a fresh encoder has nothing "
-                        "worth freezing)")
-    check_freeze_args(args.freeze_epochs, args.epochs, args.finetune_lr)
+    for option in ("freeze_epochs", "frozen_blocks"):
+        if getattr(args, option) and args.init is None:
+            raise UserError(f"--{option.replace('_', '-')} {getattr(args, option)}: needs --init ENCODER (a fresh "
+                            "encoder has nothing worth freezing)")
+    check_freeze_args(args.freeze_epochs, args.epochs, args.finetune_lr, args.frozen_blocks, args.depth)
     if args.init is not None and not Path(args.init).is_file():
         raise UserError(f"--init {args.init}: no such file (expected an encoder.h5 written by pretrain_ssl.py)")
     return args
 
 
-def check_freeze_args(freeze_epochs: int, epochs: int, finetune_lr: float | None):
+def check_freeze_args(freeze_epochs: int, epochs: int, finetune_lr: float | None, frozen_blocks: int = 0,
+                      depth: int | None = None):
     """--freeze-epochs within --epochs (equal: the encoder frozen throughout); --finetune-lr only where epochs
-    follow the head-only ones."""
+    follow the head-only ones; --frozen-blocks fewer than the model's blocks (all of them: --freeze-epochs)."""
+    if depth is not None and frozen_blocks >= depth:
+        raise UserError(f"--frozen-blocks {frozen_blocks}: expected fewer than the model's {depth} blocks (to keep "
+                        "the whole encoder frozen: --freeze-epochs equal to --epochs)")
+    if frozen_blocks and freeze_epochs >= epochs:
+        raise UserError(f"--frozen-blocks {frozen_blocks}: the encoder is frozen throughout already (--freeze-epochs "
+                        f"{freeze_epochs} of --epochs {epochs})")
     if freeze_epochs > epochs:
         raise UserError(f"--freeze-epochs {freeze_epochs}: expected at most --epochs {epochs} (equal: the encoder "
                         "stays frozen throughout)")

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import cli
+import recipes
 from devices import PRECISIONS
 from runfiles import UserError
 import runfiles
@@ -70,7 +71,7 @@ PAIRS += [("ssl_default", "raw_default"), ("semi_default", "raw_default")]
 # Settings that change what a finished run means: a results folder keeps one value of each.
 CONFIG_KEYS = ("data", "image_size", "epochs", "pretrain_epochs", "batch_size", "holdout", "imagenet_weights",
                "ssl_epochs", "ssl_views", "ssl_unlabeled", "freeze_epochs", "finetune_lr", "unlabeled_ratio",
-               "thresholds", "semi_pool")
+               "thresholds", "semi_pool", "frozen_blocks", "class_weight_power")
 SEMI_POOLS = ("train", "all")
 # The ssl rows' two views: pretrain_ssl.py's own (SimCLR's), or those with the stain's hue kept (no hue shift, no
 # greyscale): granule colour tells eosinophils and basophils from the rest (docs/ssl.md).
@@ -174,6 +175,11 @@ def parse_args(argv=None):
     g.add_argument("--finetune-lr", type=float, default=None, metavar="LR",
                    help="learning rate of the ssl rows' epochs after --freeze-epochs (train_cnn.py's option; "
                         "default: the recipe's --lr)")
+    g.add_argument("--frozen-blocks", type=int, default=0, metavar="K",
+                   help="the ssl rows' first K encoder blocks stay frozen in every epoch (train_cnn.py's option)")
+    g.add_argument("--class-weight-power", type=float, default=None, metavar="P",
+                   help="every row's class weights (train_cnn.py's option; 1: fully balanced; default: each "
+                        "recipe's own)")
     g.add_argument("--unlabeled-ratio", type=int, default=7, metavar="MU",
                    help="unlabeled images per labelled image in each step of the semi rows (train_cnn.py's option)")
     g.add_argument("--semi-pool", choices=SEMI_POOLS, default="train",
@@ -234,10 +240,11 @@ def parse_args(argv=None):
         args.out = Path("runs/table_demo" if args.demo else "runs/table")
     cli.check_positive(args, "seeds", "epochs", "pretrain_epochs", "ssl_epochs", "batch_size", "bootstrap", "jobs",
                       "unlabeled_ratio")
-    cli.check_non_negative(args, "freeze_epochs")
+    cli.check_non_negative(args, "freeze_epochs", "frozen_blocks", "class_weight_power")
     cli.check_unlabeled_folders(args.ssl_unlabeled, "--ssl-unlabeled")
     args.ssl_unlabeled = [str(folder.resolve()) for folder in args.ssl_unlabeled]
-    cli.check_freeze_args(args.freeze_epochs, args.epochs, args.finetune_lr)
+    cli.check_freeze_args(args.freeze_epochs, args.epochs, args.finetune_lr, args.frozen_blocks,
+                          recipes.RECIPES["default"]["depth"])
     if args.imagenet_weights not in (None, "imagenet"):
         args.imagenet_weights = Path(args.imagenet_weights).resolve()
         if not args.imagenet_weights.is_file():
@@ -283,6 +290,8 @@ def check_config(out: Path, args) -> dict:
             old.setdefault("ssl_views", "simclr")
             old.setdefault("ssl_unlabeled", [])
             old.setdefault("finetune_lr", None)
+        old.setdefault("frozen_blocks", 0)  # written before these options existed: neither was passed
+        old.setdefault("class_weight_power", None)
         for key in CONFIG_KEYS:
             if key in old and old[key] != config[key] and not (key == "imagenet_weights" and config[key] is None):
                 raise UserError(f"{out} holds runs made with --{key.replace('_', '-')} {old[key]} (now "
@@ -325,6 +334,10 @@ def command(row: Row, seed: int, args, out: Path) -> list[str]:
             cmd += ["--freeze-epochs", str(args.freeze_epochs)]
         if args.finetune_lr is not None:
             cmd += ["--finetune-lr", str(args.finetune_lr)]
+        if args.frozen_blocks:
+            cmd += ["--frozen-blocks", str(args.frozen_blocks)]
+    if args.class_weight_power is not None:
+        cmd += ["--class-weight-power", str(args.class_weight_power)]
     if row.method == "semi":
         cmd += ["--unlabeled", *map(str, unlabeled_pool(args.data, args.semi_pool)),
                 "--unlabeled-ratio", str(args.unlabeled_ratio),

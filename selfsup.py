@@ -1,5 +1,6 @@
 """Self-supervised pre-training: the encoders, the joint-embedding model and its losses (SimCLR, VICReg), the
-frozen-feature probe, and starting a classifier from a pre-trained encoder (--init, --freeze-epochs).
+frozen-feature probe, and starting a classifier from a pre-trained encoder (--init, --freeze-epochs,
+--frozen-blocks).
 
 The joint-embedding model is a keras.Model whose call makes two augmented views of a batch (augment.make_two_views)
 and projects both; its compute_loss reads only those projections, never labels, so one compiled training step
@@ -314,51 +315,85 @@ def set_layers_trainable(core: keras.Model, names, trainable: bool):
         find_layer(core, name).trainable = trainable
 
 
-def train_from_init(run_dir: Path, build_core, train_set, val_set, config, args: dict, resume: bool,
-                    extra_metadata: dict, init: Path | None, freeze_epochs: int = 0, hooks=None,
-                    test_set=None, finetune_lr: float | None = None) -> dict:
-    """training.train, started from the encoder file `init` when given (else exactly training.train).
+def block_number(layer_name: str) -> int | None:
+    """3 for 'block3_conv' (models.build_cnn's names); None for a layer outside the numbered blocks."""
+    head, _, _ = layer_name.partition("_")
+    return int(head[5:]) if head.startswith("block") and head[5:].isdigit() else None
 
-    args.json and model.h5's metadata name the encoder file and its sha256. With freeze_epochs N, the first N
-    epochs train the head alone (encoder layers frozen, their batch norm in inference mode) in RUN/head_frozen/,
-    and the run continues from that phase's selected model for the remaining epochs with everything trainable,
-    at learning rate finetune_lr when given (LP-FT: a small step keeps the pre-trained features nearly as they
-    were, Kumar et al., ICLR 2022); with freeze_epochs >= the epochs, the encoder stays frozen throughout and only
-    the head is trained (in RUN)."""
+
+@dataclasses.dataclass(frozen=True)
+class FineTune:
+    """How a classifier starts from a pre-trained encoder (train_cnn.py / train_masked.py --init ...).
+
+    freeze_epochs N: the first N epochs train the head alone; N >= the epochs: the encoder stays frozen throughout.
+    lr: the learning rate of the epochs after the head-only ones (None: the run's own; LP-FT, Kumar et al., ICLR
+    2022: a small step keeps the pre-trained features nearly as they were).
+    frozen_blocks K: the encoder's first K convolution blocks stay frozen in every epoch, batch norm included, while
+    the later blocks and the head learn (the low-level features, which see stain and camera, stay those learned
+    from every source; Yosinski et al., 2014: early layers are the general ones)."""
+    init: Path | None = None
+    freeze_epochs: int = 0
+    lr: float | None = None
+    frozen_blocks: int = 0
+
+    @classmethod
+    def from_args(cls, args) -> "FineTune":
+        return cls(args.init, args.freeze_epochs, args.finetune_lr, getattr(args, "frozen_blocks", 0))
+
+    def always_frozen(self, names) -> list[str]:
+        return [n for n in names if (block_number(n) or 0) and block_number(n) <= self.frozen_blocks]
+
+
+def train_from_init(run_dir: Path, build_core, train_set, val_set, config, args: dict, resume: bool,
+                    extra_metadata: dict, finetune: FineTune = FineTune(), hooks=None, test_set=None) -> dict:
+    """training.train, started from the encoder file finetune.init when given (else exactly training.train).
+
+    args.json and model.h5's metadata name the encoder file and its sha256. With finetune.freeze_epochs N, the
+    first N epochs train the head alone (encoder layers frozen, their batch norm in inference mode) in
+    RUN/head_frozen/, and the run continues from that phase's selected model for the remaining epochs with the
+    encoder trainable (but for finetune.frozen_blocks), at learning rate finetune.lr when given; with N >= the
+    epochs the encoder stays frozen throughout and only the head is trained (in RUN)."""
     import training
     hooks = hooks or training.Hooks()
-    if init is None:
+    if finetune.init is None:
         return training.train(run_dir, build_core, train_set, val_set, config, args=args, resume=resume,
                               extra_metadata=extra_metadata, hooks=hooks, test_set=test_set)
-    init = Path(init)
+    init = Path(finetune.init)
     info = {"path": str(init), "sha256": file_sha256(init), "pretraining": read_h5_metadata(init).get("method")}
     args = {**args, "init_sha256": info["sha256"]}
     meta = {**extra_metadata, "init_encoder": info}
-    names = []
+    # from the file, not from a build: a resumed run whose head-only phase is done builds nothing before the rest
+    names = [layer.name for layer in load_core_model(init).layers if layer.weights]
 
     def build():
         core = build_core()
-        names[:] = load_encoder_weights(core, init)
+        load_encoder_weights(core, init)
         return core
 
-    if not freeze_epochs:
-        return training.train(run_dir, build, train_set, val_set, config, args=args, resume=resume,
-                              extra_metadata=meta, hooks=hooks, test_set=test_set)
+    def tune_after(core):  # everything trainable but the blocks kept frozen
+        set_layers_trainable(core, names, True)
+        set_layers_trainable(core, finetune.always_frozen(names), False)
+
     frozen = dataclasses.replace(hooks, before_fit=lambda core: set_layers_trainable(core, names, False))
-    if freeze_epochs >= config.epochs:  # the encoder stays as pre-trained: only the head learns from the labels
+    tuned = dataclasses.replace(hooks, before_fit=tune_after)
+    if finetune.frozen_blocks:
+        meta["frozen_blocks"] = finetune.frozen_blocks
+    if not finetune.freeze_epochs:
+        return training.train(run_dir, build, train_set, val_set, config, args=args, resume=resume,
+                              extra_metadata=meta, hooks=tuned, test_set=test_set)
+    if finetune.freeze_epochs >= config.epochs:  # the encoder stays as pre-trained: only the head learns
         return training.train(run_dir, build, train_set, val_set, config, args=args, resume=resume,
                               extra_metadata={**meta, "stage": "head_only", "head_frozen_epochs": config.epochs},
                               hooks=frozen, test_set=test_set)
     head_dir = Path(run_dir) / "head_frozen"
-    training.train(head_dir, build, train_set, val_set, dataclasses.replace(config, epochs=freeze_epochs),
+    training.train(head_dir, build, train_set, val_set, dataclasses.replace(config, epochs=finetune.freeze_epochs),
                    args=args, resume=resume, extra_metadata={**meta, "stage": "head_frozen"}, hooks=frozen)
-    unfrozen = dataclasses.replace(hooks, before_fit=lambda core: set_layers_trainable(core, names, True))
-    rest = dataclasses.replace(config, epochs=config.epochs - freeze_epochs, lr=finetune_lr or config.lr)
+    rest = dataclasses.replace(config, epochs=config.epochs - finetune.freeze_epochs, lr=finetune.lr or config.lr)
     return training.train(run_dir, lambda: load_core_model(head_dir / "model.h5"), train_set, val_set, rest,
                           args=args, resume=resume,
-                          extra_metadata={**meta, "stage": "after_head_frozen", "head_frozen_epochs": freeze_epochs,
-                                          "finetune_lr": rest.lr},
-                          hooks=unfrozen, test_set=test_set)
+                          extra_metadata={**meta, "stage": "after_head_frozen",
+                                          "head_frozen_epochs": finetune.freeze_epochs, "finetune_lr": rest.lr},
+                          hooks=tuned, test_set=test_set)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -49,9 +49,8 @@ def main(argv=None):
         hooks, semi_meta = semisup.from_args(args, hooks, train_set, val_set, config)
     result = selfsup.train_from_init(run_dir, build, train_set, val_set, config, cli.args_dict(args), args.resume,
                                      {"model": "dropout_cnn", "recipe": args.recipe, "split": args.split,
-                                      "demo_data": args.demo, **domain_meta, **semi_meta}, args.init,
-                                     args.freeze_epochs,
-                                     hooks=hooks, test_set=test_set, finetune_lr=args.finetune_lr)
+                                      "demo_data": args.demo, **domain_meta, **semi_meta},
+                                     selfsup.FineTune.from_args(args), hooks=hooks, test_set=test_set)
     training.print_summary(run_dir, result)
     if args.unlabeled and devices.is_chief():  # process 0 wrote history.csv
         warning = semisup.pool_mix_warning(run_dir, train_set.y, train_set.classes)

@@ -109,8 +109,7 @@ def main(argv=None):
             "mask_mode": args.mask_mode, "mask_fill": args.mask_fill, "consistency_weight": args.consistency,
             "mask_counts": counts, **domain_meta}
     result = selfsup.train_from_init(run_dir, build, train_set, val_set, config, cli.args_dict(args), args.resume,
-                                     meta, args.init, args.freeze_epochs, hooks=hooks,
-                                     test_set=test_set, finetune_lr=args.finetune_lr)
+                                     meta, selfsup.FineTune.from_args(args), hooks=hooks, test_set=test_set)
     training.print_summary(run_dir, result)
 
 

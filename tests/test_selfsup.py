@@ -188,7 +188,8 @@ def test_supervised_flags_add_the_layers_and_default_off():
 @pytest.mark.parametrize("argv", [["--color-jitter", "2"], ["--hue-jitter", "-0.1"], ["--crop-scale", "0"],
                                   ["--tight-crop", "1.5"], ["--random-conv", "-0.5"],
                                   ["--finetune-lr", "1e-4"],
-                                  ["--freeze-epochs", "2"], ["--init", "no/such/encoder.h5"]])
+                                  ["--freeze-epochs", "2"], ["--frozen-blocks", "1"],
+                                  ["--init", "no/such/encoder.h5"]])
 def test_bad_flags_are_one_line_exit_2(argv):
     result = run_script("train_cnn.py", *argv, timeout=60)
     assert result.returncode == 2
@@ -419,6 +420,38 @@ def test_freeze_for_every_epoch_trains_the_head_alone_and_keeps_the_encoder_exac
     assert len(history) == 3  # header + both epochs, all in the one phase
 
 
+def test_frozen_blocks_stay_as_pretrained_while_later_blocks_learn_also_after_a_resume(pretrained, demo_root,
+                                                                                          tmp_path, capsys):
+    # --frozen-blocks 1: block 1 (conv and batch-norm statistics) stays the encoder's in every epoch, block 2 learns
+    # after the head-only epoch. The run is cut after its head-only phase and resumed: the resumed phase, which
+    # builds nothing before it, must still unfreeze the later blocks.
+    from runfiles import load_core_model, read_h5_metadata
+    import shutil
+    import selfsup
+    import train_cnn
+    out = tmp_path / "partial"
+    argv = ["--data", demo_root, "--split", "WBC_10", *TINY, "--epochs", "2", "--freeze-epochs", "1",
+            "--frozen-blocks", "1", "--init", pretrained / "encoder.h5", "--out", out, "--quiet"]
+    assert exit_status(train_cnn.main, argv) == 0, capsys.readouterr().err[-2000:]
+    for path in out.iterdir():  # keep only the finished head-only phase, as if stopped there
+        if path.name != "head_frozen":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert exit_status(train_cnn.main, [*argv, "--resume"]) == 0, capsys.readouterr().err[-2000:]
+    encoder = load_core_model(pretrained / "encoder.h5")
+    head_only = load_core_model(out / "head_frozen" / "model.h5")
+    tuned = load_core_model(out / "model.h5")
+    for layer in encoder.layers:
+        if not layer.weights:
+            continue
+        mine = selfsup.find_layer(tuned, layer.name).get_weights()
+        same = all(np.array_equal(a, b) for a, b in zip(layer.get_weights(), mine))
+        assert same == layer.name.startswith("block1_"), layer.name
+    moved = [n for n in ("block2_conv",) if not np.array_equal(
+        selfsup.find_layer(head_only, n).get_weights()[0], selfsup.find_layer(tuned, n).get_weights()[0])]
+    assert moved == ["block2_conv"]
+    assert read_h5_metadata(out / "model.h5")["frozen_blocks"] == 1
+
+
 def test_init_shape_mismatch_is_one_line_naming_both_shapes(demo_root, tmp_path, capsys):
     import models
     import selfsup
@@ -559,3 +592,16 @@ def test_table_ssl_rows_train_the_head_alone_first_and_refuse_a_freeze_longer_th
     lines = lpft.stdout.splitlines()
     assert any("--finetune-lr 0.0002" in ln for ln in lines if "_ssl_default_seed" in ln)
     assert not any("--finetune-lr" in ln for ln in lines if "_raw_default_seed" in ln)
+    # --frozen-blocks reaches the ssl rows only; --class-weight-power every row; a whole frozen encoder is refused
+    partial = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default,WBC_1_raw_default",
+                               "--seeds", "1", "--epochs", "8", "--frozen-blocks", "2", "--class-weight-power", "1",
+                               "--dry-run", "--out", tmp_path / "partial")
+    assert partial.returncode == 0, partial.stderr
+    passed = {row: [("--frozen-blocks 2" in ln, "--class-weight-power 1.0" in ln)
+                    for ln in partial.stdout.splitlines() if f"{row}_seed" in ln]
+              for row in ("ssl_default", "raw_default")}
+    assert passed == {"ssl_default": [(True, True)], "raw_default": [(False, True)]}
+    for bad in (["--frozen-blocks", "4"], ["--frozen-blocks", "2", "--freeze-epochs", "8"]):
+        refused = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default", "--epochs", "8",
+                                   *bad, "--dry-run", "--out", tmp_path / "bad")
+        assert refused.returncode == 2 and f"--frozen-blocks {bad[1]}" in refused.stderr, refused.stderr
