@@ -183,13 +183,19 @@ def from_args(args) -> dict | None:
     out = dict(rotation=args.rotation, shear=args.shear, horizontal_flip=not args.no_hflip,
                vertical_flip=not args.no_vflip, zoom=getattr(args, "zoom", None) or 0.0,
                shift=getattr(args, "shift", None) or 0.0)
-    # The photometric options join the dict only when switched on (PHOTOMETRIC_KEYS).
-    for key, off in (("color_jitter", 0.0), ("hue_jitter", None), ("grayscale", 0.0), ("blur", 0.0),
-                     ("crop_scale", 1.0), ("tight_crop", 0.0), ("random_conv", 0.0)):
-        value = getattr(args, key, None)
-        if value is not None and value != off:
-            out[key] = value
-    return out
+    return {**out, **photometric_options(args)}
+
+
+def photometric_options(args) -> dict:
+    """The photometric options of parsed arguments that are switched on (differ from PHOTOMETRIC_OFF), by name."""
+    values = {key: getattr(args, key, None) for key in PHOTOMETRIC_KEYS}
+    return {key: v for key, v in values.items() if v is not None and v != PHOTOMETRIC_OFF[key]}
+
+
+def photometric_on(args) -> bool:
+    """Whether any photometric option makes a layer (hue_jitter 0 alone only takes the hue out of a colour jitter
+    that is off)."""
+    return any(photometric_options(args).values())
 
 
 def with_augmentation(core, augment: dict | None, seed: int):
@@ -216,9 +222,12 @@ def with_augmentation(core, augment: dict | None, seed: int):
 # keras.random.SeedGenerator, is active only when training=True, and is the identity at zero strength.
 # ----------------------------------------------------------------------------------------------
 
-# The keys with_augmentation passes to photometric_layers rather than to the affine warp; each is absent from an
-# augmentation dict unless its option is switched on, so recipes and the other wrappers see the dict they knew.
-PHOTOMETRIC_KEYS = ("color_jitter", "hue_jitter", "grayscale", "blur", "crop_scale", "tight_crop", "random_conv")
+# The options with_augmentation passes to photometric_layers rather than to the affine warp, with the value that
+# switches each off; each is absent from an augmentation dict unless switched on, so recipes and the other wrappers
+# see the dict they knew. Every one but crop_scale (an area share in (0, 1]) is a strength or share in [0, 1].
+PHOTOMETRIC_OFF = {"color_jitter": 0.0, "hue_jitter": None, "grayscale": 0.0, "blur": 0.0, "crop_scale": 1.0,
+                   "tight_crop": 0.0, "random_conv": 0.0}
+PHOTOMETRIC_KEYS = tuple(PHOTOMETRIC_OFF)
 # Tight crops: each edge of a chosen image cut by up to this share of the side. A framed image (--frame-cell 0.5)
 # holds the nucleus in its middle half, so a cut of at most a quarter never reaches it.
 TIGHT_CROP_MAX_CUT = 0.25

@@ -10,6 +10,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import augment  # noqa: E402
 import devices  # noqa: E402
 import recipes  # noqa: E402
 from data import DEFAULT_MAX_PIXELS, MASK_FILLS, MASK_MODES  # noqa: E402
@@ -337,23 +338,22 @@ def add_augmentation_args(parser):
     return g
 
 
-def photometric_on(args) -> bool:
-    """Whether any augmentation that runs only in the on-device pipeline is switched on."""
-    return bool(args.color_jitter or getattr(args, "hue_jitter", None) or args.grayscale or args.blur
-                or args.crop_scale < 1.0 or getattr(args, "tight_crop", 0.0) or getattr(args, "random_conv", 0.0))
-
-
 def check_augmentation_args(args):
     """The photometric options: strengths and shares within their ranges; the legacy loader has none of them."""
-    for name in ("color_jitter", "hue_jitter", "grayscale", "blur", "tight_crop", "random_conv"):
-        value = getattr(args, name, 0.0)
-        if value is not None and not 0.0 <= value <= 1.0:
+    for name in augment.PHOTOMETRIC_KEYS:
+        value = getattr(args, name, None)
+        if name != "crop_scale" and value is not None and not 0.0 <= value <= 1.0:
             raise UserError(f"--{name.replace('_', '-')} {value}: expected a number between 0 and 1")
     if not 0.0 < getattr(args, "crop_scale", 1.0) <= 1.0:
         raise UserError(f"--crop-scale {args.crop_scale}: expected a fraction of the area in (0, 1]")
-    if photometric_on(args) and getattr(args, "loader", "cached") == "generator":
-        raise UserError("--color-jitter, --hue-jitter, --grayscale, --blur, --crop-scale, --tight-crop and "
-                        "--random-conv run on the device: use --loader cached (the default), not --loader generator")
+    if augment.photometric_on(args) and getattr(args, "loader", "cached") == "generator":
+        raise UserError(f"{photometric_option_names()} run on the device: use --loader cached (the default), not "
+                        "--loader generator")
+
+
+def photometric_option_names(conjunction: str = "and") -> str:
+    names = [f"--{key.replace('_', '-')}" for key in augment.PHOTOMETRIC_KEYS]
+    return f"{', '.join(names[:-1])} {conjunction} {names[-1]}"
 
 
 def add_output_args(parser, supervised: bool = True):

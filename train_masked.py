@@ -14,6 +14,7 @@ core model. The per-class image counts of the chosen mode are printed and stored
 """
 import sys
 
+import augment
 import cli
 
 
@@ -31,9 +32,9 @@ def parse_args(argv=None):
     args = cli.resolve_domain_args(cli.resolve_cnn_args(args))
     if args.consistency < 0:
         raise cli.UserError(f"--consistency {args.consistency}: expected a weight >= 0")
-    if args.consistency > 0 and cli.photometric_on(args):
+    if args.consistency > 0 and augment.photometric_on(args):
         raise cli.UserError("--consistency warps each image and its masked copy as one 6-channel image: it takes "
-                            "no --color-jitter, --grayscale, --blur, --crop-scale, --tight-crop or --random-conv")
+                            f"no {cli.photometric_option_names('or')}")
     if args.consistency and args.stain_jitter:
         raise cli.UserError("--stain-jitter with --consistency: not supported together (the consistency wrapper "
                             "has its own augmentation); use one of them")

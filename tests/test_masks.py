@@ -250,6 +250,9 @@ def test_bad_options_are_one_line_errors(tmp_path, cache_dir, tiny_layout, capsy
     import train_masked
     with pytest.raises(runfiles.UserError, match="--consistency -1"):
         train_masked.main(["--data", str(tiny_layout), "--consistency", "-1"])
+    # the consistency wrapper warps 6-channel images: every on-device photometric option is refused, by name
+    with pytest.raises(runfiles.UserError, match="no --color-jitter, .* or --random-conv"):
+        train_masked.main(["--data", str(tiny_layout), "--consistency", "1", "--random-conv", "0.5"])
     (tiny_layout / "WBC_100" / "train" / "mask").rename(tmp_path / "gone")
     with pytest.raises(runfiles.UserError, match="no image has a mask"):
         train_masked.main(["--data", str(tiny_layout), "--masks", "only", "--image-size", str(SIZE),

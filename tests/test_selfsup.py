@@ -155,6 +155,7 @@ def test_supervised_flags_add_the_layers_and_default_off():
     import augment
     import cli
     import models
+    from runfiles import UserError
     parser = cli.make_parser("t")
     cli.add_data_args(parser)
     cli.add_cnn_training_args(parser)
@@ -170,6 +171,11 @@ def test_supervised_flags_add_the_layers_and_default_off():
     assert randconv["random_conv"] == 0.5 and "random_conv" not in kw
     no_hue = augment.from_args(cli.resolve_cnn_args(parser.parse_args(["--color-jitter", "0.5", "--hue-jitter", "0"])))
     assert no_hue["hue_jitter"] == 0.0 and "hue_jitter" not in kw
+    # the legacy generator loader has none of them; --hue-jitter 0 alone makes no layer, so it is not refused there
+    generator = ["--loader", "generator"]
+    with pytest.raises(UserError, match="--blur, --crop-scale, --tight-crop and --random-conv run on the device"):
+        cli.resolve_cnn_args(parser.parse_args([*generator, "--tight-crop", "0.2"]))
+    assert not augment.photometric_on(cli.resolve_cnn_args(parser.parse_args([*generator, "--hue-jitter", "0"])))
     (jitter,) = augment.photometric_layers(**{k: v for k, v in no_hue.items() if k in augment.PHOTOMETRIC_KEYS})
     assert jitter.hue == 0.0 and jitter.saturation == pytest.approx(0.4)
     core = models.build_cnn(5, 24, width=4, depth=2)
