@@ -199,6 +199,7 @@ def describe(loaded: Loaded) -> dict:
         "args": meta.get("args", {}),
         "config": meta.get("config", {}),
         "versions": meta.get("versions", {}),
+        "ensemble": meta.get("ensemble"),
     }
 
 
@@ -280,7 +281,14 @@ def cmd_summary(loaded: Loaded, args):
         masked = {c: v.get("masked") if isinstance(v, dict) else v for c, v in (t.get("mask_counts") or {}).items()}
         print(f"masks: --masks {t['mask_mode']} (fill {t.get('mask_fill', '?')}); masked training images: {masked}")
     m = t.get("metrics")
-    if m:
+    if info["ensemble"]:
+        print(f"ensemble: the {info['ensemble']['rule']}; validation metrics per member (the ensemble's own: "
+              "evaluate)")
+        for k, member in enumerate(info["ensemble"]["members"]):
+            bal = (member.get("metrics") or {}).get("balanced_accuracy")
+            print(f"  member {k}: {member['path']}" + (f"  stage {member['stage']}" if member.get("stage") else "")
+                  + (f"  balanced accuracy {bal:.4f}" if bal is not None else ""))
+    elif m:
         print(f"validation (selected epoch): accuracy {m.get('val_accuracy_selected', float('nan')):.4f}   "
               f"balanced accuracy {m.get('balanced_accuracy', float('nan')):.4f}   macro-F1 "
               f"{m.get('macro_f1', float('nan')):.4f}   majority baseline {m.get('majority_baseline', float('nan')):.4f}"
@@ -421,6 +429,10 @@ def cmd_predict(loaded: Loaded, args):
 # ----------------------------------------------------------------------------------------------
 
 def cmd_gradcam(loaded: Loaded, args):
+    members = (loaded.metadata.get("ensemble") or {}).get("members")
+    if members:
+        raise UserError(f"{loaded.path}: an ensemble of {len(members)} models, and Grad-CAM explains one network "
+                        f"(expected one of its members: {', '.join(m['path'] for m in members)})")
     skipped = []
     files = data.images_in(args.paths, skipped)
     target = None

@@ -378,6 +378,7 @@ def test_train_cnn_init_with_frozen_head_phase_names_the_encoder(pretrained, dem
             assert np.array_equal(a, b), layer.name
     assert (out / "metrics.json").is_file()
     _check_wise_ft(out, capsys)
+    _check_ensemble(out, capsys)
 
 
 def _check_wise_ft(run, capsys):
@@ -401,6 +402,41 @@ def _check_wise_ft(run, capsys):
     assert exit_status(wise_ft.main, [run, "--alpha", "1.5"]) == 2
     assert exit_status(wise_ft.main, [run / "head_frozen"]) == 2  # no head-only phase of its own
     assert "head_frozen/model.h5" in capsys.readouterr().err
+
+
+def _check_ensemble(run, capsys):
+    # tools/ensemble.py: the head-only and the fine-tuned model as one, their probabilities averaged
+    import data
+    import inspect_model
+    from conftest import load_tool
+    from runfiles import load_core_model, read_h5_metadata, update_h5_metadata
+    ensemble = load_tool("ensemble")
+    members = [run / "head_frozen" / "model.h5", run / "model.h5"]
+    out = run / "ensemble.h5"
+    assert exit_status(ensemble.main, [*members, "--out", out]) == 0, capsys.readouterr().err
+    x = data.load_images(data.find_split(json.loads((run / "args.json").read_text())["data"], "WBC_10").val,
+                         size=24, use_cache=False, verbose=False).x[:16]
+    mean = np.mean([load_core_model(m).predict(x, verbose=0) for m in members], axis=0)
+    assert np.allclose(load_core_model(out).predict(x, verbose=0), mean, atol=1e-5)
+    meta = read_h5_metadata(out)
+    assert meta["classes"] == read_h5_metadata(members[0])["classes"] and meta["framing"] is not None
+    assert [m["stage"] for m in meta["ensemble"]["members"]] == ["head_frozen", "after_head_frozen"]
+    assert "stage" not in meta  # what differs between members is kept per member only
+    capsys.readouterr()
+    assert exit_status(inspect_model.main, [out, "summary"]) == 0
+    assert "member 1: " in capsys.readouterr().out
+    assert exit_status(inspect_model.main, [out, "gradcam", run / "nowhere", "--out", run / "cams"]) == 2
+    assert "an ensemble of 2 models" in capsys.readouterr().err
+    # refused, one line each: a single model, --out one of the members, members of other classes
+    other = run / "other_classes.h5"
+    shutil.copy(members[1], other)
+    update_h5_metadata(other, classes=list(reversed(meta["classes"])))
+    for argv, fragment in (([members[0], "--out", run / "one.h5"], "one model"),
+                           ([*members, "--out", members[1]], "one of the members"),
+                           ([members[0], other, "--out", run / "mixed.h5"], "its classes")):
+        assert exit_status(ensemble.main, argv) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_freeze_for_every_epoch_trains_the_head_alone_and_keeps_the_encoder_exactly(pretrained, demo_root,
