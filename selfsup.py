@@ -341,7 +341,7 @@ class FineTune:
         return cls(args.init, args.freeze_epochs, args.finetune_lr, getattr(args, "frozen_blocks", 0))
 
     def always_frozen(self, names) -> list[str]:
-        return [n for n in names if (block_number(n) or 0) and block_number(n) <= self.frozen_blocks]
+        return [n for n in names if 0 < (block_number(n) or 0) <= self.frozen_blocks]
 
 
 def train_from_init(run_dir: Path, build_core, train_set, val_set, config, args: dict, resume: bool,
