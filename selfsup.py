@@ -330,7 +330,8 @@ class FineTune:
     2022: a small step keeps the pre-trained features nearly as they were).
     frozen_blocks K: the encoder's first K convolution blocks stay frozen in every epoch, batch norm included, while
     the later blocks and the head learn (the low-level features, which see stain and camera, stay those learned
-    from every source; Yosinski et al., 2014: early layers are the general ones)."""
+    from every source; Yosinski et al., 2014: early layers are the general ones; on PBC -> BCCD, K=2 did not help:
+    docs/microscopes.md)."""
     init: Path | None = None
     freeze_epochs: int = 0
     lr: float | None = None
