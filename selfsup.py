@@ -277,15 +277,19 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_encoder_weights(core: keras.Model, path: Path) -> list[str]:
+def weighted_layers(model: keras.Model) -> list:
+    """The layers of `model` that hold weights (an encoder's layers that --init copies)."""
+    return [layer for layer in model.layers if layer.weights]
+
+
+def load_encoder_weights(core: keras.Model, path: Path, encoder: keras.Model | None = None) -> list[str]:
     """Put the encoder file's weights, exactly, into the same-named layers of `core`; returns those names.
-    A layer missing from `core` or weights of another shape end in one line naming both."""
-    encoder = load_core_model(path)
+    `encoder`: the file's model when the caller has loaded it already. A layer missing from `core` or weights of
+    another shape end in one line naming both."""
+    encoder = load_core_model(path) if encoder is None else encoder
     names = []
-    for layer in encoder.layers:
+    for layer in weighted_layers(encoder):
         weights = layer.get_weights()
-        if not weights:
-            continue
         target = find_layer(core, layer.name)
         if target is None:
             raise UserError(f"--init {path}: its layer {layer.name} is not in the {core.name} model (expected an "
@@ -339,7 +343,7 @@ class FineTune:
 
     @classmethod
     def from_args(cls, args) -> "FineTune":
-        return cls(args.init, args.freeze_epochs, args.finetune_lr, getattr(args, "frozen_blocks", 0))
+        return cls(args.init, args.freeze_epochs, args.finetune_lr, args.frozen_blocks)
 
     def always_frozen(self, names) -> list[str]:
         return [n for n in names if 0 < (block_number(n) or 0) <= self.frozen_blocks]
@@ -363,12 +367,13 @@ def train_from_init(run_dir: Path, build_core, train_set, val_set, config, args:
     info = {"path": str(init), "sha256": file_sha256(init), "pretraining": read_h5_metadata(init).get("method")}
     args = {**args, "init_sha256": info["sha256"]}
     meta = {**extra_metadata, "init_encoder": info}
+    encoder = load_core_model(init)
     # from the file, not from a build: a resumed run whose head-only phase is done builds nothing before the rest
-    names = [layer.name for layer in load_core_model(init).layers if layer.weights]
+    names = [layer.name for layer in weighted_layers(encoder)]
 
     def build():
         core = build_core()
-        load_encoder_weights(core, init)
+        load_encoder_weights(core, init, encoder)
         return core
 
     def tune_after(core):  # everything trainable but the blocks kept frozen

@@ -44,8 +44,8 @@ def shared_metadata(paths: list[Path], metas: list[dict]) -> dict:
     import selfsup
     for key in MUST_AGREE:
         values = [meta.get(key) for meta in metas]
-        if any(v != values[0] for v in values[1:]):
-            first = next(i for i, v in enumerate(values) if v != values[0])
+        first = next((i for i, v in enumerate(values) if v != values[0]), None)
+        if first is not None:
             raise UserError(f"{paths[first]}: its {key} {values[first]} differs from {paths[0]}'s {values[0]} "
                             f"(expected members trained on the same classes, image size and framing)")
     keys = set().union(*metas)
