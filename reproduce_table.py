@@ -27,6 +27,8 @@ Rows (names for --rows; shell-style patterns such as 'WBC_100_*' or '*_report' w
     <split>_semi_default       the default recipe trained semi-supervised (train_cnn.py --unlabeled, FixMatch-style;
                                unlabeled pool: WBC_100's training images, labels ignored; with --semi-pool all
                                also ROOT/WBC_unlabeled when present)
+    <split>_ssl-semi_default   both: started from the ssl rows' encoder, then trained semi-supervised on the semi
+                               rows' pool
 
 Results folder OUT: results.csv (a row per run), table.md (mean +- std across seeds), comparisons.md (paired
 McNemar tests and bootstrap intervals on the same validation images), label_efficiency.png.
@@ -67,12 +69,15 @@ PAIRS = [(f"{a}_{r}", f"{b}_{r}") for r in CNN_RECIPES
 PAIRS += [(f"{m}_default", f"{m}_report") for m in CNN_METHODS]
 PAIRS += [("resnet-cam16", "resnet-scratch"), ("resnet-imagenet-cam16", "resnet-cam16"),
           ("resnet-scratch", "raw_report"), ("resnet-cam16", "raw_report")]
-PAIRS += [("ssl_default", "raw_default"), ("semi_default", "raw_default")]
+PAIRS += [("ssl_default", "raw_default"), ("semi_default", "raw_default"), ("ssl-semi_default", "ssl_default"),
+          ("ssl-semi_default", "semi_default")]
 # Settings that change what a finished run means: a results folder keeps one value of each.
 CONFIG_KEYS = ("data", "image_size", "epochs", "pretrain_epochs", "batch_size", "holdout", "imagenet_weights",
                "ssl_epochs", "ssl_views", "ssl_unlabeled", "freeze_epochs", "finetune_lr", "unlabeled_ratio",
                "thresholds", "semi_pool", "frozen_blocks", "class_weight_power")
 SEMI_POOLS = ("train", "all")
+SSL_METHODS = ("ssl", "ssl-semi")  # rows that start from the seed's pre-trained encoder
+SEMI_METHODS = ("semi", "ssl-semi")  # rows trained on the unlabeled pool too
 # The ssl rows' two views: pretrain_ssl.py's own (SimCLR's), or those with the stain's hue kept (no hue shift, no
 # greyscale): granule colour tells eosinophils and basophils from the rest (docs/ssl.md).
 SSL_VIEWS = {"simclr": [], "keep-hue": ["--hue-jitter", "0", "--grayscale", "0"]}
@@ -113,6 +118,9 @@ def all_rows(imagenet_weights: Path | None = None, include_imagenet: bool = Fals
         rows.append(Row(f"{split}_ssl_default", split, "ssl", "default", "train_cnn.py", ["--recipe", "default"]))
     for split in SPLIT_ORDER:
         rows.append(Row(f"{split}_semi_default", split, "semi", "default", "train_cnn.py", ["--recipe", "default"]))
+    for split in SPLIT_ORDER:
+        rows.append(Row(f"{split}_ssl-semi_default", split, "ssl-semi", "default", "train_cnn.py",
+                        ["--recipe", "default"]))
     for split in SPLIT_ORDER:
         rows.append(Row(f"{split}_resnet-scratch", split, "resnet-scratch", "resnet", "pretrain_resnet.py",
                         ["--init", "scratch", "--skip-pretrain", "--no-compare"], "finetune"))
@@ -328,7 +336,7 @@ def command(row: Row, seed: int, args, out: Path) -> list[str]:
            "--seed", str(seed), "--out", str(run_folder(out, row, seed)), "--resume", "--quiet"]
     if row.recipe == "resnet" and "--skip-pretrain" not in row.script_args:
         cmd += ["--pretrain-epochs", str(args.pretrain_epochs)]
-    if row.method == "ssl":
+    if row.method in SSL_METHODS:
         cmd += ["--init", str(ssl_folder(out, seed) / "encoder.h5")]
         if args.freeze_epochs:
             cmd += ["--freeze-epochs", str(args.freeze_epochs)]
@@ -338,7 +346,7 @@ def command(row: Row, seed: int, args, out: Path) -> list[str]:
             cmd += ["--frozen-blocks", str(args.frozen_blocks)]
     if args.class_weight_power is not None:
         cmd += ["--class-weight-power", str(args.class_weight_power)]
-    if row.method == "semi":
+    if row.method in SEMI_METHODS:
         cmd += ["--unlabeled", *map(str, unlabeled_pool(args.data, args.semi_pool)),
                 "--unlabeled-ratio", str(args.unlabeled_ratio),
                 "--thresholds", args.thresholds]
@@ -469,7 +477,7 @@ def train_rows(rows: list[Row], args, out: Path) -> list[dict]:
     pending = [(r, s) for r, s in todo if not is_complete(out, r, s)]
     share = f" (shard {index}/{count})" if count > 1 else ""
     print(f"{len(todo)} runs{share}: {len(todo) - len(pending)} finished, {len(pending)} to train -> {out}/runs")
-    ssl_seeds = sorted({s for r, s in pending if r.method == "ssl"})
+    ssl_seeds = sorted({s for r, s in pending if r.method in SSL_METHODS})
     if args.dry_run:
         for seed in ssl_seeds:
             print(" ".join(ssl_command(seed, args, out)))
@@ -489,7 +497,7 @@ def train_rows(rows: list[Row], args, out: Path) -> list[dict]:
             if is_complete(out, row, seed):  # finished by another process since the list was made
                 return 0, 0.0, log
             start = time.perf_counter()
-            if row.method == "ssl":
+            if row.method in SSL_METHODS:
                 code = pretrain_once(seed, log)
                 if code != 0:
                     return code, time.perf_counter() - start, log

@@ -562,6 +562,22 @@ def test_table_ssl_rows_pretrain_once_per_seed_and_start_from_that_encoder(demo_
     assert not any("--init" in ln for ln in lines if "_raw_default_" in ln)
 
 
+def test_table_ssl_semi_row_starts_from_the_seeds_encoder_and_trains_on_the_semi_pool(demo_root, tmp_path, capsys):
+    import reproduce_table
+    result = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl-semi_default,WBC_1_ssl_default",
+                              "--seeds", "1", "--unlabeled-ratio", "3", "--dry-run", "--out", tmp_path / "table")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len([ln for ln in lines if "pretrain_ssl.py" in ln]) == 1  # one encoder for both rows
+    both = [ln for ln in lines if "_ssl-semi_default_seed0" in ln]
+    encoder = str(tmp_path / "table" / "runs" / "ssl_pretrain_seed0" / "encoder.h5")
+    assert len(both) == 1 and f"--init {encoder} " in both[0] and "--unlabeled-ratio 3" in both[0]
+    pool = str(reproduce_table.unlabeled_pool(demo_root)[0])
+    assert f"--unlabeled {pool} " in both[0]
+    assert not any("--unlabeled" in ln for ln in lines if "_ssl_default_seed0" in ln)
+    assert ("ssl-semi_default", "ssl_default") in reproduce_table.PAIRS
+
+
 def test_table_ssl_views_keep_hue_reach_pretraining_only_and_an_older_folder_keeps_its_views(
         demo_root, tmp_path, capsys):
     result = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default,WBC_1_raw_default",
