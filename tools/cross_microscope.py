@@ -2,6 +2,10 @@
 
     python prepare_splits.py ../shared/data/pbc OUT --proportions course
     nice -n 10 python tools/cross_microscope.py --data OUT --out runs/cross_microscope     # docs/microscopes.md
+    # the self-supervised encoder's levers (one pretrain_ssl.py encoder per seed), as measured in docs/microscopes.md:
+    nice -n 10 python tools/cross_microscope.py --data OUT --out runs/cross_microscope --splits WBC_100 \
+        --levers ssl_frozen ssl_lpft ssl_frozen+lpft --seeds 0 1 2 --image-size 96 --epochs 30 --holdout 0 \
+        --encoder runs/ssl_mixed/runs/ssl_pretrain_seed{seed}/encoder.h5
 
 For every split (--splits), lever (--levers) and seed it runs train_cnn.py as a user would (run folder under
 --out), then evaluates the selected model on the PBC validation images and on every BCCD crop (masks unused; BCCD
@@ -10,6 +14,13 @@ batch-norm statistics adapted on the BCCD images themselves (adaptation, not par
 results.csv (one row per run, target and mode, over every run under --out: accuracy, balanced accuracy, macro-F1, confusion matrix, the
 out-of-distribution warning the model gives) and summary.md (mean ± std over seeds). BCCD is a test set: levers are chosen on
 principle and every one tried is reported; nothing here selects on it. A finished run folder is not retrained.
+
+With --encoder (a pretrain_ssl.py encoder.h5; `{seed}` in it is replaced by the run's seed) three more levers, on
+top of the default recipe: ssl_frozen (the encoder frozen throughout: --init E --freeze-epochs EPOCHS), ssl_lpft
+(linear probe, then fine-tuning: --init E --freeze-epochs 5 --finetune-lr 2e-4) and ssl_frozen+lpft, which trains
+nothing of its own: the seed's ssl_frozen and ssl_lpft models (trained first where they are not finished, in those
+levers' folders), their probabilities averaged by tools/ensemble.py into its own run folder, evaluated like any other.
+A finished run is reused whatever encoder it started from (its args.json records it): a new encoder, a new --out.
 """
 import csv
 import json
@@ -43,6 +54,17 @@ LEVERS = {
     "framing+stain+blur": ["--frame-cell", "0.5", "--stain-norm", "reinhard", "--stain-jitter", "0.2",
                            "--blur", "0.5"],
 }
+# The levers that start from a self-supervised encoder (--encoder), on the default recipe as the measured runs were
+# (docs/microscopes.md): frozen throughout, LP-FT (5 head-only epochs, then everything at a lower rate: Kumar et al.,
+# ICLR 2022), and the two averaged (an output ensemble: tools/ensemble.py). Arguments after --init ENCODER.
+LPFT_FREEZE_EPOCHS = 5
+ENCODER_LEVERS = {
+    "ssl_frozen": lambda args: ["--freeze-epochs", str(args.epochs)],
+    "ssl_lpft": lambda args: ["--freeze-epochs", str(LPFT_FREEZE_EPOCHS), "--finetune-lr", "2e-4"],
+}
+ENSEMBLES = {"ssl_frozen+lpft": ("ssl_frozen", "ssl_lpft")}  # no training of its own: its members averaged
+NEEDS_ENCODER = [*ENCODER_LEVERS, *ENSEMBLES]
+ALL_LEVERS = [*LEVERS, *NEEDS_ENCODER]
 FIELDS = ["split", "lever", "seed", "target", "mode", "images", "accuracy", "balanced_accuracy", "macro_f1",
           "collapsed", "ood_warning", "confusion_matrix", "train_seconds", "run_dir"]
 
@@ -55,22 +77,105 @@ def parse_args(argv=None):
                         help="the other lab's labelled crops, one folder per class")
     parser.add_argument("--out", type=Path, default=Path("runs/cross_microscope"), help="run folders and results")
     parser.add_argument("--splits", nargs="+", default=["WBC_100", "WBC_10"])
-    parser.add_argument("--levers", nargs="+", choices=list(LEVERS), default=list(LEVERS))
+    parser.add_argument("--levers", nargs="+", choices=ALL_LEVERS, default=None,
+                        help=f"default: {' '.join(LEVERS)}; with --encoder also {' '.join(NEEDS_ENCODER)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--holdout", type=float, default=None,
+                        help="passed to train_cnn.py (the measured encoder runs: 0); default: train_cnn.py's own")
+    parser.add_argument("--encoder", default=None, metavar="PATH",
+                        help="a pretrain_ssl.py encoder.h5 for the levers " + ", ".join(NEEDS_ENCODER) +
+                             "; {seed} in it is replaced by the run's seed (one encoder per seed)")
     parser.add_argument("--tta", type=int, default=8, help="views of the test-time-augmentation rows (1: none)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.levers is None:
+        args.levers = list(LEVERS) + (NEEDS_ENCODER if args.encoder else [])
+    return args
+
+
+def check_args(args):
+    """Every refusal that needs no Keras, before any training: one line each."""
+    if not args.bccd.is_dir():
+        raise cli.UserError(f"--bccd {args.bccd}: no such folder (expected one sub-folder per class)")
+    if args.holdout is not None and not 0 <= args.holdout < 1:
+        raise cli.UserError(f"--holdout {args.holdout}: expected a fraction from 0 (train on all) to below 1")
+    wanting = [lever for lever in args.levers if lever in NEEDS_ENCODER]
+    if not wanting:
+        return
+    if args.encoder is None:
+        raise cli.UserError(f"--levers {' '.join(wanting)}: these start from a self-supervised encoder "
+                            "(expected --encoder PATH, a pretrain_ssl.py encoder.h5)")
+    if args.epochs <= LPFT_FREEZE_EPOCHS and any(lever != "ssl_frozen" for lever in wanting):
+        raise cli.UserError(f"--epochs {args.epochs}: LP-FT trains {LPFT_FREEZE_EPOCHS} head-only epochs before "
+                            f"fine-tuning (expected --epochs above {LPFT_FREEZE_EPOCHS} for ssl_lpft)")
+    for seed in args.seeds:
+        path = encoder_path(args, seed)
+        if not path.is_file():
+            per_seed = f" for seed {seed}, from --encoder {args.encoder}" if "{seed}" in args.encoder else ""
+            raise cli.UserError(f"{path}: no such encoder file{per_seed} (expected a pretrain_ssl.py encoder.h5)")
+
+
+def encoder_path(args, seed: int) -> Path:
+    """The seed's encoder: --encoder with {seed} replaced by the seed."""
+    return Path(args.encoder.replace("{seed}", str(seed)))
+
+
+def run_dir(args, split, lever, seed) -> Path:
+    return args.out / "runs" / f"{split}_{lever}_seed{seed}"
+
+
+def train_command(args, split, lever, seed) -> list[str]:
+    """train_cnn.py's command line for one run of a training lever (paths absolute: it runs in the project)."""
+    run = run_dir(args, split, lever, seed)
+    cmd = [sys.executable, str(PROJECT / "train_cnn.py"), "--data", str(args.data.resolve()), "--split", split,
+           "--image-size", str(args.image_size), "--epochs", str(args.epochs), "--seed", str(seed),
+           "--out", str(run.resolve()), "--quiet"]
+    if args.holdout is not None:
+        cmd += ["--holdout", str(args.holdout)]
+    if lever in ENCODER_LEVERS:
+        cmd += ["--init", str(encoder_path(args, seed).resolve()), *ENCODER_LEVERS[lever](args)]
+    else:
+        cmd += LEVERS[lever]
+    return cmd + (["--resume"] if run.exists() else [])
 
 
 def train(args, split, lever, seed) -> Path:
-    run = args.out / "runs" / f"{split}_{lever}_seed{seed}"
+    """The lever's finished run folder: trained here unless it holds metrics.json; an ensemble built from its
+    members' runs (each trained first where needed)."""
+    if lever in ENSEMBLES:
+        return build_ensemble(args, split, lever, seed)
+    run = run_dir(args, split, lever, seed)
     if not (run / "metrics.json").exists():
-        cmd = [sys.executable, str(PROJECT / "train_cnn.py"), "--data", str(args.data), "--split", split,
-               "--image-size", str(args.image_size), "--epochs", str(args.epochs), "--seed", str(seed),
-               "--out", str(run), "--quiet"] + LEVERS[lever] + (["--resume"] if run.exists() else [])
+        cmd = train_command(args, split, lever, seed)
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=PROJECT)
+    return run
+
+
+def build_ensemble(args, split, lever, seed) -> Path:
+    """The members' models averaged by tools/ensemble.py (run as a user would) into RUN/model.h5, with a
+    metrics.json that says it trained nothing: its train_seconds is the sum of its members'. Rebuilt when a
+    member's model.h5 changes."""
+    import runfiles
+    run = run_dir(args, split, lever, seed)
+    members = [train(args, split, member, seed) for member in ENSEMBLES[lever]]
+    stamp = [{"lever": m, "model": str((r / "model.h5").resolve()),
+              "model_mtime_ns": (r / "model.h5").stat().st_mtime_ns} for m, r in zip(ENSEMBLES[lever], members)]
+    saved = run / "metrics.json"
+    if saved.exists() and (run / "model.h5").exists() and json.loads(saved.read_text()).get("members") == stamp:
+        return run
+    run.mkdir(parents=True, exist_ok=True)
+    saved.unlink(missing_ok=True)  # written last: an interrupted build is redone
+    cmd = [sys.executable, str(PROJECT / "tools" / "ensemble.py"), *(str((r / "model.h5").resolve()) for r in members),
+           "--out", str((run / "model.h5").resolve())]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=PROJECT)
+    seconds = [json.loads((r / "metrics.json").read_text()).get("train_seconds") for r in members]
+    runfiles.atomic_write_text(saved, json.dumps({
+        "train_seconds": sum(seconds) if None not in seconds else None,
+        "train_seconds_is": "the sum of its members' train_seconds: the ensemble itself trains nothing",
+        "members": stamp}, indent=2))
     return run
 
 
@@ -119,7 +224,7 @@ def _evaluate(args, run: Path, split: str, lever: str, seed: int, cache: dict) -
         for mode, tta in modes:
             model = runfiles.load_core_model(model_path)
             if mode == "adapt_bn" and not adapt.adapt_batchnorm(model, s.x):
-                continue  # no batch norm to adapt (group / layer norm)
+                continue  # no trainable batch norm to adapt (group / layer norm; ssl_frozen's encoder is frozen)
             probs = adapt.predict(model, s.x, 64, tta)
             m = metrics.classification_metrics(s.y, probs, list(classes))
             rows.append({"split": split, "lever": lever, "seed": seed, "target": target, "mode": mode,
@@ -147,7 +252,7 @@ def summarise(rows: list[dict]) -> list[str]:
     groups = {}
     for r in rows:
         groups.setdefault((r["split"], r["lever"], r["target"], r["mode"]), []).append(r)
-    order = {lever: i for i, lever in enumerate(LEVERS)}
+    order = {lever: i for i, lever in enumerate(ALL_LEVERS)}
     lines = ["| split | lever | target | mode | seeds | accuracy | balanced acc. | macro-F1 | collapsed runs |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (split, lever, target, mode), rs in sorted(groups.items(), key=lambda kv: (
@@ -174,8 +279,7 @@ def write_results(out: Path):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not args.bccd.is_dir():
-        raise cli.UserError(f"--bccd {args.bccd}: no such folder (expected one sub-folder per class)")
+    check_args(args)
     cli.import_keras_quietly()
     args.out.mkdir(parents=True, exist_ok=True)
     cache, start = {}, time.perf_counter()
