@@ -27,6 +27,7 @@ def classifier_head(x, num_classes: int, dense: int = 128, dropout: float = 0.5)
 # quarter of the operations; below ~160 px halving the working resolution costs detail, so 'auto' keeps stride 1.
 STEM_AUTO_MIN_SIZE = 160
 NORMS = ("batch", "group", "layer")
+POOLINGS = ("flatten", "avg", "blocks")  # build_cnn's ways from the last feature map(s) to the head
 
 
 def resolve_stem_stride(stem_stride: int | str, image_size: int) -> int:
@@ -54,7 +55,10 @@ def build_cnn(num_classes: int = 5, image_size: int = 224, width: int = 32, dept
     """The report's CNN: `depth` blocks of conv 3x3 + max-pool + dropout, filters doubling and dropout
     rising with depth (dropout + i * dropout_step), then a dense head.
 
-    pooling='flatten' is the report's head; 'avg' (global average pooling) has far fewer parameters.
+    pooling='flatten' is the report's head; 'avg' (global average pooling) has far fewer parameters; 'blocks'
+    concatenates every block's globally averaged output (the early blocks' general features beside the last
+    block's specific ones: what a head on a frozen pre-trained encoder can use; DINO's linear evaluation reads
+    several blocks too).
     batchnorm=True adds batch normalisation after each convolution. stem_stride=2 makes the first convolution
     strided: every later block works on a quarter of the pixels (about 4x fewer operations at 224 px), while
     the first layer still sees the full-resolution image, unlike simply training at half the size.
@@ -65,11 +69,12 @@ def build_cnn(num_classes: int = 5, image_size: int = 224, width: int = 32, dept
     """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {', '.join(NORMS)}, not {norm!r}")
-    if pooling not in ("flatten", "avg"):
-        raise ValueError(f"pooling must be 'flatten' or 'avg', not {pooling!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
     stem_stride = resolve_stem_stride(stem_stride, image_size)
     inputs = image_input(image_size)
     x = layers.Rescaling(1.0 / 255.0, name="scale_0_1")(inputs)
+    block_outputs = []
     for i in range(depth):
         filters = width * 2 ** i
         x = layers.Conv2D(filters, 3, strides=stem_stride if i == 0 else 1, padding="same",
@@ -83,7 +88,12 @@ def build_cnn(num_classes: int = 5, image_size: int = 224, width: int = 32, dept
         x = layers.Activation("relu", name=f"block{i + 1}_relu")(x)
         x = layers.MaxPooling2D(name=f"block{i + 1}_pool")(x)
         x = layers.Dropout(min(0.9, dropout + i * dropout_step), name=f"block{i + 1}_dropout")(x)
-    x = layers.Flatten(name="flatten")(x) if pooling == "flatten" else layers.GlobalAveragePooling2D(name="gap")(x)
+        block_outputs.append(x)
+    if pooling == "blocks":
+        x = layers.Concatenate(name="gap_blocks")([layers.GlobalAveragePooling2D(name=f"block{i + 1}_gap")(b)
+                                                   for i, b in enumerate(block_outputs)])
+    else:
+        x = layers.Flatten(name="flatten")(x) if pooling == "flatten" else layers.GlobalAveragePooling2D(name="gap")(x)
     outputs = classifier_head(x, num_classes, dense, head_dropout)
     return keras.Model(inputs, outputs, name=name)
 

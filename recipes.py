@@ -78,8 +78,9 @@ def add_cnn_args(parser):
     g.add_argument("--dropout", type=float, default=None, help="dropout after the first block")
     g.add_argument("--dropout-step", type=float, default=None, help="dropout added per deeper block")
     g.add_argument("--dense", type=int, default=None, help="units of the dense layer before the softmax (0: none)")
-    g.add_argument("--pooling", choices=("flatten", "avg"), default=None,
-                   help="flatten (the report's) or global average pooling before the head")
+    g.add_argument("--pooling", choices=("flatten", "avg", "blocks"), default=None,
+                   help="flatten (the report's), global average pooling, or blocks: every block's average pooled "
+                        "output side by side (for a head on a frozen pre-trained encoder)")
     g.add_argument("--batchnorm", action="store_const", const=True, default=None,
                    help="batch normalisation after each conv")
     g.add_argument("--no-batchnorm", dest="batchnorm", action="store_const", const=False,

@@ -135,7 +135,8 @@ def all_rows(imagenet_weights: Path | None = None, include_imagenet: bool = Fals
 def row_names_text() -> str:
     """The row names for --help, brace-compressed: SPLIT_METHOD_RECIPE and SPLIT_resnet-..."""
     splits = "{" + ",".join(SPLIT_ORDER) + "}"
-    return (f"{splits}_{{{','.join(CNN_METHODS)}}}_{{{','.join(CNN_RECIPES)}}}, "
+    unlabeled = ",".join(dict.fromkeys((*SSL_METHODS, *SEMI_METHODS)))
+    return (f"{splits}_{{{','.join(CNN_METHODS)}}}_{{{','.join(CNN_RECIPES)}}}, {splits}_{{{unlabeled}}}_default, "
             f"{splits}_{{resnet-scratch,resnet-cam16}}, and with --imagenet-weights {splits}_resnet-imagenet-cam16")
 
 

@@ -30,7 +30,7 @@ logging.getLogger("absl").setLevel(logging.ERROR)
 
 METHODS = ("simclr", "vicreg")
 # The pooled-feature layer each core model ends its encoder at (models.build_cnn, models.build_resnet50).
-FEATURE_LAYERS = ("gap", "flatten", models.FEATURES_NAME)
+FEATURE_LAYERS = ("gap", "flatten", "gap_blocks", models.FEATURES_NAME)
 
 
 # ----------------------------------------------------------------------------------------------

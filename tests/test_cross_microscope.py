@@ -74,7 +74,16 @@ def test_missing_encoder_of_one_seed_named(tmp_path, capsys, recorded):
 def test_default_levers(tmp_path):
     assert xm.parse_args(_argv(tmp_path)).levers == list(xm.LEVERS)
     with_encoder = xm.parse_args(_argv(tmp_path, "--encoder", "e.h5")).levers
-    assert with_encoder == [*xm.LEVERS, "ssl_frozen", "ssl_lpft", "ssl_frozen+lpft"]
+    assert with_encoder == [*xm.LEVERS, "ssl_frozen", "ssl_lpft", "ssl_frozen_blocks", "ssl_frozen+lpft",
+                            "ssl_frozen_blocks+lpft"]
+
+
+def test_frozen_blocks_lever_reads_every_block_and_its_ensemble_shares_the_lpft_run(tmp_path):
+    args = xm.parse_args(_argv(tmp_path, "--epochs", "20", "--encoder", "e{seed}.h5"))
+    frozen_blocks = xm.train_command(args, "WBC_100", "ssl_frozen_blocks", 0)
+    assert _value(frozen_blocks, "--pooling") == "blocks" and _value(frozen_blocks, "--freeze-epochs") == "20"
+    assert "--pooling" not in xm.train_command(args, "WBC_100", "ssl_frozen", 0)
+    assert xm.ENSEMBLES["ssl_frozen_blocks+lpft"] == ("ssl_frozen_blocks", "ssl_lpft")
 
 
 def test_encoder_levers_commands(tmp_path, recorded):

@@ -38,6 +38,30 @@ def test_stem_stride_halves_every_later_feature_map_with_the_same_weights():
         models.resolve_stem_stride(3, 224)
 
 
+def test_blocks_pooling_reads_every_blocks_average_and_takes_an_avg_pooled_encoders_weights(tmp_path):
+    import selfsup
+    model = models.build_cnn(5, 32, width=4, depth=3, pooling="blocks", batchnorm=True)
+    features = model.get_layer("gap_blocks").output
+    assert tuple(features.shape) == (None, 4 + 8 + 16)  # each block's channels, side by side
+    # the first block's pooled output is what its dropout passed on, averaged over the positions
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    import keras
+    probe = keras.Model(model.input, [features, model.get_layer("block1_dropout").output])
+    pooled, block1 = (np.asarray(a, "float32") for a in probe.predict(x, verbose=0))
+    np.testing.assert_allclose(pooled[:, :4], block1.mean(axis=(1, 2)), rtol=1e-4, atol=1e-6)
+    # an encoder pre-trained with the usual average pooling fits: pooling has no weights
+    encoder = selfsup.encoder_of(models.build_cnn(2, 32, width=4, depth=3, pooling="avg", batchnorm=True))
+    encoder.save(tmp_path / "encoder.h5")
+    names = selfsup.load_encoder_weights(model, tmp_path / "encoder.h5")
+    assert "block3_conv" in names and "block3_bn" in names
+    for name in names:
+        for mine, theirs in zip(model.get_layer(name).get_weights(), encoder.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(mine, theirs)
+    assert selfsup.encoder_of(model).output.shape[-1] == 28  # pre-training with blocks pooling reads them all
+    with pytest.raises(ValueError, match="pooling"):
+        models.build_cnn(5, 32, pooling="max")
+
+
 def test_h5_round_trip_in_a_fresh_process_without_the_project(tmp_path):
     model = models.build_cnn(5, 24, width=4, depth=2, pooling="avg", batchnorm=True)
     x = np.random.default_rng(0).integers(0, 256, (6, 24, 24, 3), dtype=np.uint8)

@@ -61,8 +61,11 @@ LPFT_FREEZE_EPOCHS = 5
 ENCODER_LEVERS = {
     "ssl_frozen": lambda args: ["--freeze-epochs", str(args.epochs)],
     "ssl_lpft": lambda args: ["--freeze-epochs", str(LPFT_FREEZE_EPOCHS), "--finetune-lr", "2e-4"],
+    # frozen throughout, the head reading every block's pooled output (models.build_cnn's pooling='blocks')
+    "ssl_frozen_blocks": lambda args: ["--freeze-epochs", str(args.epochs), "--pooling", "blocks"],
 }
-ENSEMBLES = {"ssl_frozen+lpft": ("ssl_frozen", "ssl_lpft")}  # no training of its own: its members averaged
+ENSEMBLES = {"ssl_frozen+lpft": ("ssl_frozen", "ssl_lpft"),  # no training of their own: their members averaged
+             "ssl_frozen_blocks+lpft": ("ssl_frozen_blocks", "ssl_lpft")}
 NEEDS_ENCODER = [*ENCODER_LEVERS, *ENSEMBLES]
 ALL_LEVERS = [*LEVERS, *NEEDS_ENCODER]
 FIELDS = ["split", "lever", "seed", "target", "mode", "images", "accuracy", "balanced_accuracy", "macro_f1",
