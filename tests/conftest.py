@@ -27,26 +27,48 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.path in uses_demo)  # a stable sort: the order within each group is kept
 
 
+def session_folder(tmp_path_factory) -> Path:
+    """A folder of this test session that every pytest-xdist worker shares (each worker's own temporary folders
+    lie inside it): the demo data is drawn once, not once per worker."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session", autouse=True)
 def demo_in_background(request, tmp_path_factory):
-    """From the session's first test on, when a selected test needs it: (process generating the demo data,
-    its root folder)."""
+    """From the session's first test on, when a selected test needs it: (process generating the demo data or None
+    where another worker generates it, its root folder)."""
     if not any("demo_root" in getattr(item, "fixturenames", ()) for item in request.session.items):
         yield None
         return
-    root = tmp_path_factory.mktemp("demo") / "demo"
+    root = session_folder(tmp_path_factory) / "demo" / "demo"
+    root.parent.mkdir(exist_ok=True)
+    try:  # the first worker to create the claim draws the data; the others wait for its manifest
+        os.close(os.open(root.parent / "drawing.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        yield None, root
+        return
     started = Started([sys.executable, "-c", "import sys, demo_data; demo_data.ensure_demo_data(sys.argv[1])", root])
     yield started, root
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        started.result(timeout=600)  # another worker may still be waiting for it
     started.stop()  # still running only when the session ended before any test asked for the data
 
 
 @pytest.fixture(scope="session")
 def demo_root(demo_in_background, tmp_path_factory):
     """The synthetic demo dataset in the course layout, generated once for the whole session."""
+    import time
     import demo_data
     if demo_in_background is None:  # asked for by a test that did not declare it
         return demo_data.ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo")
     started, root = demo_in_background
+    if started is None:  # another worker draws it
+        deadline = time.monotonic() + 600
+        while not (root / "manifest.json").exists():
+            assert time.monotonic() < deadline, f"the demo data did not appear in {root} within 600 s"
+            time.sleep(0.5)
+        return root
     done = started.result(timeout=600)
     assert done.returncode == 0, f"generating the demo data failed:\n{done.stderr[-3000:]}"
     return demo_data.ensure_demo_data(root)  # finds the finished folder
