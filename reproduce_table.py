@@ -481,7 +481,8 @@ def train_rows(rows: list[Row], args, out: Path) -> list[dict]:
     ssl_seeds = sorted({s for r, s in pending if r.method in SSL_METHODS})
     if args.dry_run:
         for seed in ssl_seeds:
-            print(" ".join(ssl_command(seed, args, out)))
+            if not (ssl_folder(out, seed) / "metrics.json").exists():  # a finished encoder is reused
+                print(" ".join(ssl_command(seed, args, out)))
         for row, seed in pending:
             print(shlex.join(command(row, seed, args, out)))
         return []

@@ -576,6 +576,12 @@ def test_table_ssl_semi_row_starts_from_the_seeds_encoder_and_trains_on_the_semi
     assert f"--unlabeled {pool} " in both[0]
     assert not any("--unlabeled" in ln for ln in lines if "_ssl_default_seed0" in ln)
     assert ("ssl-semi_default", "ssl_default") in reproduce_table.PAIRS
+    # a finished encoder is reused: the dry run lists no pre-training for its seed
+    (tmp_path / "table" / "runs" / "ssl_pretrain_seed0").mkdir(parents=True)
+    (tmp_path / "table" / "runs" / "ssl_pretrain_seed0" / "metrics.json").write_text("{}")
+    again = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl-semi_default", "--seeds", "1",
+                             "--unlabeled-ratio", "3", "--dry-run", "--out", tmp_path / "table")
+    assert again.returncode == 0 and "pretrain_ssl.py" not in again.stdout, again.stdout
 
 
 def test_table_ssl_views_keep_hue_reach_pretraining_only_and_an_older_folder_keeps_its_views(
