@@ -84,6 +84,14 @@ def test_frozen_blocks_lever_reads_every_block_and_its_ensemble_shares_the_lpft_
     assert _value(frozen_blocks, "--pooling") == "blocks" and _value(frozen_blocks, "--freeze-epochs") == "20"
     assert "--pooling" not in xm.train_command(args, "WBC_100", "ssl_frozen", 0)
     assert xm.ENSEMBLES["ssl_frozen_blocks+lpft"] == ("ssl_frozen_blocks", "ssl_lpft")
+    # only LP-FT needs more epochs than its head-only phase: a frozen lever trains at any --epochs
+    (tmp_path / "e0.h5").touch()
+    short = xm.parse_args(_argv(tmp_path, "--epochs", "3", "--encoder", str(tmp_path / "e{seed}.h5"),
+                                "--levers", "ssl_frozen", "ssl_frozen_blocks"))
+    xm.check_args(short)
+    short.levers = ["ssl_frozen_blocks+lpft"]
+    with pytest.raises(xm.cli.UserError, match="--epochs 3: LP-FT"):
+        xm.check_args(short)
 
 
 def test_encoder_levers_commands(tmp_path, recorded):

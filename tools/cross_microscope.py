@@ -58,11 +58,17 @@ LEVERS = {
 # (docs/microscopes.md): frozen throughout, LP-FT (5 head-only epochs, then everything at a lower rate: Kumar et al.,
 # ICLR 2022), and the two averaged (an output ensemble: tools/ensemble.py). Arguments after --init ENCODER.
 LPFT_FREEZE_EPOCHS = 5
+
+
+def _frozen(args) -> list[str]:
+    return ["--freeze-epochs", str(args.epochs)]
+
+
 ENCODER_LEVERS = {
-    "ssl_frozen": lambda args: ["--freeze-epochs", str(args.epochs)],
+    "ssl_frozen": _frozen,
     "ssl_lpft": lambda args: ["--freeze-epochs", str(LPFT_FREEZE_EPOCHS), "--finetune-lr", "2e-4"],
     # frozen throughout, the head reading every block's pooled output (models.build_cnn's pooling='blocks')
-    "ssl_frozen_blocks": lambda args: ["--freeze-epochs", str(args.epochs), "--pooling", "blocks"],
+    "ssl_frozen_blocks": lambda args: [*_frozen(args), "--pooling", "blocks"],
 }
 ENSEMBLES = {"ssl_frozen+lpft": ("ssl_frozen", "ssl_lpft"),  # no training of their own: their members averaged
              "ssl_frozen_blocks+lpft": ("ssl_frozen_blocks", "ssl_lpft")}
@@ -109,7 +115,8 @@ def check_args(args):
     if args.encoder is None:
         raise cli.UserError(f"--levers {' '.join(wanting)}: these start from a self-supervised encoder "
                             "(expected --encoder PATH, a pretrain_ssl.py encoder.h5)")
-    if args.epochs <= LPFT_FREEZE_EPOCHS and any(lever != "ssl_frozen" for lever in wanting):
+    trained = {member for lever in wanting for member in ENSEMBLES.get(lever, (lever,))}
+    if args.epochs <= LPFT_FREEZE_EPOCHS and "ssl_lpft" in trained:
         raise cli.UserError(f"--epochs {args.epochs}: LP-FT trains {LPFT_FREEZE_EPOCHS} head-only epochs before "
                             f"fine-tuning (expected --epochs above {LPFT_FREEZE_EPOCHS} for ssl_lpft)")
     for seed in args.seeds:
