@@ -73,8 +73,8 @@ PAIRS += [("ssl_default", "raw_default"), ("semi_default", "raw_default"), ("ssl
           ("ssl-semi_default", "semi_default")]
 # Settings that change what a finished run means: a results folder keeps one value of each.
 CONFIG_KEYS = ("data", "image_size", "epochs", "pretrain_epochs", "batch_size", "holdout", "imagenet_weights",
-               "ssl_epochs", "ssl_views", "ssl_unlabeled", "freeze_epochs", "finetune_lr", "unlabeled_ratio",
-               "thresholds", "semi_pool", "frozen_blocks", "class_weight_power")
+               "ssl_epochs", "ssl_image_size", "ssl_views", "ssl_unlabeled", "freeze_epochs", "finetune_lr",
+               "unlabeled_ratio", "thresholds", "semi_pool", "frozen_blocks", "class_weight_power")
 SEMI_POOLS = ("train", "all")
 SSL_METHODS = ("ssl", "ssl-semi")  # rows that start from the seed's pre-trained encoder
 SEMI_METHODS = ("semi", "ssl-semi")  # rows trained on the unlabeled pool too
@@ -170,6 +170,11 @@ def parse_args(argv=None):
                    help="CAM16 pre-training epochs of the ResNet50 rows (default: --epochs; 1 on the demo data)")
     g.add_argument("--ssl-epochs", type=int, default=None,
                    help="pre-training epochs of the ssl rows (pretrain_ssl.py; default 30; 2 on the demo data)")
+    g.add_argument("--ssl-image-size", type=int, default=None, metavar="PX",
+                   help="image size of the ssl rows' pre-training (default: --image-size). The encoder is "
+                        "convolutional, so a smaller size buys more epochs for the same time; random resized crops "
+                        "enlarge the cells, so an encoder trained smaller sees them near the classifier's scale "
+                        "(Touvron et al., NeurIPS 2019)")
     g.add_argument("--ssl-views", choices=tuple(SSL_VIEWS), default="simclr",
                    help="two views of the ssl rows' pre-training: simclr = pretrain_ssl.py's defaults (hue shifts, "
                         "20%% grey views); keep-hue = the same without hue shifts or grey views")
@@ -241,6 +246,8 @@ def parse_args(argv=None):
         args.pretrain_epochs = 1 if args.demo else args.epochs
     if args.ssl_epochs is None:
         args.ssl_epochs = 2 if args.demo else 30
+    if args.ssl_image_size is None:
+        args.ssl_image_size = args.image_size
     if args.freeze_epochs is None:
         args.freeze_epochs = min(5, args.epochs // 2)
     if args.rows is None and args.demo:
@@ -248,7 +255,9 @@ def parse_args(argv=None):
     if args.out is None:
         args.out = Path("runs/table_demo" if args.demo else "runs/table")
     cli.check_positive(args, "seeds", "epochs", "pretrain_epochs", "ssl_epochs", "batch_size", "bootstrap", "jobs",
-                      "unlabeled_ratio")
+                       "unlabeled_ratio")
+    if not 8 <= args.ssl_image_size <= 2048:
+        raise UserError(f"--ssl-image-size {args.ssl_image_size}: expected a side between 8 and 2048 pixels")
     cli.check_non_negative(args, "freeze_epochs", "frozen_blocks", "class_weight_power")
     cli.check_unlabeled_folders(args.ssl_unlabeled, "--ssl-unlabeled")
     args.ssl_unlabeled = [str(folder.resolve()) for folder in args.ssl_unlabeled]
@@ -301,6 +310,8 @@ def check_config(out: Path, args) -> dict:
             old.setdefault("finetune_lr", None)
         old.setdefault("frozen_blocks", 0)  # written before these options existed: neither was passed
         old.setdefault("class_weight_power", None)
+        if "image_size" in old:  # written before --ssl-image-size: pre-trained at the table's own size
+            old.setdefault("ssl_image_size", old["image_size"])
         for key in CONFIG_KEYS:
             if key in old and old[key] != config[key] and not (key == "imagenet_weights" and config[key] is None):
                 raise UserError(f"{out} holds runs made with --{key.replace('_', '-')} {old[key]} (now "
@@ -425,7 +436,7 @@ def ssl_command(seed: int, args, out: Path) -> list[str]:
     """Pre-training for the ssl rows of one seed: WBC_100's training images (labels ignored; the probe uses them),
     ROOT/WBC_unlabeled (prepare_splits.py --unlabeled) when it exists, and the --ssl-unlabeled folders."""
     cmd = [sys.executable, str(PROJECT / "pretrain_ssl.py"), "--data", str(args.data), "--split", "WBC_100",
-           "--image-size", str(args.image_size), "--epochs", str(args.ssl_epochs), "--precision", args.precision,
+           "--image-size", str(args.ssl_image_size), "--epochs", str(args.ssl_epochs), "--precision", args.precision,
            "--seed", str(seed), "--out", str(ssl_folder(out, seed)), "--resume", "--quiet",
            *SSL_VIEWS[args.ssl_views]]
     pool = [str(Path(args.data) / "WBC_unlabeled")] if (Path(args.data) / "WBC_unlabeled").is_dir() else []

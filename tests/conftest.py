@@ -18,6 +18,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # runs train tiny models for a few steps, so compiling is most of their time; unoptimised code computes the same
 # functions (on a 2-core x86-64 CPU: 14 instead of 24 s of CPU time for test_distributed's 2-device run).
 JAX_XLA_FLAGS = "--xla_backend_optimization_level=0"
+# Every run under JAX: as on a GPU machine with JAX and no TensorFlow (tests/without_tensorflow makes TensorFlow
+# unimportable), which also spares each process TensorFlow's import (keras.utils.set_random_seed imports it
+# wherever it is installed, for tf.data's seed; the project feeds JAX from NumPy).
+JAX_ENV = {"KERAS_BACKEND": "jax", "XLA_FLAGS": JAX_XLA_FLAGS,
+           "PYTHONPATH": os.pathsep.join([str(PROJECT / "tests" / "without_tensorflow"),
+                                          *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 def pytest_collection_modifyitems(items):

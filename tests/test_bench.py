@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import JAX_XLA_FLAGS, Started, selected
+from conftest import JAX_ENV, PROJECT, Started, selected
 
 import bench
 import data
@@ -149,24 +149,17 @@ def jax_run(request, tmp_path_factory):
     demo_root = request.getfixturevalue("demo_root")
     tmp = tmp_path_factory.mktemp("jax")
     out = tmp / "bench"
-    argv = ["bench.py", "--data", str(demo_root), "--image-size", "16", "--batch-size", "8", "--epochs", "2",
-            "--steps", "2", "--pipelines", "cached,arrays", "--in-process", "--out", str(out)]
-    code = ("import sys, runpy, importlib.abc\n"
-            "class NoTensorFlow(importlib.abc.MetaPathFinder):\n"
-            "    def find_spec(self, name, path, target=None):\n"
-            "        if name.split('.')[0] == 'tensorflow':\n"
-            "            raise ImportError('tensorflow is not installed here')\n"
-            f"sys.meta_path.insert(0, NoTensorFlow()); sys.argv = {argv!r}\n"
-            "runpy.run_path('bench.py', run_name='__main__')\n")
-    started = Started([sys.executable, "-c", code], {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": JAX_XLA_FLAGS,
-                                                     "WBC_CACHE_DIR": str(tmp / "cache")})
+    started = Started([sys.executable, PROJECT / "bench.py", "--data", demo_root, "--image-size", "16", "--batch-size",
+                       "8", "--epochs", "2", "--steps", "2", "--pipelines", "cached,arrays", "--in-process",
+                       "--out", out], {**os.environ, **JAX_ENV, "WBC_CACHE_DIR": str(tmp / "cache")})
     yield started, out
     started.stop()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed (the GPU check uses it)")
 def test_default_path_runs_under_jax_without_tensorflow(jax_run):
-    """The GPU machine has JAX and no TensorFlow: block TensorFlow's import and run the default path (jax_run)."""
+    """The GPU machine has JAX and no TensorFlow: TensorFlow's import blocked (conftest.JAX_ENV), the default path
+    runs (jax_run)."""
     started, out = jax_run
     proc = started.result(timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -16,7 +16,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import JAX_XLA_FLAGS, PROJECT
+from conftest import JAX_ENV, JAX_XLA_FLAGS, PROJECT
 
 RUN_FILES = {"args.json", "history.csv", "metrics.json", "model.h5", "val_predictions.csv", "curves.png",
              "confusion.png"}
@@ -29,7 +29,7 @@ TINY = ["--split", "WBC_100", "--image-size", "16", "--width", "4", "--epochs", 
 def _env(backend, cache):
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", "WBC_CACHE_DIR": str(cache)}
     if backend == "jax":
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=2 {JAX_XLA_FLAGS}"
+        env.update(JAX_ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {JAX_XLA_FLAGS}")
     return env
 
 

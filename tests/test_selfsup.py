@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import JAX_XLA_FLAGS, exit_status, run_script, selected, start_script, table_in_process
+from conftest import JAX_ENV, exit_status, run_script, selected, start_script, table_in_process
 
 TINY = ["--image-size", "24", "--batch-size", "32", "--no-cache"]
 
@@ -25,7 +25,7 @@ def jax_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("jax") / "run"
     # WBC_100's pool (about 17 steps an epoch): WBC_1's few images give one step an epoch, too few for a trend
     started = start_script("pretrain_ssl.py", "--data", demo_root, "--split", "WBC_100", *TINY, "--epochs", "3",
-                           "--probe-every", "3", "--out", out, env={"KERAS_BACKEND": "jax", "XLA_FLAGS": JAX_XLA_FLAGS})
+                           "--probe-every", "3", "--out", out, env=JAX_ENV)
     yield started, out
     started.stop()
 
@@ -599,6 +599,33 @@ def test_table_ssl_views_keep_hue_reach_pretraining_only_and_an_older_folder_kee
     refused = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default", "--seeds", "1",
                                "--ssl-epochs", "2", "--ssl-views", "keep-hue", "--dry-run", "--out", old)
     assert refused.returncode == 2 and "--ssl-views simclr" in refused.stderr, refused.stderr
+
+
+def test_table_ssl_image_size_reaches_pretraining_only_and_an_older_folder_keeps_the_tables_size(
+        demo_root, tmp_path, capsys):
+    result = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default,WBC_1_raw_default",
+                              "--seeds", "1", "--image-size", "32", "--ssl-image-size", "24", "--dry-run",
+                              "--out", tmp_path / "t")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    pretrain = [ln for ln in lines if "pretrain_ssl.py" in ln]
+    assert len(pretrain) == 1 and "--image-size 24 " in pretrain[0]
+    training = [ln for ln in lines if "train_cnn.py" in ln]
+    assert len(training) == 2 and all("--image-size 32 " in ln for ln in training)
+    # a folder from before the option pre-trained at the table's --image-size: continued at that size only
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "table_config.json").write_text(json.dumps({"ssl_epochs": 2, "image_size": 32}))
+    same = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default", "--seeds", "1",
+                            "--ssl-epochs", "2", "--image-size", "32", "--dry-run", "--out", old)
+    assert same.returncode == 0, same.stderr
+    refused = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default", "--seeds", "1",
+                               "--ssl-epochs", "2", "--image-size", "32", "--ssl-image-size", "24", "--dry-run",
+                               "--out", old)
+    assert refused.returncode == 2 and "--ssl-image-size 32" in refused.stderr, refused.stderr
+    tiny = table_in_process(capsys, "--data", demo_root, "--rows", "WBC_1_ssl_default", "--ssl-image-size", "4",
+                            "--dry-run", "--out", tmp_path / "u")
+    assert tiny.returncode == 2 and "--ssl-image-size 4" in tiny.stderr and "Traceback" not in tiny.stderr
 
 
 def test_table_ssl_unlabeled_folders_join_the_pretraining_pool_only_and_a_folder_keeps_its_pool(

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import JAX_XLA_FLAGS, Started, exit_status, run_script, selected, start_script, table_in_process
+from conftest import JAX_ENV, Started, exit_status, run_script, selected, start_script, table_in_process
 
 TINY = ["--image-size", "16", "--batch-size", "8", "--width", "4", "--no-cache", "--epochs", "1"]
 
@@ -22,7 +22,7 @@ def jax_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("jax") / "run"
     started = start_script("train_cnn.py", "--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled",
                            demo_root / "WBC_100" / "train", "--unlabeled-ratio", "2", "--thresholds", "per-class",
-                           "--out", out, "--quiet", env={"KERAS_BACKEND": "jax", "XLA_FLAGS": JAX_XLA_FLAGS})
+                           "--out", out, "--quiet", env=JAX_ENV)
     yield started, out
     started.stop()
 
