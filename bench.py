@@ -3,6 +3,9 @@
     (a) legacy  the report's ImageDataGenerator pipeline: decodes every file on every epoch, augments on the CPU
     (b) cached  the default: the memory-mapped uint8 cache and the random affine warp on the device
     (c) arrays  the same model on in-memory arrays without augmentation: the model-bound ceiling
+    (d) ssl     pretrain_ssl.py's step on the cached images: two augmented views of each through the encoder, the
+                projector and SimCLR's loss; its images/s counts views, so d/c compares the same number of images
+                through the network (not in the default --pipelines)
 
 plus cache building (images/s, peak RSS). Prints a table with b/a and b/c and writes --out/bench.json.
 
@@ -10,6 +13,7 @@ plus cache building (images/s, peak RSS). Prints a table with b/a and b/c and wr
     python bench.py --demo-size 575               # the demo cells re-encoded as 575x575 JPEGs, like Raabin-WBC
     python bench.py --data ROOT --split WBC_100   # your data
     KERAS_BACKEND=jax python bench.py --model resnet50 --batch-size 128 --pipelines cached,arrays --steps 40
+    python bench.py --recipe default --batch-size 128 --pipelines arrays,ssl   # self-supervised vs model-bound
 
 Each measurement runs in its own process (a fresh model, a clean peak RSS); the first epoch (tracing and
 compilation) is not timed unless it is the only one.
@@ -39,10 +43,12 @@ import augment
 import legacy
 import runfiles
 
-PIPELINES = ("legacy", "cached", "arrays")
-ALIASES = {"a": "legacy", "b": "cached", "c": "arrays"}
+PIPELINES = ("legacy", "cached", "arrays", "ssl")
+ALIASES = {"a": "legacy", "b": "cached", "c": "arrays", "d": "ssl"}
 DESCRIPTIONS = {"legacy": "(a) ImageDataGenerator, decode every epoch", "cached": "(b) cache + on-device affine",
-                "arrays": "(c) in-memory arrays, no augmentation"}
+                "arrays": "(c) in-memory arrays, no augmentation",
+                "ssl": "(d) self-supervised, two views (views/s)"}
+SSL_VIEWS_PER_IMAGE = 2
 
 
 def parse_args(argv=None):
@@ -77,7 +83,7 @@ def parse_args(argv=None):
                         "is the median over all their timed epochs (for machines whose speed varies)")
     g = parser.add_argument_group("benchmark")
     g.add_argument("--pipelines", default="legacy,cached,arrays",
-                   help="comma-separated subset of legacy,cached,arrays (or a,b,c); the legacy loader needs "
+                   help="comma-separated subset of legacy,cached,arrays,ssl (or a,b,c,d); the legacy loader needs "
                         "scipy and reads files, skip it where only the device path matters")
     g.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for bench.json")
     g.add_argument("--in-process", action="store_true",
@@ -249,6 +255,8 @@ def job_pipeline(spec: dict) -> dict:
     images = len(index)
     y = keras.utils.to_categorical(train.y[index], len(train.classes)).astype("float32")
     augmentation = spec["augment"]
+    if pipeline == "ssl":
+        return job_ssl(spec, train, index, precision)
     with devices.distribution_scope():
         model = build_training_model(spec, train, augmentation if pipeline == "cached" else None)
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", metrics=["accuracy"])
@@ -276,6 +284,32 @@ def job_pipeline(spec: dict) -> dict:
              "first_epoch_timed": len(timer.seconds) == 1, "peak_rss_mb": peak_rss_mb(), "warp": warp,
              "backend": keras.backend.backend(), "tensorflow_imported": "tensorflow" in sys.modules}
     entry["images_per_second"] = images / statistics.median(timed_seconds(entry))
+    return entry
+
+
+def job_ssl(spec: dict, train, index, precision: str) -> dict:
+    """(d): pretrain_ssl.py's model and step (its default views, SimCLR, AdamW) on the cached images; a pool has no
+    labels, so only the images are fed. images/s counts views: two per pool image."""
+    import keras
+    import devices
+    import feeding
+    import selfsup
+    cnn_kwargs = {k: v for k, v in recipes.RECIPES[spec["recipe"]].items() if k in recipes.MODEL_KEYS}
+    with devices.distribution_scope():
+        encoder = selfsup.build_encoder(spec["model"], spec["image_size"], cnn_kwargs)
+        model = selfsup.JointEmbedding(encoder, augment.make_two_views(seed=spec["seed"]), name="ssl")
+        model.compile(optimizer=keras.optimizers.AdamW(2e-3, weight_decay=1e-4))
+    stream = feeding.Endless(selfsup.PoolBatches(train.x[index], spec["batch_size"], spec["seed"]))
+    timer = EpochTimer()
+    model.fit(stream, steps_per_epoch=stream.steps_per_epoch, epochs=spec["epochs"], callbacks=[timer], verbose=0,
+              shuffle=False)
+    views = stream.steps_per_epoch * spec["batch_size"] * SSL_VIEWS_PER_IMAGE
+    entry = {"pipeline": "ssl", "precision": precision, "images_per_epoch": views,
+             "views_per_image": SSL_VIEWS_PER_IMAGE, "batch_size": spec["batch_size"],
+             "epoch_seconds": timer.seconds, "epoch_images_per_second": [views / s for s in timer.seconds],
+             "first_epoch_timed": len(timer.seconds) == 1, "peak_rss_mb": peak_rss_mb(), "warp": None,
+             "backend": keras.backend.backend(), "tensorflow_imported": "tensorflow" in sys.modules}
+    entry["images_per_second"] = views / statistics.median(timed_seconds(entry))
     return entry
 
 
@@ -372,7 +406,7 @@ def main(argv=None):
         cache = run_job({**base, "job": "cache", "name": "cache", "precision": args.precision}, args.in_process,
                         workdir, env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
         resolved, default = cache["precision"][args.precision], cache["precision"]["auto"]
-        runs = [(p, p, args.precision, {}) for p in ("arrays", "cached", "legacy") if p in args.pipelines]
+        runs = [(p, p, args.precision, {}) for p in ("arrays", "cached", "legacy", "ssl") if p in args.pipelines]
         # The two ends of default_vs_report, each with its own recipe's model and augmentation: the report's
         # setup (legacy loader, float32, --recipe report) and the project's defaults (cached, auto precision,
         # --recipe default, no overrides). Measured separately unless (a) or (b) already is exactly that.
@@ -418,9 +452,10 @@ def main(argv=None):
         "pipelines": entries,
         "ratios": {"cached_vs_legacy": ratio(ips.get("cached"), ips.get("legacy")),
                    "cached_vs_model_bound": ratio(ips.get("cached"), ips.get("arrays")),
-                   "default_vs_report": ratio(ips.get(default_key), ips.get(report_key))},
+                   "default_vs_report": ratio(ips.get(default_key), ips.get(report_key)),
+                   "ssl_vs_model_bound": ratio(ips.get("ssl"), ips.get("arrays"))},
         "ratio_inputs": {"cached_vs_legacy": ["cached", "legacy"], "cached_vs_model_bound": ["cached", "arrays"],
-                         "default_vs_report": [default_key, report_key]},
+                         "default_vs_report": [default_key, report_key], "ssl_vs_model_bound": ["ssl", "arrays"]},
     }
     path = args.out / "bench.json"
     tmp = path.with_name(f".bench.json.tmp-{os.getpid()}")
@@ -452,6 +487,8 @@ def print_table(result: dict):
     print(f"b/c  cached vs model-bound:                    {show(r['cached_vs_model_bound'])}")
     print(f"defaults (cached, auto, --recipe default) vs report (legacy, float32, --recipe report): "
           f"{show(r['default_vs_report'])}")
+    if "ssl" in result["pipelines"]:
+        print(f"d/c  self-supervised views vs model-bound images: {show(r['ssl_vs_model_bound'])}")
 
 
 if __name__ == "__main__":

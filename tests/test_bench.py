@@ -78,22 +78,24 @@ def test_bench_writes_bench_json_with_every_pipeline_and_ratio(demo_root, tmp_pa
     out = tmp_path / "bench"
     assert bench.main(["--data", str(demo_root), "--image-size", "16", "--batch-size", "8", "--epochs", "2",
                        "--steps", "2", "--precision", "float32", "--in-process", "--repeats", "2",
-                       "--out", str(out)]) == 0
+                       "--pipelines", "legacy,cached,arrays,ssl", "--out", str(out)]) == 0
     result = json.loads((out / "bench.json").read_text())
     for key in ("machine", "backend", "precision", "pipelines", "ratios", "cache_build", "data"):
         assert key in result
     assert result["precision"] == "float32" and result["machine"]["cores"] >= 1
     pipelines = result["pipelines"]
-    assert {"legacy", "cached", "arrays"} <= set(pipelines)
+    assert {"legacy", "cached", "arrays", "ssl"} <= set(pipelines)
     for name, entry in pipelines.items():
         assert entry["images_per_second"] > 0 and entry["peak_rss_mb"] > 0, name
-        assert entry["images_per_epoch"] == 16 and entry["repeats"] == 2
+        # (d) feeds the same 2 x 8 images, two views of each through the network
+        assert entry["images_per_epoch"] == (32 if name == "ssl" else 16) and entry["repeats"] == 2
         assert [len(e) for e in entry["epoch_seconds"]] == [2, 2]  # two rounds of two epochs
     assert pipelines["legacy"]["cache_build_images_per_second"] is None  # it decodes every epoch instead
     assert pipelines["cached"]["cache_build_images_per_second"] == result["cache_build"]["images_per_second"] > 0
     ratios = result["ratios"]
-    assert set(ratios) == {"cached_vs_legacy", "cached_vs_model_bound", "default_vs_report"}
+    assert set(ratios) == {"cached_vs_legacy", "cached_vs_model_bound", "default_vs_report", "ssl_vs_model_bound"}
     ips = {k: v["images_per_second"] for k, v in pipelines.items()}
+    assert ratios["ssl_vs_model_bound"] == pytest.approx(ips["ssl"] / ips["arrays"])
     assert ratios["cached_vs_legacy"] == pytest.approx(ips["cached"] / ips["legacy"])
     assert ratios["cached_vs_model_bound"] == pytest.approx(ips["cached"] / ips["arrays"])
     default_key, report_key = result["ratio_inputs"]["default_vs_report"]

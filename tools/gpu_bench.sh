@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # bench.py on a GPU: the dropout CNN and ResNet50 at 224x224, batch 128, pipelines (b) cached + on-device
-# augmentation and (c) in-memory arrays (docs/performance.md), then the default training path end to end on the
-# synthetic demo data: train_cnn.py, train_masked.py --consistency 1.0 and Grad-CAM on the saved model.
+# augmentation and (c) in-memory arrays, and (d) the self-supervised step with two views against (c) for the
+# default recipe's CNN (docs/performance.md); then the default training path end to end on the synthetic demo
+# data: train_cnn.py, train_masked.py --consistency 1.0 and Grad-CAM on the saved model.
 #
 #   pip install -r requirements.txt "jax[cuda12]"
 #   bash tools/gpu_bench.sh [OUT]            # OUT defaults to runs/gpu_bench
 #
-# Writes OUT/cnn/bench.json, OUT/resnet50/bench.json, the run folders under OUT/ and OUT/gpu_bench.log. Each
-# epoch is STEPS x BATCH images (the demo's training images repeated), long enough to time at GPU speed; the first
-# epoch (compilation) is not timed. About 4-6 minutes on one recent data-centre GPU.
+# Writes OUT/cnn/bench.json, OUT/resnet50/bench.json, OUT/ssl/bench.json, the run folders under OUT/ and
+# OUT/gpu_bench.log. Each epoch is STEPS x BATCH images (the demo's training images repeated), long enough to time
+# at GPU speed; the first epoch (compilation) is not timed. About 5-7 minutes on one recent data-centre GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/gpu_bench}
@@ -24,6 +25,9 @@ python3 bench.py --model cnn --image-size "$SIZE" --batch-size "$BATCH" --pipeli
     --steps "$CNN_STEPS" --epochs 3 --out "$OUT/cnn"
 python3 bench.py --model resnet50 --image-size "$SIZE" --batch-size "$BATCH" --pipelines cached,arrays \
     --steps "$RESNET_STEPS" --epochs 3 --out "$OUT/resnet50"
+# self-supervised pre-training's step (two views) against the model-bound rate of the CNN it pre-trains
+python3 bench.py --model cnn --recipe default --image-size "$SIZE" --batch-size "$BATCH" --pipelines arrays,ssl \
+    --steps "$CNN_STEPS" --epochs 3 --out "$OUT/ssl"
 echo "benchmarks done after $(( $(date +%s) - start )) s"
 python3 train_cnn.py --epochs 6 --out "$OUT/cnn_run" --quiet
 python3 train_masked.py --epochs 3 --consistency 1.0 --out "$OUT/masked_run" --quiet
