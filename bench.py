@@ -1,4 +1,4 @@
-"""Benchmark the input pipelines: whole-epoch training images/s of one model fed three ways.
+"""Training speed: whole-epoch images/s of one model fed three ways, and its self-supervised step.
 
     (a) legacy  the report's ImageDataGenerator pipeline: decodes every file on every epoch, augments on the CPU
     (b) cached  the default: the memory-mapped uint8 cache and the random affine warp on the device
