@@ -252,24 +252,28 @@ def job_pipeline(spec: dict) -> dict:
     train = data.load_images(files.train, spec["image_size"], cache_dir=spec["cache_dir"], verbose=False)
     n = len(train)
     index = np.resize(np.arange(n), spec["steps"] * batch) if spec["steps"] else np.arange(n)
-    images = len(index)
-    y = keras.utils.to_categorical(train.y[index], len(train.classes)).astype("float32")
     augmentation = spec["augment"]
     if pipeline == "ssl":
-        return job_ssl(spec, train, index, precision)
-    with devices.distribution_scope():
-        model = build_training_model(spec, train, augmentation if pipeline == "cached" else None)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", metrics=["accuracy"])
-    timer = EpochTimer()
-    if pipeline == "legacy":
-        batches = legacy.legacy_generator([train.paths[i] for i in index], train.y[index], train.classes,
-                                        spec["image_size"], batch, **augmentation, seed=spec["seed"])
+        model, batches = ssl_training(spec, train.x[index])
+        # a pool is cut to whole batches; two views of each image go through the network
+        images = len(batches) * batch * SSL_VIEWS_PER_IMAGE
     else:
-        if pipeline == "arrays":
-            x = np.array(train.x[index])  # in memory
+        images = len(index)
+        y = keras.utils.to_categorical(train.y[index], len(train.classes)).astype("float32")
+        with devices.distribution_scope():
+            model = build_training_model(spec, train, augmentation if pipeline == "cached" else None)
+            model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy",
+                          metrics=["accuracy"])
+        if pipeline == "legacy":
+            batches = legacy.legacy_generator([train.paths[i] for i in index], train.y[index], train.classes,
+                                            spec["image_size"], batch, **augmentation, seed=spec["seed"])
         else:
-            x = train.x if spec["steps"] is None else train.x[index]  # the decoded cache's images
-        batches = feeding.ArrayBatches(x, y, batch, spec["seed"])
+            if pipeline == "arrays":
+                x = np.array(train.x[index])  # in memory
+            else:
+                x = train.x if spec["steps"] is None else train.x[index]  # the decoded cache's images
+            batches = feeding.ArrayBatches(x, y, batch, spec["seed"])
+    timer = EpochTimer()
     # Every pipeline feeds fit the way training.train does: one endless stream, one epoch per pass.
     stream = feeding.Endless(batches)
     model.fit(stream, steps_per_epoch=stream.steps_per_epoch, epochs=spec["epochs"], callbacks=[timer], verbose=0,
@@ -283,34 +287,23 @@ def job_pipeline(spec: dict) -> dict:
              "epoch_seconds": timer.seconds, "epoch_images_per_second": ips,
              "first_epoch_timed": len(timer.seconds) == 1, "peak_rss_mb": peak_rss_mb(), "warp": warp,
              "backend": keras.backend.backend(), "tensorflow_imported": "tensorflow" in sys.modules}
+    if pipeline == "ssl":
+        entry["views_per_image"] = SSL_VIEWS_PER_IMAGE
     entry["images_per_second"] = images / statistics.median(timed_seconds(entry))
     return entry
 
 
-def job_ssl(spec: dict, train, index, precision: str) -> dict:
-    """(d): pretrain_ssl.py's model and step (its default views, SimCLR, AdamW) on the cached images; a pool has no
-    labels, so only the images are fed. images/s counts views: two per pool image."""
+def ssl_training(spec: dict, x):
+    """(d): pretrain_ssl.py's model and step (its default views, SimCLR, AdamW) and its batches of images only (a
+    pool has no labels)."""
     import keras
     import devices
-    import feeding
     import selfsup
-    cnn_kwargs = {k: v for k, v in recipes.RECIPES[spec["recipe"]].items() if k in recipes.MODEL_KEYS}
     with devices.distribution_scope():
-        encoder = selfsup.build_encoder(spec["model"], spec["image_size"], cnn_kwargs)
+        encoder = selfsup.build_encoder(spec["model"], spec["image_size"], recipes.recipe_model_kwargs(spec["recipe"]))
         model = selfsup.JointEmbedding(encoder, augment.make_two_views(seed=spec["seed"]), name="ssl")
         model.compile(optimizer=keras.optimizers.AdamW(2e-3, weight_decay=1e-4))
-    stream = feeding.Endless(selfsup.PoolBatches(train.x[index], spec["batch_size"], spec["seed"]))
-    timer = EpochTimer()
-    model.fit(stream, steps_per_epoch=stream.steps_per_epoch, epochs=spec["epochs"], callbacks=[timer], verbose=0,
-              shuffle=False)
-    views = stream.steps_per_epoch * spec["batch_size"] * SSL_VIEWS_PER_IMAGE
-    entry = {"pipeline": "ssl", "precision": precision, "images_per_epoch": views,
-             "views_per_image": SSL_VIEWS_PER_IMAGE, "batch_size": spec["batch_size"],
-             "epoch_seconds": timer.seconds, "epoch_images_per_second": [views / s for s in timer.seconds],
-             "first_epoch_timed": len(timer.seconds) == 1, "peak_rss_mb": peak_rss_mb(), "warp": None,
-             "backend": keras.backend.backend(), "tensorflow_imported": "tensorflow" in sys.modules}
-    entry["images_per_second"] = views / statistics.median(timed_seconds(entry))
-    return entry
+    return model, selfsup.PoolBatches(x, spec["batch_size"], spec["seed"])
 
 
 def timed_seconds(entry: dict) -> list[float]:

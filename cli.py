@@ -397,9 +397,14 @@ def resolve_data(args, demo_image_size: int = 64, real_image_size: int = 224, ge
     args.demo = is_demo
     if getattr(args, "image_size", "absent") is None:
         args.image_size = demo_image_size if is_demo else real_image_size
-    if getattr(args, "image_size", 1) is not None and not 8 <= args.image_size <= 2048:
-        raise UserError(f"--image-size {args.image_size}: expected a side between 8 and 2048 pixels")
+    if getattr(args, "image_size", None) is not None:
+        check_image_size(args.image_size)
     return args.data
+
+
+def check_image_size(side: int, flag: str = "--image-size"):
+    if not 8 <= side <= 2048:
+        raise UserError(f"{flag} {side}: expected a side between 8 and 2048 pixels")
 
 
 def ensure_data(args):

@@ -68,6 +68,11 @@ def model_kwargs(args) -> dict:
     return {k: getattr(args, k) for k in MODEL_KEYS}
 
 
+def recipe_model_kwargs(name: str) -> dict:
+    """The CNN shape of recipe `name` as models.build_cnn keywords (the recipe's own values, no options applied)."""
+    return {k: v for k, v in RECIPES[name].items() if k in MODEL_KEYS}
+
+
 def add_cnn_args(parser):
     """The CNN's shape; each default comes from --recipe."""
     g = parser.add_argument_group("model (defaults from --recipe, shown for each)")

@@ -256,8 +256,7 @@ def parse_args(argv=None):
         args.out = Path("runs/table_demo" if args.demo else "runs/table")
     cli.check_positive(args, "seeds", "epochs", "pretrain_epochs", "ssl_epochs", "batch_size", "bootstrap", "jobs",
                        "unlabeled_ratio")
-    if not 8 <= args.ssl_image_size <= 2048:
-        raise UserError(f"--ssl-image-size {args.ssl_image_size}: expected a side between 8 and 2048 pixels")
+    cli.check_image_size(args.ssl_image_size, "--ssl-image-size")
     cli.check_non_negative(args, "freeze_epochs", "frozen_blocks", "class_weight_power")
     cli.check_unlabeled_folders(args.ssl_unlabeled, "--ssl-unlabeled")
     args.ssl_unlabeled = [str(folder.resolve()) for folder in args.ssl_unlabeled]

@@ -513,7 +513,7 @@ def pretrain(run_dir: Path, args, pool_x: np.ndarray, labelled, val, pool_info: 
     precision = set_precision(args.precision)
     seed_everything(args.seed)
     batch_size = min(args.batch_size, len(pool_x))
-    cnn_kwargs = {k: v for k, v in recipes.RECIPES[args.recipe].items() if k in recipes.MODEL_KEYS}
+    cnn_kwargs = recipes.recipe_model_kwargs(args.recipe)
     meta = {"model": f"encoder_{args.model}", "method": args.method, "image_size": int(pool_x.shape[1]),
             "recipe": args.recipe if args.model == "cnn" else None, "pool": pool_info, "seed": args.seed,
             "framing": framing.describe(getattr(args, "frame_cell", 0.0)),

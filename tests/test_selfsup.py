@@ -336,7 +336,7 @@ def test_init_puts_exactly_the_encoders_weights_into_the_classifier(pretrained):
     import selfsup
     from runfiles import load_core_model
     encoder = load_core_model(pretrained / "encoder.h5")
-    kwargs = {k: v for k, v in recipes.RECIPES["default"].items() if k in recipes.MODEL_KEYS}
+    kwargs = recipes.recipe_model_kwargs("default")
     core = models.build_cnn(5, 24, **kwargs)
     before = {l.name: [w.copy() for w in l.get_weights()] for l in core.layers}
     names = selfsup.load_encoder_weights(core, pretrained / "encoder.h5")
