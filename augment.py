@@ -567,3 +567,84 @@ def make_two_views(crop_scale=0.2, color_jitter=0.5, grayscale=0.2, blur=0.5, ro
                                       seed=None if seed is None else int(seed) + 100))
     pipeline += photometric_layers(color_jitter, grayscale, blur, seed=seed, hue_jitter=hue_jitter)
     return photometric_classes()["TwoViews"](pipeline, name="two_views")
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature-statistics noise (--style-noise): another lab's stain, optics and camera change the per-channel mean and
+# spread of a CNN's early feature maps (what style transfer calls an image's style). DSU (Li et al., ICLR 2022)
+# treats those statistics as uncertain while training: each is redrawn around its own value with the spread the
+# batch's images show for it, so the later blocks learn to read the cell whatever its style.
+# ----------------------------------------------------------------------------------------------
+
+STYLE_NOISE_EPS = 1e-6
+
+
+@functools.cache
+def style_noise_class():
+    keras = _keras()
+    ops = keras.ops
+
+    @keras.saving.register_keras_serializable(package="wbc")
+    class StyleNoise(keras.layers.Layer):
+        """For a `probability` share of the images of a training batch, each channel's spatial mean and standard
+        deviation are replaced by draws from normals around them, whose spreads are the standard deviations of
+        those statistics over the batch; the feature map is normalised with the old statistics and re-scaled with
+        the new. Computed in float32; the identity outside training and at probability 0."""
+
+        def __init__(self, probability=0.5, seed=None, **kwargs):
+            kwargs.setdefault("dtype", "float32")
+            super().__init__(**kwargs)
+            self.probability = float(probability)
+            self.seed = seed
+            self.seed_generator = keras.random.SeedGenerator(seed)
+
+        def call(self, x, training=None):
+            if not training or self.probability <= 0:
+                return x
+            mean = ops.mean(x, axis=(1, 2), keepdims=True)                      # (B, 1, 1, C)
+            std = ops.sqrt(ops.var(x, axis=(1, 2), keepdims=True) + STYLE_NOISE_EPS)
+            mean_spread = ops.sqrt(ops.var(mean, axis=0, keepdims=True) + STYLE_NOISE_EPS)
+            std_spread = ops.sqrt(ops.var(std, axis=0, keepdims=True) + STYLE_NOISE_EPS)
+            new_mean = mean + keras.random.normal(ops.shape(mean), seed=self.seed_generator) * mean_spread
+            new_std = std + keras.random.normal(ops.shape(std), seed=self.seed_generator) * std_spread
+            restyled = (x - mean) / std * new_std + new_mean
+            chosen = keras.random.uniform((ops.shape(x)[0], 1, 1, 1), seed=self.seed_generator) < self.probability
+            return ops.where(chosen, restyled, x)
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+        def get_config(self):
+            return {**super().get_config(), "probability": self.probability, "seed": self.seed}
+
+    return StyleNoise
+
+
+def style_noise_after(depth: int) -> list[str]:
+    """The CNN layers StyleNoise follows: every block's output but the last's (models.build_cnn's names). The last
+    block's statistics carry the class more than the style (MixStyle, Zhou et al., ICLR 2021, found the last block
+    the wrong place), so it is left alone."""
+    return [f"block{i + 1}_dropout" for i in range(depth - 1)]
+
+
+def with_style_noise(core, probability: float, seed: int):
+    """A training copy of `core` (possibly nested: stain normalisation in front of the CNN) with StyleNoise after
+    every block's output but the last's. Its layers are core's own: training it trains core, and core, the model
+    that is saved, never holds the noise."""
+    import models
+    keras = _keras()
+    names = [layer.name for _, layer in models.flat_layers(core)]
+    after = style_noise_after(sum(1 for name in names if name.startswith("block") and name.endswith("_conv")))
+    if not after or not set(after) <= set(names):
+        raise ValueError(f"{core.name}: no convolution blocks named as build_cnn names them for --style-noise")
+    layer_class = style_noise_class()
+
+    def call(layer, *args, **kwargs):
+        out = layer(*args, **kwargs)
+        if layer.name in after:
+            out = layer_class(probability, seed=int(seed) + 110 + after.index(layer.name),
+                              name=f"{layer.name}_style_noise")(out)
+        return out
+
+    return keras.models.clone_model(core, clone_function=lambda layer: layer, call_function=call, recursive=True)
+

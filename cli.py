@@ -604,6 +604,10 @@ def add_domain_args(parser):
     g.add_argument("--frame-cell", type=float, default=None, metavar="SHARE",
                    help="decode each image as a frame centred on its white cell, the nucleus (found by its stain) "
                         "spanning SHARE of the side, in training and whenever the model is used (0: off)")
+    g.add_argument("--style-noise", type=float, default=0.0, metavar="P",
+                   help="while training, for a share P of the images, redraw each early block's per-channel feature "
+                        "mean and spread around their values (DSU: the CNN learns to ignore the image's style; "
+                        "0: off; docs/microscopes.md)")
     texts = recipes.default_texts()
     describe_defaults(parser, {k: texts[k] for k in ("stain_norm", "stain_jitter", "frame_cell")})
     return g
@@ -615,6 +619,8 @@ def resolve_domain_args(args):
         args.batchnorm = True
     if not 0 <= args.stain_jitter < 1:
         raise UserError(f"--stain-jitter {args.stain_jitter}: expected a strength in [0, 1)")
+    if not 0 <= getattr(args, "style_noise", 0.0) <= 1:
+        raise UserError(f"--style-noise {args.style_noise}: expected a share of the images in [0, 1]")
     check_frame_cell(args.frame_cell)
     return args
 

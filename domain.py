@@ -14,6 +14,7 @@ import numpy as np
 import framing
 import stain
 
+DOMAIN_OPTIONS = ("norm", "stain_norm", "stain_jitter", "frame_cell", "style_noise")  # recorded in the metadata
 # A folder is flagged when its mean colour lies this many training-image standard deviations away (any channel).
 COLOUR_Z_LIMIT = 2.0
 # ... or when the median apparent cell size lies outside this quantile range of the training images' sizes.
@@ -29,27 +30,31 @@ def wrap_core(core, meta: dict):
 
 
 def training_wrapper(args):
-    """training.train's build_train_model hook for --stain-jitter: [augmentation] -> stain jitter -> core; None
-    when there is no stain jitter (training.train then builds its standard wrapper)."""
+    """training.train's build_train_model hook for --stain-jitter and --style-noise: [augmentation] -> stain jitter
+    -> core, with feature-statistics noise inside core's training copy; None when neither is on (training.train
+    then builds its standard wrapper). The saved model is core itself, without either."""
     strength = getattr(args, "stain_jitter", 0.0)
-    if not strength:
+    style_noise = getattr(args, "style_noise", 0.0)
+    if not strength and not style_noise:
         return None
 
     def build(core, config, steps_per_epoch):
         import keras
         import augment
-        size = core.input_shape[1]
-        inputs = keras.Input((size, size, 3), dtype="uint8", name="image")
-        jittered = keras.Model(inputs, core(stain.make_stain_jitter(strength, seed=config.seed + 1)(inputs)),
-                               name=f"{core.name}_stain_jitter")
-        return augment.with_augmentation(jittered, config.augment, config.seed)  # [affine, colour] -> jitter -> core
+        inner = augment.with_style_noise(core, style_noise, config.seed) if style_noise else core
+        if strength:
+            size = core.input_shape[1]
+            inputs = keras.Input((size, size, 3), dtype="uint8", name="image")
+            inner = keras.Model(inputs, inner(stain.make_stain_jitter(strength, seed=config.seed + 1)(inputs)),
+                                name=f"{core.name}_stain_jitter")
+        return augment.with_augmentation(inner, config.augment, config.seed)  # [affine, colour] -> jitter -> core
     return build
 
 
 def metadata(args, train_x) -> dict:
     """The domain options used, the stain reference (the training images' statistics) with --stain-norm reinhard,
     and the framing a user of the saved model must reproduce before calling it."""
-    out = {"domain_options": {k: getattr(args, k, None) for k in ("norm", "stain_norm", "stain_jitter", "frame_cell")}}
+    out = {"domain_options": {k: getattr(args, k, None) for k in DOMAIN_OPTIONS}}
     if getattr(args, "stain_norm", "none") == "reinhard" and len(train_x):  # none: training.train says so
         out["stain_normalisation"] = {"method": "reinhard", "inside_model": True,
                                       **stain.reference_stats(train_x, seed=getattr(args, "seed", 0))}

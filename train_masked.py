@@ -35,9 +35,10 @@ def parse_args(argv=None):
     if args.consistency > 0 and augment.photometric_on(args):
         raise cli.UserError("--consistency warps each image and its masked copy as one 6-channel image: it takes "
                             f"no {cli.photometric_option_names('or')}")
-    if args.consistency and args.stain_jitter:
-        raise cli.UserError("--stain-jitter with --consistency: not supported together (the consistency wrapper "
-                            "has its own augmentation); use one of them")
+    for name in ("stain_jitter", "style_noise"):
+        if args.consistency and getattr(args, name):
+            raise cli.UserError(f"--{name.replace('_', '-')} with --consistency: not supported together (the "
+                                "consistency wrapper has its own augmentation); use one of them")
     args.mask_mode = "consistency" if args.consistency > 0 else args.masks
     return args
 

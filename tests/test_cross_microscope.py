@@ -140,6 +140,14 @@ def test_plain_lever_command_without_holdout(tmp_path, recorded):
     assert cmd[-len(xm.PLAIN):] == xm.PLAIN
 
 
+def test_every_lever_is_options_train_cnn_accepts():
+    import train_cnn
+    for lever, options in xm.LEVERS.items():
+        args = train_cnn.parse_args(options)  # an unknown or misspelt option would exit here
+        assert args.recipe == ("report" if lever == "report" else "default")
+    assert train_cnn.parse_args(xm.LEVERS["framing+stain+style_noise"]).style_noise == 0.5
+
+
 def _row(lever, seed, bal, collapsed=False):
     return {"split": "WBC_100", "lever": lever, "seed": seed, "target": "bccd", "mode": "plain",
             "accuracy": bal + 0.1, "balanced_accuracy": bal, "macro_f1": bal - 0.1, "collapsed": collapsed}

@@ -81,6 +81,48 @@ def test_stain_jitter_keeps_shape_and_dtype_is_identity_at_zero_and_seeded():
     assert np.array_equal(np.asarray(stain.make_stain_jitter(0.2, seed=5)(x, training=False)), x)
 
 
+def test_style_noise_redraws_channel_statistics_by_the_batchs_spread_only_while_training():
+    import augment
+    layer_class = augment.style_noise_class()
+    rng = np.random.default_rng(0)
+    # Feature maps whose channel means and spreads differ from image to image, as different stains make them.
+    x = (rng.normal(size=(8, 6, 6, 4)) * rng.uniform(0.5, 2, (8, 1, 1, 4)) + rng.normal(0, 3, (8, 1, 1, 4)))
+    x = x.astype("float32")
+    out = [np.asarray(layer_class(1.0, seed=seed)(x, training=True)) for seed in (3, 3, 4)]
+    assert out[0].shape == x.shape and out[0].dtype == np.float32
+    assert np.array_equal(out[0], out[1]) and not np.array_equal(out[0], out[2])
+    moved = np.abs(out[0].mean((1, 2)) - x.mean((1, 2)))
+    assert moved.mean() > 0.5  # the means are redrawn with the batch's spread of means (3 here)
+    # Each image keeps its own pattern: only the per-channel mean and scale change (correlation 1 per channel).
+    a, b = x[0, :, :, 0].ravel(), out[0][0, :, :, 0].ravel()
+    assert abs(np.corrcoef(a, b)[0, 1]) > 0.999
+    # A batch whose images share one style has no spread to draw from: nothing moves.
+    same = np.repeat(x[:1], 8, axis=0)
+    np.testing.assert_allclose(np.asarray(layer_class(1.0, seed=3)(same, training=True)), same, atol=1e-2)
+    assert np.array_equal(np.asarray(layer_class(1.0, seed=3)(x, training=False)), x)
+    assert np.array_equal(np.asarray(layer_class(0.0, seed=3)(x, training=True)), x)
+    half = np.asarray(layer_class(0.5, seed=1)(np.tile(x, (8, 1, 1, 1)), training=True))
+    kept = np.all(half == np.tile(x, (8, 1, 1, 1)), axis=(1, 2, 3))
+    assert 0.2 < kept.mean() < 0.8  # about half the images pass unchanged
+
+
+def test_style_noise_training_copy_trains_the_saved_models_own_layers():
+    import augment
+    core = models.build_cnn(5, 24, width=4, depth=3, dense=8, batchnorm=True, pooling="avg")
+    wrapped = stain.with_normalisation(core, stain.reference_stats(smears(4, size=24)))
+    train = augment.with_style_noise(wrapped, 0.5, seed=0)
+    noise = [layer for _, layer in models.flat_layers(train) if layer.__class__.__name__ == "StyleNoise"]
+    assert [layer.name for layer in noise] == ["block1_dropout_style_noise", "block2_dropout_style_noise"]
+    assert not any(layer.__class__.__name__ == "StyleNoise" for _, layer in models.flat_layers(wrapped))
+    copy = dict((layer.name, layer) for _, layer in models.flat_layers(train))
+    weighted = [layer for _, layer in models.flat_layers(wrapped) if layer.weights]
+    assert len(weighted) >= 6 and all(copy[layer.name] is layer for layer in weighted)
+    x = smears(4, size=24)
+    np.testing.assert_allclose(np.asarray(train(x, training=False)), np.asarray(wrapped(x, training=False)))
+    with pytest.raises(ValueError, match="no convolution blocks"):
+        augment.with_style_noise(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]), 0.5, seed=0)
+
+
 def test_hed_round_trip_is_exact_enough_for_uint8():
     x = smear(seed=4).astype(np.float64)
     back = 256.0 * np.exp(-(stain.rgb_to_hed(x) @ stain.RGB_FROM_HED)) - 1.0
@@ -261,7 +303,7 @@ def lever_run(demo_root, tmp_path_factory):
     policy = keras.mixed_precision.global_policy().name
     train_cnn.main(["--data", str(demo_root), "--image-size", "24", "--epochs", "1", "--width", "4", "--depth", "2",
                     "--dense", "8", "--stain-norm", "reinhard", "--stain-jitter", "0.1", "--frame-cell", "0.5",
-                    "--out", str(base / "run"), "--cache-dir", str(base / "cache"), "--quiet"])
+                    "--style-noise", "0.5", "--out", str(base / "run"), "--cache-dir", str(base / "cache"), "--quiet"])
     yield base / "run", base / "cache", demo_root
     keras.mixed_precision.set_global_policy(policy)
 
@@ -271,6 +313,7 @@ def test_saved_model_with_normalisation_inside_loads_and_predicts_with_plain_ker
     meta = runfiles.read_h5_metadata(run_dir / "model.h5")
     assert meta["framing"]["share"] == 0.5 and meta["stain_normalisation"]["method"] == "reinhard"
     assert meta["framing"]["version"] == framing.VERSION
+    assert meta["domain_options"]["style_noise"] == 0.5  # trained with it; the plain-Keras load below has none of it
     assert set(meta["image_stats"]) >= {"mean_rgb", "std_rgb", "cell_size_median"}
     x = np.stack([framing.frame_image(smear(seed=s), 24, 0.5) for s in range(3)])
     np.save(tmp_path / "x.npy", x)
@@ -339,7 +382,7 @@ def test_adapt_bn_skips_and_names_an_image_over_max_pixels(lever_run, tmp_path, 
 
 
 def test_domain_option_mistakes_are_one_line_errors(tmp_path):
-    for argv in (["--stain-jitter", "1.5"], ["--frame-cell", "2"], ["--norm", "instance"]):
+    for argv in (["--stain-jitter", "1.5"], ["--frame-cell", "2"], ["--norm", "instance"], ["--style-noise", "-0.5"]):
         done = run_script("train_cnn.py", *argv, "--out", tmp_path / "x", timeout=120)
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
     done = run_script("inspect_model.py", tmp_path / "m.h5", "predict", tmp_path, "--save-adapted", tmp_path / "a.h5")

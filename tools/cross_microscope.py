@@ -53,6 +53,10 @@ LEVERS = {
     # on half the images: SimCLR's setting) is the one difference the two levers above leave.
     "framing+stain+blur": ["--frame-cell", "0.5", "--stain-norm", "reinhard", "--stain-jitter", "0.2",
                            "--blur", "0.5"],
+    # Feature-statistics noise in the early blocks (DSU, Li et al., ICLR 2022, at its own probability 0.5): style
+    # varied inside the network, where the colour levers above vary it only in the pixels.
+    "framing+stain+style_noise": ["--frame-cell", "0.5", "--stain-norm", "reinhard", "--stain-jitter", "0.2",
+                                  "--style-noise", "0.5"],
 }
 # The levers that start from a self-supervised encoder (--encoder), on the default recipe as the measured runs were
 # (docs/microscopes.md): frozen throughout, LP-FT (5 head-only epochs, then everything at a lower rate: Kumar et al.,
