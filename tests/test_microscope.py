@@ -403,6 +403,8 @@ def test_the_default_recipe_frames_and_normalises_stain_and_the_report_recipe_do
     assert train_masked.parse_args(["--consistency", "0.5"]).stain_jitter == 0.0
     with pytest.raises(cli.UserError, match="--stain-jitter with --consistency"):
         train_masked.parse_args(["--consistency", "0.5", "--stain-jitter", "0.1"])
+    with pytest.raises(cli.UserError, match="--style-noise with --consistency"):  # its wrapper would be left out
+        train_masked.parse_args(["--consistency", "0.5", "--style-noise", "0.5"])
     # the self-supervised encoder sees the cells framed as the classifier it initialises will
     assert pretrain_ssl.parse_args([]).frame_cell == 0.5
     assert pretrain_ssl.parse_args(["--recipe", "report"]).frame_cell == 0.0
