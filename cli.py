@@ -507,6 +507,10 @@ def add_cnn_training_args(parser):
     g.add_argument("--frozen-blocks", type=int, default=0, metavar="K",
                    help="with --init: the encoder's first K convolution blocks stay frozen in every epoch (batch "
                         "norm included); the later blocks and the head learn (docs/microscopes.md)")
+    g.add_argument("--frozen-bn", action="store_true",
+                   help="with --init: the encoder's batch-norm layers stay as pre-trained in every epoch (statistics, "
+                        "scale and offset): images are normalised as on the pre-training pool, not on this split's "
+                        "(docs/microscopes.md)")
     add_output_args(parser)
     describe_defaults(parser, recipes.default_texts())
 
@@ -520,11 +524,14 @@ def resolve_cnn_args(args):
     check_positive(args, "epochs", "batch_size", "lr")
     check_non_negative(args, "class_weight_power", "bn_recalibrate", "patience", "freeze_epochs", "frozen_blocks")
     check_augmentation_args(args)
-    for option in ("freeze_epochs", "frozen_blocks"):
+    for option in ("freeze_epochs", "frozen_blocks", "frozen_bn"):
         if getattr(args, option) and args.init is None:
             raise UserError(f"--{option.replace('_', '-')} {getattr(args, option)}: needs --init ENCODER (a fresh "
                             "encoder has nothing worth freezing)")
     check_freeze_args(args.freeze_epochs, args.epochs, args.finetune_lr, args.frozen_blocks, args.depth)
+    if args.frozen_bn and args.freeze_epochs >= args.epochs:
+        raise UserError(f"--frozen-bn: the encoder is frozen throughout already (--freeze-epochs {args.freeze_epochs} "
+                        f"of --epochs {args.epochs})")
     if args.init is not None and not Path(args.init).is_file():
         raise UserError(f"--init {args.init}: no such file (expected an encoder.h5 written by pretrain_ssl.py)")
     return args

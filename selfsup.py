@@ -335,18 +335,27 @@ class FineTune:
     frozen_blocks K: the encoder's first K convolution blocks stay frozen in every epoch, batch norm included, while
     the later blocks and the head learn (the low-level features, which see stain and camera, stay those learned
     from every source; Yosinski et al., 2014: early layers are the general ones; on PBC -> BCCD, K=2 did not help:
-    docs/microscopes.md)."""
+    docs/microscopes.md).
+    frozen_bn: the encoder's batch-norm layers stay as pre-trained in every epoch (moving statistics, scale and
+    offset; in inference mode): the features are normalised as on the pre-training pool, which mixes sources,
+    rather than re-estimated on one lab's labelled images (frozen batch-norm statistics generalised better across
+    WBC datasets in Tsutsui et al., ICASSP 2023)."""
     init: Path | None = None
     freeze_epochs: int = 0
     lr: float | None = None
     frozen_blocks: int = 0
+    frozen_bn: bool = False
 
     @classmethod
     def from_args(cls, args) -> "FineTune":
-        return cls(args.init, args.freeze_epochs, args.finetune_lr, args.frozen_blocks)
+        return cls(args.init, args.freeze_epochs, args.finetune_lr, args.frozen_blocks,
+                   getattr(args, "frozen_bn", False))
 
     def always_frozen(self, names) -> list[str]:
-        return [n for n in names if 0 < (block_number(n) or 0) <= self.frozen_blocks]
+        """The encoder layers (of `names`) kept frozen after the head-only epochs: the first frozen_blocks blocks,
+        and with frozen_bn every batch-norm layer (models.build_cnn names them blockK_bn)."""
+        return [n for n in names if 0 < (block_number(n) or 0) <= self.frozen_blocks
+                or (self.frozen_bn and n.endswith("_bn"))]
 
 
 def train_from_init(run_dir: Path, build_core, train_set, val_set, config, args: dict, resume: bool,
@@ -384,6 +393,8 @@ def train_from_init(run_dir: Path, build_core, train_set, val_set, config, args:
     tuned = dataclasses.replace(hooks, before_fit=tune_after)
     if finetune.frozen_blocks:
         meta["frozen_blocks"] = finetune.frozen_blocks
+    if finetune.frozen_bn:
+        meta["frozen_bn"] = True
     if not finetune.freeze_epochs:
         return training.train(run_dir, build, train_set, val_set, config, args=args, resume=resume,
                               extra_metadata=meta, hooks=tuned, test_set=test_set)

@@ -74,8 +74,8 @@ def test_missing_encoder_of_one_seed_named(tmp_path, capsys, recorded):
 def test_default_levers(tmp_path):
     assert xm.parse_args(_argv(tmp_path)).levers == list(xm.LEVERS)
     with_encoder = xm.parse_args(_argv(tmp_path, "--encoder", "e.h5")).levers
-    assert with_encoder == [*xm.LEVERS, "ssl_frozen", "ssl_lpft", "ssl_frozen_blocks", "ssl_frozen+lpft",
-                            "ssl_frozen_blocks+lpft"]
+    assert with_encoder == [*xm.LEVERS, "ssl_frozen", "ssl_lpft", "ssl_frozen_blocks", "ssl_lpft_frozen_bn",
+                            "ssl_frozen+lpft", "ssl_frozen_blocks+lpft", "ssl_frozen+lpft_frozen_bn"]
 
 
 def test_frozen_blocks_lever_reads_every_block_and_its_ensemble_shares_the_lpft_run(tmp_path):
@@ -92,6 +92,12 @@ def test_frozen_blocks_lever_reads_every_block_and_its_ensemble_shares_the_lpft_
     short.levers = ["ssl_frozen_blocks+lpft"]
     with pytest.raises(xm.cli.UserError, match="--epochs 3: LP-FT"):
         xm.check_args(short)
+    short.levers = ["ssl_frozen+lpft_frozen_bn"]
+    with pytest.raises(xm.cli.UserError, match="--epochs 3: LP-FT.*ssl_lpft_frozen_bn"):
+        xm.check_args(short)
+    frozen_bn = xm.train_command(args, "WBC_100", "ssl_lpft_frozen_bn", 0)
+    assert "--frozen-bn" in frozen_bn and _value(frozen_bn, "--freeze-epochs") == "5"
+    assert "--frozen-bn" not in xm.train_command(args, "WBC_100", "ssl_lpft", 0)
 
 
 def test_encoder_levers_commands(tmp_path, recorded):

@@ -20,7 +20,7 @@ import inspect_model
 import models
 import runfiles
 import stain
-from conftest import load_tool, run_script
+from conftest import exit_status, load_tool
 
 
 def smear(size=64, cell=(32.0, 32.0), radius=10.0, seed=0, tint=(1.0, 1.0, 1.0)):
@@ -381,12 +381,17 @@ def test_adapt_bn_skips_and_names_an_image_over_max_pixels(lever_run, tmp_path, 
     assert "batch-norm statistics re-estimated on 4 images" in err
 
 
-def test_domain_option_mistakes_are_one_line_errors(tmp_path):
+def test_domain_option_mistakes_are_one_line_errors(tmp_path, capsys):
+    # through the command line's entry (cli.run_main) in this process; fresh processes' output: test_train_cnn.py
+    import train_cnn
     for argv in (["--stain-jitter", "1.5"], ["--frame-cell", "2"], ["--norm", "instance"], ["--style-noise", "-0.5"]):
-        done = run_script("train_cnn.py", *argv, "--out", tmp_path / "x", timeout=120)
-        assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
-    done = run_script("inspect_model.py", tmp_path / "m.h5", "predict", tmp_path, "--save-adapted", tmp_path / "a.h5")
-    assert done.returncode == 2 and "--save-adapted: needs --adapt-bn" in done.stderr
+        assert exit_status(train_cnn.main, [*argv, "--out", tmp_path / "x"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert exit_status(inspect_model.main, [tmp_path / "m.h5", "predict", tmp_path, "--save-adapted",
+                                            tmp_path / "a.h5"]) == 2
+    assert "--save-adapted: needs --adapt-bn" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_the_default_recipe_frames_and_normalises_stain_and_the_report_recipe_does_not():

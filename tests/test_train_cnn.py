@@ -48,19 +48,19 @@ def test_short_demo_run_writes_the_run_folder_and_beats_the_majority_baseline(de
 
 
 def test_bad_data_paths_end_in_one_line_and_exit_2(tmp_path, capsys):
-    """In a fresh process (TensorFlow's start-up lines must not reach stderr), and a layout mistake in-process."""
+    """One in a fresh process (TensorFlow's start-up lines must not reach stderr), the others in this one."""
     (tmp_path / "flat").mkdir()
-    for argv, fragment in ((["--data", tmp_path / "nope"], "no such folder"),
-                           (["--epochs", "0"], "expected a positive number"),
-                           (["--split"], "expected one argument")):
-        done = run_script("train_cnn.py", *argv, "--out", tmp_path / "r")
-        assert done.returncode == 2, done.stderr
-        assert fragment in done.stderr and "Traceback" not in done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert exit_status(train_cnn.main, ["--data", tmp_path / "flat", "--out", tmp_path / "r"]) == 2
-    err = capsys.readouterr().err
-    assert "no WBC_100 folder" in err and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1, err
+    done = run_script("train_cnn.py", "--data", tmp_path / "nope", "--out", tmp_path / "r")
+    assert done.returncode == 2, done.stderr
+    assert "no such folder" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    for argv, fragment in ((["--epochs", "0"], "expected a positive number"),
+                           (["--split"], "expected one argument"),
+                           (["--data", tmp_path / "flat"], "no WBC_100 folder")):
+        assert exit_status(train_cnn.main, [*argv, "--out", tmp_path / "r"]) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
 
 

@@ -20,6 +20,9 @@ top of the default recipe: ssl_frozen (the encoder frozen throughout: --init E -
 (linear probe, then fine-tuning: --init E --freeze-epochs 5 --finetune-lr 2e-4) and ssl_frozen+lpft, which trains
 nothing of its own: the seed's ssl_frozen and ssl_lpft models (trained first where they are not finished, in those
 levers' folders), their probabilities averaged by tools/ensemble.py into its own run folder, evaluated like any other.
+ssl_frozen_blocks (frozen, the head on every block's pooled output), ssl_lpft_frozen_bn (LP-FT with the encoder's
+batch norm kept as pre-trained: --frozen-bn) and their ensembles with ssl_lpft / ssl_frozen are the variants measured
+after those.
 A finished run is reused whatever encoder it started from (its args.json records it): a new encoder, a new --out.
 """
 import csv
@@ -68,14 +71,21 @@ def _frozen(args) -> list[str]:
     return ["--freeze-epochs", str(args.epochs)]
 
 
+def _lpft(args) -> list[str]:
+    return ["--freeze-epochs", str(LPFT_FREEZE_EPOCHS), "--finetune-lr", "2e-4"]
+
+
 ENCODER_LEVERS = {
     "ssl_frozen": _frozen,
-    "ssl_lpft": lambda args: ["--freeze-epochs", str(LPFT_FREEZE_EPOCHS), "--finetune-lr", "2e-4"],
+    "ssl_lpft": lambda args: _lpft(args),
     # frozen throughout, the head reading every block's pooled output (models.build_cnn's pooling='blocks')
     "ssl_frozen_blocks": lambda args: [*_frozen(args), "--pooling", "blocks"],
+    # LP-FT with the encoder's batch norm kept as pre-trained (the pool's statistics, not one lab's)
+    "ssl_lpft_frozen_bn": lambda args: [*_lpft(args), "--frozen-bn"],
 }
 ENSEMBLES = {"ssl_frozen+lpft": ("ssl_frozen", "ssl_lpft"),  # no training of their own: their members averaged
-             "ssl_frozen_blocks+lpft": ("ssl_frozen_blocks", "ssl_lpft")}
+             "ssl_frozen_blocks+lpft": ("ssl_frozen_blocks", "ssl_lpft"),
+             "ssl_frozen+lpft_frozen_bn": ("ssl_frozen", "ssl_lpft_frozen_bn")}
 NEEDS_ENCODER = [*ENCODER_LEVERS, *ENSEMBLES]
 ALL_LEVERS = [*LEVERS, *NEEDS_ENCODER]
 FIELDS = ["split", "lever", "seed", "target", "mode", "images", "accuracy", "balanced_accuracy", "macro_f1",
@@ -120,9 +130,10 @@ def check_args(args):
         raise cli.UserError(f"--levers {' '.join(wanting)}: these start from a self-supervised encoder "
                             "(expected --encoder PATH, a pretrain_ssl.py encoder.h5)")
     trained = {member for lever in wanting for member in ENSEMBLES.get(lever, (lever,))}
-    if args.epochs <= LPFT_FREEZE_EPOCHS and "ssl_lpft" in trained:
+    lpft = sorted(trained & {"ssl_lpft", "ssl_lpft_frozen_bn"})
+    if args.epochs <= LPFT_FREEZE_EPOCHS and lpft:
         raise cli.UserError(f"--epochs {args.epochs}: LP-FT trains {LPFT_FREEZE_EPOCHS} head-only epochs before "
-                            f"fine-tuning (expected --epochs above {LPFT_FREEZE_EPOCHS} for ssl_lpft)")
+                            f"fine-tuning (expected --epochs above {LPFT_FREEZE_EPOCHS} for {' and '.join(lpft)})")
     for seed in args.seeds:
         path = encoder_path(args, seed)
         if not path.is_file():
