@@ -525,9 +525,10 @@ def resolve_cnn_args(args):
     check_non_negative(args, "class_weight_power", "bn_recalibrate", "patience", "freeze_epochs", "frozen_blocks")
     check_augmentation_args(args)
     for option in ("freeze_epochs", "frozen_blocks", "frozen_bn"):
-        if getattr(args, option) and args.init is None:
-            raise UserError(f"--{option.replace('_', '-')} {getattr(args, option)}: needs --init ENCODER (a fresh "
-                            "encoder has nothing worth freezing)")
+        value = getattr(args, option)
+        if value and args.init is None:
+            given = f"--{option.replace('_', '-')}" + ("" if value is True else f" {value}")
+            raise UserError(f"{given}: needs --init ENCODER (a fresh encoder has nothing worth freezing)")
     check_freeze_args(args.freeze_epochs, args.epochs, args.finetune_lr, args.frozen_blocks, args.depth)
     if args.frozen_bn and args.freeze_epochs >= args.epochs:
         raise UserError(f"--frozen-bn: the encoder is frozen throughout already (--freeze-epochs {args.freeze_epochs} "
