@@ -77,7 +77,7 @@ def _lpft(args) -> list[str]:
 
 ENCODER_LEVERS = {
     "ssl_frozen": _frozen,
-    "ssl_lpft": lambda args: _lpft(args),
+    "ssl_lpft": _lpft,
     # frozen throughout, the head reading every block's pooled output (models.build_cnn's pooling='blocks')
     "ssl_frozen_blocks": lambda args: [*_frozen(args), "--pooling", "blocks"],
     # LP-FT with the encoder's batch norm kept as pre-trained (the pool's statistics, not one lab's)
