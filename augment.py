@@ -258,12 +258,13 @@ def _grey(x):
 
 
 @functools.cache
-def photometric_classes():
-    """The layer classes, built on first use so that importing this module does not import Keras."""
+def random_layer_class():
+    """The base of the random training-only layers: a seeded keras.random.SeedGenerator of its own, float32
+    computation, per-image draws, the output shaped as the input."""
     keras = _keras()
     ops = keras.ops
 
-    class _Random(keras.layers.Layer):
+    class RandomLayer(keras.layers.Layer):
         def __init__(self, seed=None, **kwargs):
             kwargs.setdefault("dtype", "float32")
             super().__init__(**kwargs)
@@ -282,6 +283,16 @@ def photometric_classes():
 
         def get_config(self):
             return {**super().get_config(), "seed": self.seed}
+
+    return RandomLayer
+
+
+@functools.cache
+def photometric_classes():
+    """The layer classes, built on first use so that importing this module does not import Keras."""
+    keras = _keras()
+    ops = keras.ops
+    _Random = random_layer_class()
 
     @keras.saving.register_keras_serializable(package="wbc")
     class RandomColorJitter(_Random):
@@ -585,18 +596,15 @@ def style_noise_class():
     ops = keras.ops
 
     @keras.saving.register_keras_serializable(package="wbc")
-    class StyleNoise(keras.layers.Layer):
+    class StyleNoise(random_layer_class()):
         """For a `probability` share of the images of a training batch, each channel's spatial mean and standard
         deviation are replaced by draws from normals around them, whose spreads are the standard deviations of
         those statistics over the batch; the feature map is normalised with the old statistics and re-scaled with
         the new. Computed in float32; the identity outside training and at probability 0."""
 
-        def __init__(self, probability=0.5, seed=None, **kwargs):
-            kwargs.setdefault("dtype", "float32")
+        def __init__(self, probability=0.5, **kwargs):
             super().__init__(**kwargs)
             self.probability = float(probability)
-            self.seed = seed
-            self.seed_generator = keras.random.SeedGenerator(seed)
 
         def call(self, x, training=None):
             if not training or self.probability <= 0:
@@ -608,14 +616,11 @@ def style_noise_class():
             new_mean = mean + keras.random.normal(ops.shape(mean), seed=self.seed_generator) * mean_spread
             new_std = std + keras.random.normal(ops.shape(std), seed=self.seed_generator) * std_spread
             restyled = (x - mean) / std * new_std + new_mean
-            chosen = keras.random.uniform((ops.shape(x)[0], 1, 1, 1), seed=self.seed_generator) < self.probability
-            return ops.where(chosen, restyled, x)
-
-        def compute_output_shape(self, input_shape):
-            return input_shape
+            on = ops.reshape(self.chosen(ops.shape(x)[0], self.probability), (-1, 1, 1, 1))
+            return ops.where(on > 0, restyled, x)
 
         def get_config(self):
-            return {**super().get_config(), "probability": self.probability, "seed": self.seed}
+            return {**super().get_config(), "probability": self.probability}
 
     return StyleNoise
 

@@ -529,24 +529,25 @@ def resolve_cnn_args(args):
         if value and args.init is None:
             given = f"--{option.replace('_', '-')}" + ("" if value is True else f" {value}")
             raise UserError(f"{given}: needs --init ENCODER (a fresh encoder has nothing worth freezing)")
-    check_freeze_args(args.freeze_epochs, args.epochs, args.finetune_lr, args.frozen_blocks, args.depth)
-    if args.frozen_bn and args.freeze_epochs >= args.epochs:
-        raise UserError(f"--frozen-bn: the encoder is frozen throughout already (--freeze-epochs {args.freeze_epochs} "
-                        f"of --epochs {args.epochs})")
+    check_freeze_args(args.freeze_epochs, args.epochs, args.finetune_lr, args.frozen_blocks, args.depth,
+                      args.frozen_bn)
     if args.init is not None and not Path(args.init).is_file():
         raise UserError(f"--init {args.init}: no such file (expected an encoder.h5 written by pretrain_ssl.py)")
     return args
 
 
 def check_freeze_args(freeze_epochs: int, epochs: int, finetune_lr: float | None, frozen_blocks: int = 0,
-                      depth: int | None = None):
+                      depth: int | None = None, frozen_bn: bool = False):
     """--freeze-epochs within --epochs (equal: the encoder frozen throughout); --finetune-lr only where epochs
-    follow the head-only ones; --frozen-blocks fewer than the model's blocks (all of them: --freeze-epochs)."""
+    follow the head-only ones; --frozen-blocks fewer than the model's blocks (all of them: --freeze-epochs);
+    --frozen-blocks and --frozen-bn only where the encoder trains at all."""
     if depth is not None and frozen_blocks >= depth:
         raise UserError(f"--frozen-blocks {frozen_blocks}: expected fewer than the model's {depth} blocks (to keep "
                         "the whole encoder frozen: --freeze-epochs equal to --epochs)")
-    if frozen_blocks and freeze_epochs >= epochs:
-        raise UserError(f"--frozen-blocks {frozen_blocks}: the encoder is frozen throughout already (--freeze-epochs "
+    partly_frozen = [given for given, on in ((f"--frozen-blocks {frozen_blocks}", frozen_blocks),
+                                             ("--frozen-bn", frozen_bn)) if on]
+    if partly_frozen and freeze_epochs >= epochs:
+        raise UserError(f"{partly_frozen[0]}: the encoder is frozen throughout already (--freeze-epochs "
                         f"{freeze_epochs} of --epochs {epochs})")
     if freeze_epochs > epochs:
         raise UserError(f"--freeze-epochs {freeze_epochs}: expected at most --epochs {epochs} (equal: the encoder "
@@ -627,7 +628,7 @@ def resolve_domain_args(args):
         args.batchnorm = True
     if not 0 <= args.stain_jitter < 1:
         raise UserError(f"--stain-jitter {args.stain_jitter}: expected a strength in [0, 1)")
-    if not 0 <= getattr(args, "style_noise", 0.0) <= 1:
+    if not 0 <= args.style_noise <= 1:
         raise UserError(f"--style-noise {args.style_noise}: expected a share of the images in [0, 1]")
     check_frame_cell(args.frame_cell)
     return args

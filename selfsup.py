@@ -348,8 +348,7 @@ class FineTune:
 
     @classmethod
     def from_args(cls, args) -> "FineTune":
-        return cls(args.init, args.freeze_epochs, args.finetune_lr, args.frozen_blocks,
-                   getattr(args, "frozen_bn", False))
+        return cls(args.init, args.freeze_epochs, args.finetune_lr, args.frozen_blocks, args.frozen_bn)
 
     def always_frozen(self, names) -> list[str]:
         """The encoder layers (of `names`) kept frozen after the head-only epochs: the first frozen_blocks blocks,

@@ -205,6 +205,14 @@ def test_bad_flags_are_one_line_exit_2(argv, capsys):
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
 
 
+def test_partial_freezing_of_an_encoder_frozen_throughout_is_refused(capsys):
+    import train_cnn
+    for partly, named in ((["--frozen-blocks", "1"], "--frozen-blocks 1"), (["--frozen-bn"], "--frozen-bn")):
+        argv = ["--init", "no/such/encoder.h5", "--epochs", "3", "--freeze-epochs", "3", *partly]
+        assert exit_status(train_cnn.main, argv) == 2
+        assert capsys.readouterr().err.startswith(f"error: {named}: the encoder is frozen throughout already")
+
+
 # ----------------------------------------------------------------------------------------------
 # The joint-embedding model and the probe
 # ----------------------------------------------------------------------------------------------
