@@ -559,7 +559,8 @@ def check_freeze_args(freeze_epochs: int, epochs: int, finetune_lr: float | None
 
 def add_semisup_args(parser):
     """Semi-supervised training on unlabeled images (semisup.py, docs/ssl.md)."""
-    g = parser.add_argument_group("semi-supervised: learn from unlabeled images too (FixMatch-style, docs/ssl.md)")
+    g = parser.add_argument_group("semi-supervised: learn from unlabeled images too (FixMatch-style pseudo-labels or "
+                                  "a teacher's, docs/ssl.md)")
     g.add_argument("--unlabeled", type=Path, nargs="+", default=[], metavar="DIR",
                    help="folders of unlabeled images (searched recursively, folder names ignored); with them each "
                         "step also trains on confident pseudo-labels of unlabeled images; best drawn from the "
@@ -571,6 +572,10 @@ def add_semisup_args(parser):
     g.add_argument("--threshold", type=float, default=0.95, metavar="T",
                    help="a pseudo-label needs a top probability of T x the largest target of the loss (with label "
                         "smoothing 0.1 and 5 classes: p >= 0.874 at 0.95)")
+    g.add_argument("--teacher", type=Path, default=None, metavar="MODEL",
+                   help="instead of pseudo-labels, distil: a trained model.h5 of the same classes and image size "
+                        "(e.g. this split's run from a pretrain_ssl.py encoder) gives its probabilities on each "
+                        "unlabeled image as the soft target (SimCLRv2's third step; the teacher never learns)")
     g.add_argument("--thresholds", choices=THRESHOLDS, default="fixed",
                    help="fixed = that bar for every class (FixMatch); per-class = the bar scaled down for the "
                         "classes the model rarely predicts on the pool, by their running share of the predictions "
@@ -592,6 +597,8 @@ def resolve_semisup_args(args):
     check_positive(args, "unlabeled_ratio", "unlabeled_weight", "threshold")
     if args.threshold > 1:
         raise UserError(f"--threshold {args.threshold}: expected a share in (0, 1]")
+    if args.teacher is not None and not args.unlabeled:
+        raise UserError(f"--teacher {args.teacher}: distils on unlabeled images; give them with --unlabeled DIR")
     if args.unlabeled and args.loader == "generator":
         raise UserError("--unlabeled needs --loader cached (the default), not --loader generator")
     return args

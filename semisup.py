@@ -9,6 +9,12 @@ How confident is confident enough: `fixed` (the default) is FixMatch's one bar f
 it for the classes the model rarely predicts on the pool, in proportion to their running share of the predictions
 (FreeMatch's class-wise scaling, Wang et al., ICLR 2023, on FixMatch's bar), so that the rare basophils' pool images
 can keep their own label (docs/ssl.md).
+
+With a teacher (`--teacher MODEL`) the pool is used the second way of SimCLRv2 (Chen et al., NeurIPS 2020: pre-train,
+fine-tune, then distil with the unlabeled images): a fixed, already trained model's probabilities on each pool image
+are the soft target of the model being trained on its augmented view. The teacher never learns, so its targets
+cannot drift towards what the student already predicts, the confirmation bias of pseudo-labels the model makes
+itself (docs/ssl.md).
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import augment
+from runfiles import UserError
 
 # The strong view's photometric part: SimCLR's colour jitter, greyscale and blur (augment.make_two_views), the
 # project's stand-in for FixMatch's RandAugment, which has no built-in Keras 3 layer working on uint8 batches.
@@ -111,16 +118,83 @@ def fixmatch_model(weak_model, num_classes: int, bar: float, weight: float, clas
                        name=f"{weak_model.name}_fixmatch")
 
 
+def distill_model(student_model, teacher, num_classes: int, weight: float, class_weights: dict | None,
+                  momentum: float = 0.99):
+    """Training-only wrapper for --teacher: [labelled, unlabeled] uint8 -> the labelled images' probabilities, with
+    the distillation loss added (add_loss).
+
+    student_model: uint8 images -> probabilities with the run's own augmentation; labelled and unlabeled images go
+    through it as one batch, as in fixmatch_model. teacher: a trained model of the same classes and input, frozen,
+    called in inference mode on the unlabeled images as they are (no augmentation: its best targets; the student
+    learns them on its augmented views, as in Noisy Student). Loss: `weight` x the mean over unlabeled images of
+    w[teacher's class] x cross-entropy(teacher's probabilities, student's), w the labelled loss's class weights,
+    so a rare class's pool images count about as its labels do. Moving averages (`momentum`) of the student's top
+    probability, its class shares on the pool and its agreement with the teacher's classes are kept for
+    history.csv (pool_columns)."""
+    import keras
+    from keras import ops
+
+    teacher.trainable = False
+    w = np.ones(num_classes, "float32")
+    for c, v in (class_weights or {}).items():
+        w[int(c)] = v
+
+    class Distill(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.student_model = student_model
+            self.teacher = teacher
+            self.momentum = float(momentum)
+            start = keras.initializers.Constant(1.0 / num_classes)
+            self.confidence = self.add_weight(shape=(), initializer=start, trainable=False, aggregation="mean",
+                                              name="pool_confidence")
+            self.share = self.add_weight(shape=(num_classes,), initializer=start, trainable=False,
+                                         aggregation="mean", name="pool_share")
+            self.agreement = self.add_weight(shape=(), initializer="zeros", trainable=False, aggregation="mean",
+                                             name="pool_agreement")
+
+        def call(self, inputs, training=None):
+            labelled, unlabeled = inputs
+            n = ops.shape(labelled)[0]
+            probs = ops.cast(self.student_model(ops.concatenate([labelled, unlabeled], axis=0), training=training),
+                             "float32")
+            p_labelled, p_pool = probs[:n], probs[n:]
+            target = ops.stop_gradient(ops.cast(self.teacher(unlabeled, training=False), "float32"))
+            teacher_class = ops.argmax(target, axis=-1)
+            if training:
+                m = self.momentum
+                self.confidence.assign(m * self.confidence + (1 - m) * ops.mean(ops.max(p_pool, axis=-1)))
+                self.share.assign(m * self.share + (1 - m) * ops.mean(p_pool, axis=0))
+                agree = ops.cast(ops.argmax(p_pool, axis=-1) == teacher_class, "float32")
+                self.agreement.assign(m * self.agreement + (1 - m) * ops.mean(agree))
+            class_w = ops.take(ops.convert_to_tensor(w), teacher_class)
+            ce = -ops.sum(target * ops.log(ops.clip(p_pool, 1e-7, 1.0)), axis=-1)
+            self.add_loss(weight * ops.mean(class_w * ce))
+            return p_labelled
+
+        def compute_output_shape(self, input_shapes):
+            return (input_shapes[0][0], num_classes)
+
+    size = student_model.input_shape[1]
+    labelled = keras.Input((size, size, 3), dtype="uint8", name="image")
+    unlabeled = keras.Input((size, size, 3), dtype="uint8", name="unlabeled_image")
+    return keras.Model([labelled, unlabeled], Distill(name="distill", dtype="float32")([labelled, unlabeled]),
+                       name=f"{student_model.name}_distill")
+
+
 def pool_columns(classes):
     """training.Hooks.history_columns: the wrapper's moving averages at the end of each epoch, for history.csv:
-    pool_used (share of pool images whose pseudo-label passed its bar), pool_confidence (top probability) and
-    pool_share_<class> (that class's probability on the pool's weak views)."""
+    pool_confidence (top probability), pool_share_<class> (that class's probability on the pool's weak views) and
+    pool_used (FixMatch: share of pool images whose pseudo-label passed its bar) or pool_agreement (distillation:
+    share of pool images given the teacher's class)."""
     def columns(train_model) -> dict:
         from keras import ops
-        layer = train_model.get_layer("fixmatch")
+        names = {layer.name for layer in train_model.layers}
+        layer = train_model.get_layer("fixmatch" if "fixmatch" in names else "distill")
         share = ops.convert_to_numpy(layer.share)
-        return {"pool_used": float(ops.convert_to_numpy(layer.used)),
-                "pool_confidence": float(ops.convert_to_numpy(layer.confidence)),
+        last = ({"pool_used": float(ops.convert_to_numpy(layer.used))} if layer.name == "fixmatch"
+                else {"pool_agreement": float(ops.convert_to_numpy(layer.agreement))})
+        return {**last, "pool_confidence": float(ops.convert_to_numpy(layer.confidence)),
                 **{f"pool_share_{c}": float(v) for c, v in zip(classes, share)}}
     return columns
 
@@ -190,10 +264,10 @@ def with_unlabeled_batches(pool_x: np.ndarray, ratio: int, seed: int):
 
 
 def hooks(base_hooks, pool_x: np.ndarray, labels, classes, config, ratio: int, weight: float, threshold: float,
-          thresholds: str = "fixed"):
-    """base_hooks (training.Hooks) turned semi-supervised: the FixMatch wrapper around base_hooks' training
-    model (or the standard augmented one), unlabeled images added to every batch, the pool's moving averages in
-    history.csv."""
+          thresholds: str = "fixed", teacher=None):
+    """base_hooks (training.Hooks) turned semi-supervised: the FixMatch wrapper (or with `teacher`, a loaded
+    model, the distillation wrapper) around base_hooks' training model (or the standard augmented one), unlabeled
+    images added to every batch, the pool's moving averages in history.csv."""
     import dataclasses
 
     import training
@@ -206,6 +280,8 @@ def hooks(base_hooks, pool_x: np.ndarray, labels, classes, config, ratio: int, w
     def build(core, config, steps_per_epoch):
         weak = (base_build(core, config, steps_per_epoch) if base_build
                 else augment.with_augmentation(core, config.augment, config.seed))
+        if teacher is not None:
+            return distill_model(weak, teacher, num_classes, weight, weights, momentum=ema_momentum(steps_per_epoch))
         return fixmatch_model(weak, num_classes, bar, weight, weights, config.seed,
                               per_class=thresholds == "per-class", momentum=ema_momentum(steps_per_epoch))
 
@@ -214,24 +290,55 @@ def hooks(base_hooks, pool_x: np.ndarray, labels, classes, config, ratio: int, w
                                history_columns=pool_columns(classes))
 
 
+def load_teacher(path: Path, classes, image_size: int, frame_share: float):
+    """--teacher MODEL: (the model, what the metadata records about it). It must have been trained on these
+    classes, at this image size and framing, as a model saved by this project records them; otherwise one line
+    naming both."""
+    import framing
+    from runfiles import load_core_model, read_h5_metadata
+    from selfsup import file_sha256
+    model = load_core_model(path)
+    meta = read_h5_metadata(path)
+    what = "expected a model.h5 of train_cnn.py or train_masked.py trained on this run's classes and image size"
+    if "classes" not in meta or "image_size" not in meta:
+        raise UserError(f"--teacher {path}: no training metadata ({what})")
+    if list(meta["classes"]) != list(classes):
+        raise UserError(f"--teacher {path}: classes {', '.join(meta['classes'])}; this run's are "
+                        f"{', '.join(classes)} ({what})")
+    if int(meta["image_size"]) != int(image_size):
+        raise UserError(f"--teacher {path}: trained at {meta['image_size']} px, this run at {image_size} px ({what})")
+    share = framing.frame_share(meta) or 0.0
+    if abs(share - (frame_share or 0.0)) > 1e-9:
+        raise UserError(f"--teacher {path}: its images framed at {share or 'none'}, this run's at "
+                        f"{frame_share or 'none'} (expected the same --frame-cell: the teacher sees the run's pool)")
+    return model, {"path": str(path), "sha256": file_sha256(path)}
+
+
 def from_args(args, base_hooks, train_set, val_set, config):
     """(hooks, metadata) for train_cnn.py --unlabeled: the pool decoded like the training images (validation
-    images refused), and what model.h5's metadata records about it."""
+    images refused), the teacher when --teacher is given, and what model.h5's metadata records about them."""
     import cli
     import data
     import selfsup
+    num_classes = len(train_set.classes)
+    teacher, teacher_info = None, None
+    if args.teacher is not None:  # before the pool's decoding: a wrong file answers at once
+        teacher, teacher_info = load_teacher(args.teacher, train_set.classes, args.image_size,
+                                             getattr(args, "frame_cell", 0.0))
     # Every validation file found, the ones decoding skipped included: none may enter the pool.
     val_files = list(val_set.paths) + list(val_set.skipped)
     pool_files, pool_info = selfsup.gather_pool(args.unlabeled, [], val_files, args.data)
     pool = data.load_images(pool_files, verbose=not args.quiet, name="unlabeled", **cli.decode_options(args))
     if not args.quiet:
         print(f"unlabeled: {len(pool)} images from {', '.join(pool_info['sources'])}")
-    num_classes = len(train_set.classes)
     semi = hooks(base_hooks, pool.x, train_set.y, train_set.classes, config, args.unlabeled_ratio,
-                 args.unlabeled_weight, args.threshold, args.thresholds)
-    meta = {"semi_supervised": {"method": "fixmatch", "thresholds": args.thresholds, "unlabeled_images": len(pool),
-                                "sources": pool_info["sources"], "ratio": args.unlabeled_ratio,
-                                "weight": args.unlabeled_weight, "threshold": args.threshold,
+                 args.unlabeled_weight, args.threshold, args.thresholds, teacher=teacher)
+    common = {"unlabeled_images": len(pool), "sources": pool_info["sources"], "ratio": args.unlabeled_ratio,
+              "weight": args.unlabeled_weight}
+    if teacher is not None:
+        return semi, {"semi_supervised": {"method": "distillation", "teacher": teacher_info, **common}}
+    meta = {"semi_supervised": {"method": "fixmatch", "thresholds": args.thresholds, **common,
+                                "threshold": args.threshold,
                                 "confidence_bar": confidence_bar(args.threshold, config.label_smoothing,
                                                                  num_classes)}}
     return semi, meta
