@@ -64,21 +64,53 @@ def recalibrate_batchnorm(core: keras.Model, images, n_images: int, batch_size: 
         return 0
     count = count // batch_size * batch_size
     rows = np.random.default_rng(seed).permutation(len(images))[:count]
+    batches = (images[np.sort(rows[start:start + batch_size])] for start in range(0, count, batch_size))
     dropouts = [l for l in _nested_layers(core) if isinstance(l, keras.layers.Dropout)]
     momenta, rates = [l.momentum for l in norms], [l.rate for l in dropouts]
     try:
         for layer in dropouts:
             layer.rate = 0.0
-        for k, start in enumerate(range(0, count, batch_size), start=1):
-            for layer in norms:  # moving = moving * (k-1)/k + batch / k: the running mean over batches
-                layer.momentum = (k - 1) / k
-            core(images[np.sort(rows[start:start + batch_size])], training=True)
+        if keras.backend.backend() == "jax":
+            _recalibrate_compiled(core, norms, batches)
+        else:
+            for k, batch in enumerate(batches, start=1):
+                for layer in norms:  # moving = moving * (k-1)/k + batch / k: the running mean over batches
+                    layer.momentum = (k - 1) / k
+                core(batch, training=True)
     finally:
         for layer, momentum in zip(norms, momenta):
             layer.momentum = momentum
         for layer, rate in zip(dropouts, rates):
             layer.rate = rate
     return count
+
+
+def _recalibrate_compiled(core: keras.Model, norms: list, batches) -> None:
+    """recalibrate_batchnorm's passes as one compiled JAX function: each batch's statistics of every layer in
+    norms (momentum 0: the moving values become the batch's), averaged, then set. Why: called eagerly, JAX
+    compiles each operation of the model on its own, a few seconds a run on a CPU, once per process."""
+    import jax
+    for layer in norms:
+        layer.momentum = 0.0
+    index = {id(v): i for i, v in enumerate(core.non_trainable_variables)}
+    slots = [(index[id(l.moving_mean)], index[id(l.moving_variance)]) for l in norms]
+
+    @jax.jit
+    def statistics(trainable, non_trainable, x):
+        _, updated = core.stateless_call(trainable, non_trainable, x, training=True)
+        return [(updated[m], updated[v]) for m, v in slots]
+
+    trainable = [v.value for v in core.trainable_variables]
+    non_trainable = [v.value for v in core.non_trainable_variables]
+    sums, n = None, 0
+    for batch in batches:
+        stats = [(np.asarray(m, np.float64), np.asarray(v, np.float64))
+                 for m, v in statistics(trainable, non_trainable, batch)]
+        sums = stats if sums is None else [(a + m, b + v) for (a, b), (m, v) in zip(sums, stats)]
+        n += 1
+    for layer, (mean, variance) in zip(norms, sums):
+        layer.moving_mean.assign((mean / n).astype(layer.moving_mean.dtype))
+        layer.moving_variance.assign((variance / n).astype(layer.moving_variance.dtype))
 
 
 

@@ -1,8 +1,15 @@
-"""training.py's feeding of model.fit and predict: ArrayBatches, Endless, predict."""
+"""training.py's feeding of model.fit and predict: ArrayBatches, Endless, predict, batch-norm recalibration."""
+import importlib.util
+import os
+import subprocess
+import sys
+
 import numpy as np
+import pytest
 
 import keras
 import feeding
+from conftest import JAX_ENV, PROJECT
 
 
 def ids_of(batch_x):
@@ -173,3 +180,19 @@ def test_recalibrate_batchnorm_leaves_models_without_trainable_batchnorm_alone()
     np.testing.assert_array_equal(np.asarray(frozen.get_layer("bn_input").moving_mean), before)
     assert feeding.recalibrate_batchnorm(small_bn_model(), images[:1], 16, 8, 0) == 0  # one image: no statistics
     assert feeding.recalibrate_batchnorm(small_bn_model(), images[:5], 16, 8, 0) == 5  # fewer than a batch: one batch
+
+
+def test_recalibrate_batchnorm_under_jax_compiles_the_same_statistics():
+    """Under JAX the passes run as one compiled function (feeding._recalibrate_compiled): the same averages,
+    checked by the two tests above in a JAX process."""
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed")
+    code = ("import test_feeding as t; t.test_recalibrate_batchnorm_sets_the_average_of_batch_statistics_and_"
+            "restores_everything_else(); t.test_recalibrate_batchnorm_leaves_models_without_trainable_batchnorm_"
+            "alone(); import keras; print(keras.backend.backend())")
+    env = {**os.environ, **JAX_ENV,
+           "PYTHONPATH": os.pathsep.join([JAX_ENV["PYTHONPATH"], str(PROJECT / "tests"), str(PROJECT)])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=PROJECT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "jax"

@@ -1,5 +1,5 @@
 """Semi-supervised training (semisup.py, train_cnn.py --unlabeled): the confidence bar, the unlabeled batches,
-the FixMatch loss, and the script end to end under TensorFlow and JAX."""
+the FixMatch and distillation losses, and the script end to end under TensorFlow and JAX."""
 import importlib.util
 import json
 
@@ -154,6 +154,55 @@ def test_per_class_bars_lower_the_bar_of_a_rarely_predicted_class():
     assert columns["pool_used"] == pytest.approx(0.5 * confident.mean())
 
 
+def test_distillation_loss_is_the_teachers_class_weighted_soft_cross_entropy_and_the_teacher_never_learns():
+    import keras
+    import semisup
+    rng = np.random.default_rng(0)
+    student_probs = rng.dirichlet(np.ones(5) * 0.3, size=8).astype("float32")
+    teacher_probs = rng.dirichlet(np.ones(5), size=8).astype("float32")
+    labelled = np.zeros((2, 4, 4, 3), np.uint8)
+    labelled[1] = 1
+    unlabeled = np.arange(2, 8, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+    weights = {0: 2.0, 1: 0.5, 2: 1.0, 3: 3.0, 4: 1.5}
+    model = semisup.distill_model(_fixed_core(student_probs), _fixed_core(teacher_probs), 5, 0.7, weights,
+                                  momentum=0.0)
+    out = keras.ops.convert_to_numpy(model([labelled, unlabeled], training=True))
+    assert np.allclose(out, student_probs[[0, 1]], atol=1e-6), "the output is the labelled images' probabilities"
+    t, p = teacher_probs[2:], student_probs[2:]
+    w = np.array([weights[c] for c in range(5)])[t.argmax(1)]
+    expected = 0.7 * np.mean(w * -(t * np.log(p)).sum(1))
+    assert float(keras.ops.convert_to_numpy(sum(model.losses))) == pytest.approx(expected, rel=1e-5)
+    columns = semisup.pool_columns(list("abcde"))(model)
+    assert columns["pool_agreement"] == pytest.approx((p.argmax(1) == t.argmax(1)).mean())
+    assert columns["pool_share_c"] == pytest.approx(p[:, 2].mean(), rel=1e-5)
+
+    # training moves the student towards the teacher on the pool and leaves the teacher as it was; a control
+    # without the distillation loss (weight ~0) stays as far
+    def tiny(seed):
+        inputs = keras.Input((4, 4, 3), dtype="uint8")
+        x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
+        return keras.Model(inputs, keras.layers.Dense(5, activation="softmax",
+                                                      kernel_initializer=keras.initializers.GlorotUniform(seed))(x))
+    pool = rng.integers(0, 255, (64, 4, 4, 3)).astype(np.uint8)
+
+    def gap_after_training(weight):
+        student, teacher = tiny(1), tiny(2)
+        before = [w.copy() for w in teacher.get_weights()]
+        targets = keras.ops.convert_to_numpy(teacher(pool))
+        model = semisup.distill_model(student, teacher, 5, weight, None)
+        model.compile(optimizer=keras.optimizers.Adam(0.05), loss="categorical_crossentropy")
+        labels = np.eye(5, dtype="float32")[targets[:8].argmax(1)]  # the teacher's classes: no conflict
+        start = np.abs(keras.ops.convert_to_numpy(student(pool[8:])) - targets[8:]).mean()
+        for _ in range(100):  # one batch: 8 labelled images, all 64 as the unlabeled ones
+            model.train_on_batch([pool[:8], pool], labels)
+        assert all(np.array_equal(a, b) for a, b in zip(before, teacher.get_weights())), "the teacher learned"
+        return start, np.abs(keras.ops.convert_to_numpy(student(pool[8:])) - targets[8:]).mean()
+
+    start, distilled = gap_after_training(1.0)
+    _, control = gap_after_training(1e-6)
+    assert distilled < 0.5 * start and distilled < 0.5 * control, (start, distilled, control)
+
+
 def test_the_moving_averages_span_about_an_epoch():
     import semisup
     assert semisup.ema_momentum(20) == pytest.approx(0.95)
@@ -212,6 +261,27 @@ def test_train_cnn_unlabeled_records_the_pool_and_refuses_validation_images(demo
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --unlabeled")
     assert len(err.strip().splitlines()) == 1 and "validation image" in err
+    assert not (tmp_path / "bad" / "model.h5").exists()
+    # distillation: the run above as the teacher of another
+    student = tmp_path / "student"
+    code = exit_status(train_cnn.main, ["--data", demo_root, "--split", "WBC_1", *TINY, "--unlabeled", pool,
+                                        "--unlabeled-ratio", "2", "--teacher", out / "model.h5", "--out", student,
+                                        "--quiet"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    semi = read_h5_metadata(student / "model.h5")["semi_supervised"]
+    assert semi["method"] == "distillation" and semi["unlabeled_images"] == n_pool
+    from selfsup import file_sha256
+    assert semi["teacher"] == {"path": str(out / "model.h5"), "sha256": file_sha256(out / "model.h5")}
+    assert all(0.0 <= float(r["pool_agreement"]) <= 1.0 for r in history_rows(student))
+    # a teacher of another image size, or without unlabeled images: one line each, exit 2
+    for flags, says in ((["--image-size", "24", "--unlabeled", pool], "trained at 16 px, this run at 24 px"),
+                        ([], "give them with --unlabeled")):
+        capsys.readouterr()
+        code = exit_status(train_cnn.main, ["--data", demo_root, "--split", "WBC_1", *TINY, *flags, "--teacher",
+                                            out / "model.h5", "--out", tmp_path / "bad", "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: --teacher") and says in err, err
+        assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad" / "model.h5").exists()
     # a fresh process: the exit status and the one line of a mistake found before Keras starts
     missing = run_script("train_cnn.py", "--unlabeled", tmp_path / "nowhere", timeout=60)
