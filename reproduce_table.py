@@ -29,6 +29,9 @@ Rows (names for --rows; shell-style patterns such as 'WBC_100_*' or '*_report' w
                                also ROOT/WBC_unlabeled when present)
     <split>_ssl-semi_default   both: started from the ssl rows' encoder, then trained semi-supervised on the semi
                                rows' pool
+    <split>_ssl-distill_default  started from the ssl rows' encoder and distilled on the semi rows' pool from the
+                               same seed's <split>_ssl_default model (train_cnn.py --teacher; that row is trained
+                               first when it is not finished)
 
 Results folder OUT: results.csv (a row per run), table.md (mean +- std across seeds), comparisons.md (paired
 McNemar tests and bootstrap intervals on the same validation images), label_efficiency.png.
@@ -70,14 +73,16 @@ PAIRS += [(f"{m}_default", f"{m}_report") for m in CNN_METHODS]
 PAIRS += [("resnet-cam16", "resnet-scratch"), ("resnet-imagenet-cam16", "resnet-cam16"),
           ("resnet-scratch", "raw_report"), ("resnet-cam16", "raw_report")]
 PAIRS += [("ssl_default", "raw_default"), ("semi_default", "raw_default"), ("ssl-semi_default", "ssl_default"),
-          ("ssl-semi_default", "semi_default")]
+          ("ssl-semi_default", "semi_default"), ("ssl-distill_default", "ssl_default"),
+          ("ssl-distill_default", "raw_default")]
 # Settings that change what a finished run means: a results folder keeps one value of each.
 CONFIG_KEYS = ("data", "image_size", "epochs", "pretrain_epochs", "batch_size", "holdout", "imagenet_weights",
                "ssl_epochs", "ssl_image_size", "ssl_views", "ssl_unlabeled", "freeze_epochs", "finetune_lr",
                "unlabeled_ratio", "thresholds", "semi_pool", "frozen_blocks", "class_weight_power")
 SEMI_POOLS = ("train", "all")
-SSL_METHODS = ("ssl", "ssl-semi")  # rows that start from the seed's pre-trained encoder
-SEMI_METHODS = ("semi", "ssl-semi")  # rows trained on the unlabeled pool too
+SSL_METHODS = ("ssl", "ssl-semi", "ssl-distill")  # rows that start from the seed's pre-trained encoder
+SEMI_METHODS = ("semi", "ssl-semi", "ssl-distill")  # rows trained on the unlabeled pool too
+TEACHERS = {"ssl-distill": "ssl"}  # rows distilled from the same split and seed's run of another method
 # The ssl rows' two views: pretrain_ssl.py's own (SimCLR's), or those with the stain's hue kept (no hue shift, no
 # greyscale): granule colour tells eosinophils and basophils from the rest (docs/ssl.md).
 SSL_VIEWS = {"simclr": [], "keep-hue": ["--hue-jitter", "0", "--grayscale", "0"]}
@@ -122,6 +127,9 @@ def all_rows(imagenet_weights: Path | None = None, include_imagenet: bool = Fals
         rows.append(Row(f"{split}_ssl-semi_default", split, "ssl-semi", "default", "train_cnn.py",
                         ["--recipe", "default"]))
     for split in SPLIT_ORDER:
+        rows.append(Row(f"{split}_ssl-distill_default", split, "ssl-distill", "default", "train_cnn.py",
+                        ["--recipe", "default"]))
+    for split in SPLIT_ORDER:
         rows.append(Row(f"{split}_resnet-scratch", split, "resnet-scratch", "resnet", "pretrain_resnet.py",
                         ["--init", "scratch", "--skip-pretrain", "--no-compare"], "finetune"))
         rows.append(Row(f"{split}_resnet-cam16", split, "resnet-cam16", "resnet", "pretrain_resnet.py",
@@ -150,7 +158,18 @@ def select_rows(rows: list[Row], patterns: str | None) -> list[Row]:
             hint = "; the ImageNet rows need --imagenet-weights PATH" if "imagenet" in p else ""
             raise UserError(f"--rows {p}: matches no row (e.g. WBC_10_raw_report, 'WBC_1_*', '*_resnet-cam16'; "
                             f"see --help){hint}")
-    return [r for r in rows if any(fnmatch.fnmatchcase(r.name, p) for p in wanted)]
+    chosen = [r for r in rows if any(fnmatch.fnmatchcase(r.name, p) for p in wanted)]
+    teachers = {teacher_name(r) for r in chosen if r.method in TEACHERS}  # a distilled row brings its teacher's
+    return [r for r in rows if r in chosen or r.name in teachers]
+
+
+def teacher_name(row: Row) -> str:
+    """The row whose run of the same seed teaches a distilled row (TEACHERS)."""
+    return f"{row.split}_{TEACHERS[row.method]}_{row.recipe}"
+
+
+def teacher_row(row: Row) -> Row:
+    return next(r for r in all_rows() if r.name == teacher_name(row))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,8 +378,11 @@ def command(row: Row, seed: int, args, out: Path) -> list[str]:
         cmd += ["--class-weight-power", str(args.class_weight_power)]
     if row.method in SEMI_METHODS:
         cmd += ["--unlabeled", *map(str, unlabeled_pool(args.data, args.semi_pool)),
-                "--unlabeled-ratio", str(args.unlabeled_ratio),
-                "--thresholds", args.thresholds]
+                "--unlabeled-ratio", str(args.unlabeled_ratio)]
+        if row.method in TEACHERS:
+            cmd += ["--teacher", str(metrics_folder(out, teacher_row(row), seed) / "model.h5")]
+        else:
+            cmd += ["--thresholds", args.thresholds]
     if args.cache_dir is not None:
         cmd += ["--cache-dir", str(args.cache_dir)]
     if args.no_cache:
@@ -513,6 +535,10 @@ def train_rows(rows: list[Row], args, out: Path) -> list[dict]:
                 code = pretrain_once(seed, log)
                 if code != 0:
                     return code, time.perf_counter() - start, log
+            if row.method in TEACHERS:
+                code = teacher_once(teacher_row(row), seed)
+                if code != 0:
+                    return code, time.perf_counter() - start, log
             code = launch(command(row, seed, args, out), log, args.jobs)
             return code, time.perf_counter() - start, log
         finally:
@@ -532,6 +558,17 @@ def train_rows(rows: list[Row], args, out: Path) -> list[dict]:
                         held.unlink(missing_ok=True)
                 else:
                     time.sleep(5)  # another table process pre-trains this seed
+        return 0
+
+    def teacher_once(teacher: Row, seed: int) -> int:
+        """The teacher's run finished before its student starts: trained here, or awaited when another thread or
+        table process holds it; its failure is the student's."""
+        while not is_complete(out, teacher, seed):
+            code, _, _ = run_one(teacher, seed)
+            if code is None:
+                time.sleep(5)
+            elif code != 0:
+                return code
         return 0
 
     def report(i: int, row: Row, seed: int, code: int | None, seconds: float, log: Path):

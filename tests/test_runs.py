@@ -120,7 +120,7 @@ def test_help_names_each_recipes_value_and_the_table_rows():
     assert "see the list above" not in table
     assert "Rows: {WBC_1,WBC_10,WBC_50,WBC_100}_{raw,masked-only,merged}_{report,default}" in table
     assert "{WBC_1,WBC_10,WBC_50,WBC_100}_{resnet-scratch,resnet-cam16}" in table
-    assert "{WBC_1,WBC_10,WBC_50,WBC_100}_{ssl,ssl-semi,semi}_default" in table
+    assert "{WBC_1,WBC_10,WBC_50,WBC_100}_{ssl,ssl-semi,ssl-distill,semi}_default" in table
 
 
 # ----------------------------------------------------------------------------------------------

@@ -388,3 +388,46 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_semi_supervised_ru
     assert without_timing(json.loads((run / "metrics.json").read_text())) == \
         without_timing(json.loads((baseline / "metrics.json").read_text()))
 
+
+
+def test_table_distilled_row_is_taught_by_the_seeds_ssl_run_trained_first_and_fails_with_it(demo_root, tmp_path,
+                                                                                             monkeypatch, capsys):
+    """<split>_ssl-distill_default: --rows brings its teacher row; the teacher's run is trained before the
+    student's even when only the student is asked for (reproduce_table.train_rows' teacher_once), and a teacher
+    that fails fails its student without launching it. Runs are simulated: launch writes a finished folder."""
+    from pathlib import Path
+    import reproduce_table
+    rows = reproduce_table.select_rows(reproduce_table.all_rows(), "WBC_1_ssl-distill_default")
+    assert [r.name for r in rows] == ["WBC_1_ssl_default", "WBC_1_ssl-distill_default"]
+    assert ("ssl-distill_default", "ssl_default") in reproduce_table.PAIRS
+
+    def table(out, failing=""):
+        launched = []
+
+        def launch(cmd, log, jobs=1):
+            folder = Path(cmd[cmd.index("--out") + 1])
+            launched.append((folder.name, cmd))
+            if folder.name.startswith(failing or "-"):
+                return 3
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in ("model.h5", "history.csv", "args.json", "val_predictions.csv"):
+                (folder / name).write_text("")
+            (folder / "metrics.json").write_text(json.dumps({"val_accuracy_selected": 0.5,
+                                                             "balanced_accuracy": 0.5}))
+            return 0
+        monkeypatch.setattr(reproduce_table, "launch", launch)
+        args = reproduce_table.parse_args(["--data", str(demo_root), "--seeds", "1", "--out", str(out)])
+        student = [r for r in rows if r.method == "ssl-distill"]  # the student alone: its teacher is not listed
+        return reproduce_table.train_rows(student, args, out), launched
+
+    failures, launched = table(tmp_path / "t")
+    assert failures == []
+    assert [name for name, _ in launched] == ["ssl_pretrain_seed0", "WBC_1_ssl_default_seed0",
+                                              "WBC_1_ssl-distill_default_seed0"]
+    cmd = " ".join(launched[-1][1])
+    teacher = tmp_path / "t" / "runs" / "WBC_1_ssl_default_seed0" / "model.h5"
+    assert f"--teacher {teacher}" in cmd and "--init " in cmd and "--unlabeled " in cmd
+    assert "--thresholds" not in cmd  # FixMatch's option, not the distillation's
+    failures, launched = table(tmp_path / "f", failing="WBC_1_ssl_default")
+    assert [name for name, _ in launched] == ["ssl_pretrain_seed0", "WBC_1_ssl_default_seed0"]
+    assert [(f["row"], f["exit"]) for f in failures] == [("WBC_1_ssl-distill_default", 3)]
