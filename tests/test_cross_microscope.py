@@ -75,7 +75,8 @@ def test_default_levers(tmp_path):
     assert xm.parse_args(_argv(tmp_path)).levers == list(xm.LEVERS)
     with_encoder = xm.parse_args(_argv(tmp_path, "--encoder", "e.h5")).levers
     assert with_encoder == [*xm.LEVERS, "ssl_frozen", "ssl_lpft", "ssl_frozen_blocks", "ssl_lpft_frozen_bn",
-                            "ssl_frozen+lpft", "ssl_frozen_blocks+lpft", "ssl_frozen+lpft_frozen_bn"]
+                            "ssl_frozen+lpft", "ssl_frozen_blocks+lpft", "ssl_frozen+lpft_frozen_bn",
+                            "ssl_noisy_student"]
 
 
 def test_frozen_blocks_lever_reads_every_block_and_its_ensemble_shares_the_lpft_run(tmp_path):
@@ -168,3 +169,26 @@ def test_summarise_mean_and_std_over_seeds():
     # the sample standard deviation (ddof 1): 0.5, 0.6, 0.7 -> 0.100 (ddof 0 would give 0.082)
     assert ensemble == "| WBC_100 | ssl_frozen+lpft | bccd | plain | 3 | 0.700 ± 0.100 | 0.600 ± 0.100 | " \
                        "0.500 ± 0.100 | 1 |"
+
+
+def test_noisy_student_is_taught_by_the_seeds_ensemble_trained_first_on_the_pbc_pool(tmp_path, recorded):
+    pool = [tmp_path / "pbc" / "WBC_unlabeled", tmp_path / "pbc" / "WBC_100" / "train" / "data"]
+    for folder in pool:
+        folder.mkdir(parents=True)
+    args = xm.parse_args(_argv(tmp_path, "--epochs", "20", "--seeds", "0", "--levers", "ssl_noisy_student",
+                               "--encoder", str(tmp_path / "enc{seed}.h5")))
+    run = xm.train(args, "WBC_10", "ssl_noisy_student", 0)
+    assert [os.path.basename(c[1]) for c in recorded] == ["train_cnn.py", "train_cnn.py", "ensemble.py",
+                                                          "train_cnn.py"]
+    student = recorded[-1]
+    runs = tmp_path / "out" / "runs"
+    assert _value(student, "--out") == str(runs / "WBC_10_ssl_noisy_student_seed0") == str(run)
+    assert _value(student, "--teacher") == str(runs / "WBC_10_ssl_frozen+lpft_seed0" / "model.h5")
+    assert student[student.index("--unlabeled") + 1:student.index("--unlabeled") + 3] == [str(p) for p in pool]
+    assert _value(student, "--init") == str(tmp_path / "enc0.h5") and _value(student, "--finetune-lr") == "2e-4"
+    assert _value(student, "--color-jitter") == "0.5" and _value(student, "--unlabeled-ratio") == "1"
+    import train_cnn
+    (tmp_path / "enc0.h5").touch()  # parsing checks that the --init file exists
+    options = student[student.index("--quiet") + 1:]  # what the lever adds: options train_cnn.py accepts
+    parsed = train_cnn.parse_args(options)
+    assert parsed.teacher is not None and parsed.color_jitter == 0.5

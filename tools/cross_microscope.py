@@ -22,7 +22,8 @@ nothing of its own: the seed's ssl_frozen and ssl_lpft models (trained first whe
 levers' folders), their probabilities averaged by tools/ensemble.py into its own run folder, evaluated like any other.
 ssl_frozen_blocks (frozen, the head on every block's pooled output), ssl_lpft_frozen_bn (LP-FT with the encoder's
 batch norm kept as pre-trained: --frozen-bn) and their ensembles with ssl_lpft / ssl_frozen are the variants measured
-after those.
+after those; ssl_noisy_student (an LP-FT student distilled on PBC's unlabeled pool from the seed's ssl_frozen+lpft
+model, colour-jittered: train_cnn.py --teacher) the one after them.
 A finished run is reused whatever encoder it started from (its args.json records it): a new encoder, a new --out.
 """
 import csv
@@ -86,7 +87,12 @@ ENCODER_LEVERS = {
 ENSEMBLES = {"ssl_frozen+lpft": ("ssl_frozen", "ssl_lpft"),  # no training of their own: their members averaged
              "ssl_frozen_blocks+lpft": ("ssl_frozen_blocks", "ssl_lpft"),
              "ssl_frozen+lpft_frozen_bn": ("ssl_frozen", "ssl_lpft_frozen_bn")}
-NEEDS_ENCODER = [*ENCODER_LEVERS, *ENSEMBLES]
+# Noisy Student (Xie et al., CVPR 2020; the distillation of SimCLRv2's third step): a student started as ssl_lpft is
+# trained on the PBC pool (ROOT/WBC_unlabeled when present, and WBC_100's training images, labels ignored; never
+# BCCD) towards the teacher lever's probabilities on each clean pool image, while it sees them noised: the run's
+# augmentation plus colour jitter (0.5, the supervised lever measured here). One pool image per labelled one.
+STUDENTS = {"ssl_noisy_student": ("ssl_frozen+lpft", ["--color-jitter", "0.5", "--unlabeled-ratio", "1"])}
+NEEDS_ENCODER = [*ENCODER_LEVERS, *ENSEMBLES, *STUDENTS]
 ALL_LEVERS = [*LEVERS, *NEEDS_ENCODER]
 FIELDS = ["split", "lever", "seed", "target", "mode", "images", "accuracy", "balanced_accuracy", "macro_f1",
           "collapsed", "ood_warning", "confusion_matrix", "train_seconds", "run_dir"]
@@ -129,7 +135,8 @@ def check_args(args):
     if args.encoder is None:
         raise cli.UserError(f"--levers {' '.join(wanting)}: these start from a self-supervised encoder "
                             "(expected --encoder PATH, a pretrain_ssl.py encoder.h5)")
-    trained = {member for lever in wanting for member in ENSEMBLES.get(lever, (lever,))}
+    teachers = [STUDENTS[lever][0] for lever in wanting if lever in STUDENTS]
+    trained = {member for lever in [*wanting, *teachers] for member in ENSEMBLES.get(lever, (lever,))}
     lpft = sorted(trained & {"ssl_lpft", "ssl_lpft_frozen_bn"})
     if args.epochs <= LPFT_FREEZE_EPOCHS and lpft:
         raise cli.UserError(f"--epochs {args.epochs}: LP-FT trains {LPFT_FREEZE_EPOCHS} head-only epochs before "
@@ -160,6 +167,12 @@ def train_command(args, split, lever, seed) -> list[str]:
         cmd += ["--holdout", str(args.holdout)]
     if lever in ENCODER_LEVERS:
         cmd += ["--init", str(encoder_path(args, seed).resolve()), *ENCODER_LEVERS[lever](args)]
+    elif lever in STUDENTS:
+        teacher, options = STUDENTS[lever]
+        pool = [p for p in (args.data / "WBC_unlabeled", args.data / "WBC_100" / "train" / "data") if p.is_dir()]
+        cmd += ["--init", str(encoder_path(args, seed).resolve()), *_lpft(args), *options,
+                "--unlabeled", *(str(p.resolve()) for p in pool),
+                "--teacher", str((run_dir(args, split, teacher, seed) / "model.h5").resolve())]
     else:
         cmd += LEVERS[lever]
     return cmd + (["--resume"] if run.exists() else [])
@@ -170,6 +183,8 @@ def train(args, split, lever, seed) -> Path:
     members' runs (each trained first where needed)."""
     if lever in ENSEMBLES:
         return build_ensemble(args, split, lever, seed)
+    if lever in STUDENTS:
+        train(args, split, STUDENTS[lever][0], seed)  # the teacher first
     run = run_dir(args, split, lever, seed)
     if not (run / "metrics.json").exists():
         cmd = train_command(args, split, lever, seed)
