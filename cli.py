@@ -575,7 +575,8 @@ def add_semisup_args(parser):
     g.add_argument("--teacher", type=Path, default=None, metavar="MODEL",
                    help="instead of pseudo-labels, distil: a trained model.h5 of the same classes and image size "
                         "(e.g. this split's run from a pretrain_ssl.py encoder) gives its probabilities on each "
-                        "unlabeled image as the soft target (SimCLRv2's third step; the teacher never learns; default: none, FixMatch's pseudo-labels)")
+                        "unlabeled image as the soft target (SimCLRv2's third step; the teacher never learns; "
+                        "default: none, FixMatch's pseudo-labels)")
     g.add_argument("--thresholds", choices=THRESHOLDS, default="fixed",
                    help="fixed = that bar for every class (FixMatch); per-class = the bar scaled down for the "
                         "classes the model rarely predicts on the pool, by their running share of the predictions "

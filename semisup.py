@@ -10,8 +10,8 @@ it for the classes the model rarely predicts on the pool, in proportion to their
 (FreeMatch's class-wise scaling, Wang et al., ICLR 2023, on FixMatch's bar), so that the rare basophils' pool images
 can keep their own label (docs/ssl.md).
 
-With a teacher (`--teacher MODEL`) the pool is used the second way of SimCLRv2 (Chen et al., NeurIPS 2020: pre-train,
-fine-tune, then distil with the unlabeled images): a fixed, already trained model's probabilities on each pool image
+With a teacher (`--teacher MODEL`) the pool serves as in SimCLRv2's last step (Chen et al., NeurIPS 2020: pre-train,
+fine-tune, then distil on the unlabeled images): a fixed, already trained model's probabilities on each pool image
 are the soft target of the model being trained on its augmented view. The teacher never learns, so its targets
 cannot drift towards what the student already predicts, the confirmation bias of pseudo-labels the model makes
 itself (docs/ssl.md).
