@@ -569,6 +569,8 @@ def train_rows(rows: list[Row], args, out: Path) -> list[dict]:
                 time.sleep(5)
             elif code != 0:
                 return code
+            elif not is_complete(out, teacher, seed):
+                return 1  # it ended without a finished run folder: never relaunched in a loop
         return 0
 
     def report(i: int, row: Row, seed: int, code: int | None, seconds: float, log: Path):

@@ -401,14 +401,14 @@ def test_table_distilled_row_is_taught_by_the_seeds_ssl_run_trained_first_and_fa
     assert [r.name for r in rows] == ["WBC_1_ssl_default", "WBC_1_ssl-distill_default"]
     assert ("ssl-distill_default", "ssl_default") in reproduce_table.PAIRS
 
-    def table(out, failing=""):
+    def table(out, failing="", code=3):
         launched = []
 
         def launch(cmd, log, jobs=1):
             folder = Path(cmd[cmd.index("--out") + 1])
             launched.append((folder.name, cmd))
             if folder.name.startswith(failing or "-"):
-                return 3
+                return code  # exit 0 here: ended without writing its folder
             folder.mkdir(parents=True, exist_ok=True)
             for name in ("model.h5", "history.csv", "args.json", "val_predictions.csv"):
                 (folder / name).write_text("")
@@ -431,3 +431,7 @@ def test_table_distilled_row_is_taught_by_the_seeds_ssl_run_trained_first_and_fa
     failures, launched = table(tmp_path / "f", failing="WBC_1_ssl_default")
     assert [name for name, _ in launched] == ["ssl_pretrain_seed0", "WBC_1_ssl_default_seed0"]
     assert [(f["row"], f["exit"]) for f in failures] == [("WBC_1_ssl-distill_default", 3)]
+    # a teacher that exits 0 without its run folder is not launched again and again
+    failures, launched = table(tmp_path / "z", failing="WBC_1_ssl_default", code=0)
+    assert [name for name, _ in launched] == ["ssl_pretrain_seed0", "WBC_1_ssl_default_seed0"]
+    assert [(f["row"], f["exit"]) for f in failures] == [("WBC_1_ssl-distill_default", 1)]
