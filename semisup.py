@@ -39,6 +39,39 @@ def confidence_bar(threshold: float, label_smoothing: float, num_classes: int) -
     return float(threshold) * (1.0 - label_smoothing + label_smoothing / num_classes)
 
 
+def _class_weight_vector(num_classes: int, class_weights: dict | None) -> np.ndarray:
+    """The labelled loss's class weights ({class: weight}, or None: all 1) as one weight per class."""
+    w = np.ones(num_classes, "float32")
+    for c, v in (class_weights or {}).items():
+        w[int(c)] = v
+    return w
+
+
+def _add_pool_averages(layer, num_classes: int, rate_column: str) -> None:
+    """The moving averages a wrapper layer keeps for history.csv (pool_columns): layer.confidence (top probability)
+    and layer.share (class shares), both starting at 1/K, and layer.rate, a share of pool images starting at 0,
+    whose column is rate_column. Non-trainable weights: saved with the backup, so a resumed run continues them;
+    aggregation "mean": under several TensorFlow replicas each updates them from its share of the batch."""
+    import keras
+    start = keras.initializers.Constant(1.0 / num_classes)
+    layer.confidence = layer.add_weight(shape=(), initializer=start, trainable=False, aggregation="mean",
+                                        name="pool_confidence")
+    layer.share = layer.add_weight(shape=(num_classes,), initializer=start, trainable=False, aggregation="mean",
+                                   name="pool_share")
+    layer.rate = layer.add_weight(shape=(), initializer="zeros", trainable=False, aggregation="mean",
+                                  name=rate_column)
+    layer.rate_column = rate_column
+
+
+def _pool_wrapper(inner_model, layer, suffix: str):
+    """[labelled, unlabeled] uint8 inputs of inner_model's size -> `layer`'s output: a training-only model."""
+    import keras
+    size = inner_model.input_shape[1]
+    labelled = keras.Input((size, size, 3), dtype="uint8", name="image")
+    unlabeled = keras.Input((size, size, 3), dtype="uint8", name="unlabeled_image")
+    return keras.Model([labelled, unlabeled], layer([labelled, unlabeled]), name=f"{inner_model.name}_{suffix}")
+
+
 def fixmatch_model(weak_model, num_classes: int, bar: float, weight: float, class_weights: dict | None,
                    seed: int, strong: dict | None = None, per_class: bool = False, momentum: float = 0.99):
     """Training-only wrapper: [labelled, unlabeled] uint8 -> the labelled images' probabilities, with the
@@ -61,9 +94,7 @@ def fixmatch_model(weak_model, num_classes: int, bar: float, weight: float, clas
     from keras import ops
 
     strong_layers = augment.photometric_layers(**(strong or STRONG), seed=int(seed) + 200)
-    w = np.ones(num_classes, "float32")
-    for c, v in (class_weights or {}).items():
-        w[int(c)] = v
+    w = _class_weight_vector(num_classes, class_weights)
 
     class FixMatch(keras.layers.Layer):
         def __init__(self, **kwargs):
@@ -71,14 +102,7 @@ def fixmatch_model(weak_model, num_classes: int, bar: float, weight: float, clas
             self.weak_model = weak_model
             self.strong_layers = strong_layers
             self.momentum = float(momentum)
-            start = keras.initializers.Constant(1.0 / num_classes)
-            # aggregation "mean": under several TensorFlow replicas each updates them from its share of the batch.
-            self.confidence = self.add_weight(shape=(), initializer=start, trainable=False, aggregation="mean",
-                                              name="pool_confidence")
-            self.share = self.add_weight(shape=(num_classes,), initializer=start, trainable=False,
-                                         aggregation="mean", name="pool_share")
-            self.used = self.add_weight(shape=(), initializer="zeros", trainable=False, aggregation="mean",
-                                        name="pool_used")
+            _add_pool_averages(self, num_classes, "pool_used")
 
         def call(self, inputs, training=None):
             labelled, unlabeled = inputs
@@ -102,7 +126,7 @@ def fixmatch_model(weak_model, num_classes: int, bar: float, weight: float, clas
             if training:
                 self.confidence.assign(confidence)
                 self.share.assign(share)
-                self.used.assign(m * self.used + (1 - m) * ops.mean(confident))
+                self.rate.assign(m * self.rate + (1 - m) * ops.mean(confident))
             class_w = ops.take(ops.convert_to_tensor(w), pseudo)
             ce = -ops.sum(ops.one_hot(pseudo, num_classes) * ops.log(ops.clip(p_strong, 1e-7, 1.0)), axis=-1)
             self.add_loss(weight * ops.mean(confident * class_w * ce))
@@ -111,11 +135,7 @@ def fixmatch_model(weak_model, num_classes: int, bar: float, weight: float, clas
         def compute_output_shape(self, input_shapes):
             return (input_shapes[0][0], num_classes)
 
-    size = weak_model.input_shape[1]
-    labelled = keras.Input((size, size, 3), dtype="uint8", name="image")
-    unlabeled = keras.Input((size, size, 3), dtype="uint8", name="unlabeled_image")
-    return keras.Model([labelled, unlabeled], FixMatch(name="fixmatch", dtype="float32")([labelled, unlabeled]),
-                       name=f"{weak_model.name}_fixmatch")
+    return _pool_wrapper(weak_model, FixMatch(name="fixmatch", dtype="float32"), "fixmatch")
 
 
 def distill_model(student_model, teacher, num_classes: int, weight: float, class_weights: dict | None,
@@ -135,9 +155,7 @@ def distill_model(student_model, teacher, num_classes: int, weight: float, class
     from keras import ops
 
     teacher.trainable = False
-    w = np.ones(num_classes, "float32")
-    for c, v in (class_weights or {}).items():
-        w[int(c)] = v
+    w = _class_weight_vector(num_classes, class_weights)
 
     class Distill(keras.layers.Layer):
         def __init__(self, **kwargs):
@@ -145,13 +163,7 @@ def distill_model(student_model, teacher, num_classes: int, weight: float, class
             self.student_model = student_model
             self.teacher = teacher
             self.momentum = float(momentum)
-            start = keras.initializers.Constant(1.0 / num_classes)
-            self.confidence = self.add_weight(shape=(), initializer=start, trainable=False, aggregation="mean",
-                                              name="pool_confidence")
-            self.share = self.add_weight(shape=(num_classes,), initializer=start, trainable=False,
-                                         aggregation="mean", name="pool_share")
-            self.agreement = self.add_weight(shape=(), initializer="zeros", trainable=False, aggregation="mean",
-                                             name="pool_agreement")
+            _add_pool_averages(self, num_classes, "pool_agreement")
 
         def call(self, inputs, training=None):
             labelled, unlabeled = inputs
@@ -166,7 +178,7 @@ def distill_model(student_model, teacher, num_classes: int, weight: float, class
                 self.confidence.assign(m * self.confidence + (1 - m) * ops.mean(ops.max(p_pool, axis=-1)))
                 self.share.assign(m * self.share + (1 - m) * ops.mean(p_pool, axis=0))
                 agree = ops.cast(ops.argmax(p_pool, axis=-1) == teacher_class, "float32")
-                self.agreement.assign(m * self.agreement + (1 - m) * ops.mean(agree))
+                self.rate.assign(m * self.rate + (1 - m) * ops.mean(agree))
             class_w = ops.take(ops.convert_to_tensor(w), teacher_class)
             ce = -ops.sum(target * ops.log(ops.clip(p_pool, 1e-7, 1.0)), axis=-1)
             self.add_loss(weight * ops.mean(class_w * ce))
@@ -175,11 +187,7 @@ def distill_model(student_model, teacher, num_classes: int, weight: float, class
         def compute_output_shape(self, input_shapes):
             return (input_shapes[0][0], num_classes)
 
-    size = student_model.input_shape[1]
-    labelled = keras.Input((size, size, 3), dtype="uint8", name="image")
-    unlabeled = keras.Input((size, size, 3), dtype="uint8", name="unlabeled_image")
-    return keras.Model([labelled, unlabeled], Distill(name="distill", dtype="float32")([labelled, unlabeled]),
-                       name=f"{student_model.name}_distill")
+    return _pool_wrapper(student_model, Distill(name="distill", dtype="float32"), "distill")
 
 
 def pool_columns(classes):
@@ -189,12 +197,10 @@ def pool_columns(classes):
     share of pool images given the teacher's class)."""
     def columns(train_model) -> dict:
         from keras import ops
-        names = {layer.name for layer in train_model.layers}
-        layer = train_model.get_layer("fixmatch" if "fixmatch" in names else "distill")
+        layer = next(layer for layer in train_model.layers if layer.name in ("fixmatch", "distill"))
         share = ops.convert_to_numpy(layer.share)
-        last = ({"pool_used": float(ops.convert_to_numpy(layer.used))} if layer.name == "fixmatch"
-                else {"pool_agreement": float(ops.convert_to_numpy(layer.agreement))})
-        return {**last, "pool_confidence": float(ops.convert_to_numpy(layer.confidence)),
+        return {layer.rate_column: float(ops.convert_to_numpy(layer.rate)),
+                "pool_confidence": float(ops.convert_to_numpy(layer.confidence)),
                 **{f"pool_share_{c}": float(v) for c, v in zip(classes, share)}}
     return columns
 
