@@ -494,8 +494,10 @@ def add_cnn_training_args(parser):
     add_augmentation_args(parser)
     g = parser.add_argument_group("start from a pre-trained encoder")
     g.add_argument("--init", type=Path, default=None, metavar="ENCODER",
-                   help="an encoder.h5 written by pretrain_ssl.py --model cnn: its layers' weights, exactly, "
-                        "replace the fresh ones of the same names (default: random initialisation)")
+                   help="an encoder.h5 written by pretrain_ssl.py --model cnn, or a model.h5 written by "
+                        "train_cnn.py (fine-tuned on this run's images; its head kept where the classes are the "
+                        "same): its layers' weights, exactly, replace the fresh ones of the same names (default: "
+                        "random initialisation)")
     g.add_argument("--freeze-epochs", type=int, default=0, metavar="N",
                    help="with --init: the first N of --epochs train the head alone, the encoder frozen "
                         "(written to RUN/head_frozen/); the rest train everything. N = --epochs: the encoder "
@@ -532,7 +534,8 @@ def resolve_cnn_args(args):
     check_freeze_args(args.freeze_epochs, args.epochs, args.finetune_lr, args.frozen_blocks, args.depth,
                       args.frozen_bn)
     if args.init is not None and not Path(args.init).is_file():
-        raise UserError(f"--init {args.init}: no such file (expected an encoder.h5 written by pretrain_ssl.py)")
+        raise UserError(f"--init {args.init}: no such file (expected an encoder.h5 written by pretrain_ssl.py or "
+                        f"a model.h5 written by train_cnn.py)")
     return args
 
 
@@ -639,7 +642,35 @@ def resolve_domain_args(args):
     if not 0 <= args.style_noise <= 1:
         raise UserError(f"--style-noise {args.style_noise}: expected a share of the images in [0, 1]")
     check_frame_cell(args.frame_cell)
+    check_init_classifier(args)
     return args
+
+
+def init_metadata(path) -> dict:
+    """The metadata of an --init file, or one line saying it is not a model file."""
+    from runfiles import read_h5_metadata
+    try:
+        return read_h5_metadata(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--init {path}: not a readable .h5 model file ({e.__class__.__name__}; expected an "
+                        f"encoder.h5 of pretrain_ssl.py or a model.h5 of train_cnn.py)") from None
+
+
+def check_init_classifier(args):
+    """A trained classifier given to --init is fine-tuned as it was trained: framed alike (its weights learned
+    cells at that scale) and with its stain normalisation (its layers carry its reference; domain.metadata)."""
+    init = getattr(args, "init", None)
+    meta = init_metadata(init) if init is not None else {}
+    if "classes" not in meta:
+        return
+    share = float((meta.get("framing") or {}).get("share", 0.0))
+    if share != args.frame_cell:
+        raise UserError(f"--init {init}: a model trained with --frame-cell {share:g}, this run has "
+                        f"--frame-cell {args.frame_cell:g} (expected the model's framing: --frame-cell {share:g})")
+    stain_norm = "reinhard" if meta.get("stain_normalisation") else "none"
+    if stain_norm != args.stain_norm:
+        raise UserError(f"--init {init}: a model trained with --stain-norm {stain_norm}, this run has "
+                        f"--stain-norm {args.stain_norm} (expected the model's: --stain-norm {stain_norm})")
 
 
 def check_frame_cell(share: float):

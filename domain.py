@@ -12,6 +12,7 @@ import hashlib
 import numpy as np
 
 import framing
+import runfiles
 import stain
 
 DOMAIN_OPTIONS = ("norm", "stain_norm", "stain_jitter", "frame_cell", "style_noise")  # recorded in the metadata
@@ -52,10 +53,16 @@ def training_wrapper(args):
 
 
 def metadata(args, train_x) -> dict:
-    """The domain options used, the stain reference (the training images' statistics) with --stain-norm reinhard,
+    """The domain options used, the stain reference (the training images' statistics, or those of the trained
+    classifier --init starts from) with --stain-norm reinhard,
     and the framing a user of the saved model must reproduce before calling it."""
     out = {"domain_options": {k: getattr(args, k, None) for k in DOMAIN_OPTIONS}}
-    if getattr(args, "stain_norm", "none") == "reinhard" and len(train_x):  # none: training.train says so
+    init = getattr(args, "init", None)
+    inherited = runfiles.read_h5_metadata(init).get("stain_normalisation") if init else None
+    if getattr(args, "stain_norm", "none") == "reinhard" and inherited:
+        # --init a trained classifier: its normalisation layers, copied with its weights, carry its reference
+        out["stain_normalisation"] = {**inherited, "from_init": str(init)}
+    elif getattr(args, "stain_norm", "none") == "reinhard" and len(train_x):  # none: training.train says so
         out["stain_normalisation"] = {"method": "reinhard", "inside_model": True,
                                       **stain.reference_stats(train_x, seed=getattr(args, "seed", 0))}
     if getattr(args, "frame_cell", 0.0):

@@ -31,6 +31,8 @@ logging.getLogger("absl").setLevel(logging.ERROR)
 METHODS = ("simclr", "vicreg")
 # The pooled-feature layer each core model ends its encoder at (models.build_cnn, models.build_resnet50).
 FEATURE_LAYERS = ("gap", "flatten", "gap_blocks", models.FEATURES_NAME)
+# A trained classifier's head (models.classifier_head): what an --init classifier brings besides its encoder.
+HEAD_LAYERS = ("head_dense", "predictions")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,29 +280,41 @@ def file_sha256(path: Path) -> str:
 
 
 def weighted_layers(model: keras.Model) -> list:
-    """The layers of `model` that hold weights (an encoder's layers that --init copies)."""
-    return [layer for layer in model.layers if layer.weights]
+    """The layers of `model` that hold weights (what --init copies), nested models opened: a trained classifier's
+    CNN inside its stain-normalisation wrapper counts by its own layers."""
+    return [layer for _, layer in models.flat_layers(model) if layer.weights]
 
 
-def load_encoder_weights(core: keras.Model, path: Path, encoder: keras.Model | None = None) -> list[str]:
-    """Put the encoder file's weights, exactly, into the same-named layers of `core`; returns those names.
-    `encoder`: the file's model when the caller has loaded it already. A layer missing from `core` or weights of
-    another shape end in one line naming both."""
+def is_classifier(path: Path) -> bool:
+    """Whether an --init file is a trained classifier (train_cnn.py's model.h5: it names its classes) rather than a
+    pretrain_ssl.py encoder."""
+    return "classes" in read_h5_metadata(path)
+
+
+def load_encoder_weights(core: keras.Model, path: Path, encoder: keras.Model | None = None,
+                         head: bool = False) -> list[str]:
+    """Put the --init file's weights, exactly, into the same-named layers of `core`; returns those names.
+    `encoder`: the file's model when the caller has loaded it already. A trained classifier's head (HEAD_LAYERS) is
+    copied only with head=True (the same classes in the same order); otherwise `core` keeps its fresh head. A layer
+    missing from `core` or weights of another shape end in one line naming both."""
     encoder = load_core_model(path) if encoder is None else encoder
     names = []
     for layer in weighted_layers(encoder):
+        if layer.name in HEAD_LAYERS and not head:
+            continue
         weights = layer.get_weights()
         target = find_layer(core, layer.name)
         if target is None:
             raise UserError(f"--init {path}: its layer {layer.name} is not in the {core.name} model (expected an "
-                            f"encoder pre-trained for this model: pretrain_ssl.py --model cnn)")
+                            f"encoder.h5 of pretrain_ssl.py --model cnn or a model.h5 of train_cnn.py, trained "
+                            f"with this run's --stain-norm, --norm and shape options)")
         own = target.get_weights()
         shapes = [tuple(w.shape) for w in weights]
         if [tuple(w.shape) for w in own] != shapes:
             raise UserError(f"--init {path}: layer {layer.name} has weights of shape "
-                            f"{', '.join(map(str, shapes))} in the encoder but "
-                            f"{', '.join(str(tuple(w.shape)) for w in own)} in the classifier (pre-train with the "
-                            f"same --width, --depth and --batchnorm as this model)")
+                            f"{', '.join(map(str, shapes))} in the file but "
+                            f"{', '.join(str(tuple(w.shape)) for w in own)} in the classifier (train or pre-train "
+                            f"with the same --width, --depth, --dense and --batchnorm as this model)")
         target.set_weights(weights)
         names.append(layer.name)
     if not names:
@@ -359,9 +373,11 @@ class FineTune:
 
 def train_from_init(run_dir: Path, build_core, train_set, val_set, config, args: dict, resume: bool,
                     extra_metadata: dict, finetune: FineTune = FineTune(), hooks=None, test_set=None) -> dict:
-    """training.train, started from the encoder file finetune.init when given (else exactly training.train).
+    """training.train, started from the file finetune.init when given (else exactly training.train): a
+    pretrain_ssl.py encoder, or a trained classifier (train_cnn.py's model.h5) to fine-tune on new images, whose
+    head is kept where its classes are the run's, in the same order (a fresh head otherwise).
 
-    args.json and model.h5's metadata name the encoder file and its sha256. With finetune.freeze_epochs N, the
+    args.json and model.h5's metadata name the file and its sha256. With finetune.freeze_epochs N, the
     first N epochs train the head alone (encoder layers frozen, their batch norm in inference mode) in
     RUN/head_frozen/, and the run continues from that phase's selected model for the remaining epochs with the
     encoder trainable (but for finetune.frozen_blocks), at learning rate finetune.lr when given; with N >= the
@@ -372,16 +388,24 @@ def train_from_init(run_dir: Path, build_core, train_set, val_set, config, args:
         return training.train(run_dir, build_core, train_set, val_set, config, args=args, resume=resume,
                               extra_metadata=extra_metadata, hooks=hooks, test_set=test_set)
     init = Path(finetune.init)
-    info = {"path": str(init), "sha256": file_sha256(init), "pretraining": read_h5_metadata(init).get("method")}
+    init_meta = read_h5_metadata(init)
+    # A trained classifier of the same classes in the same order keeps its head; any other starts a fresh one.
+    head = list(init_meta.get("classes") or []) == list(train_set.classes)
+    info = {"path": str(init), "sha256": file_sha256(init), "pretraining": init_meta.get("method"),
+            "kind": "classifier" if "classes" in init_meta else "encoder", "head": "copied" if head else "fresh"}
     args = {**args, "init_sha256": info["sha256"]}
     meta = {**extra_metadata, "init_encoder": info}
     encoder = load_core_model(init)
-    # from the file, not from a build: a resumed run whose head-only phase is done builds nothing before the rest
-    names = [layer.name for layer in weighted_layers(encoder)]
+    # from the file, not from a build: a resumed run whose head-only phase is done builds nothing before the rest.
+    # The encoder's layers: what the head-only epochs freeze (a copied head trains in them too).
+    names = [layer.name for layer in weighted_layers(encoder) if layer.name not in HEAD_LAYERS]
+    if info["kind"] == "classifier":  # its fixed layers (the stain normalisation's) stay fixed when the rest tunes
+        fresh = build_core()
+        names = [n for n in names if find_layer(fresh, n).trainable]
 
     def build():
         core = build_core()
-        load_encoder_weights(core, init, encoder)
+        load_encoder_weights(core, init, encoder, head=head)
         return core
 
     def tune_after(core):  # everything trainable but the blocks kept frozen

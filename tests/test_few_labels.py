@@ -1,0 +1,106 @@
+"""Fine-tuning a trained classifier on a few labelled images of another lab: train_cnn.py --init MODEL.h5 (its
+weights, head and stain reference carried over) and tools/few_labels.py (the draws, the four methods, the results)."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import runfiles
+from conftest import exit_status, load_tool
+
+few = load_tool("few_labels")
+
+
+def test_draws_take_k_of_each_class_at_most_half_and_test_on_the_rest():
+    labels = np.array([0] * 3 + [1] * 20 + [2] * 7)
+    labelled, test = few.draw_split(labels, 5, seed=0)
+    assert np.bincount(labels[labelled]).tolist() == [1, 5, 3]  # at most half of a class: 3 -> 1, 7 -> 3
+    assert not set(labelled) & set(test) and len(labelled) + len(test) == len(labels)
+    again, _ = few.draw_split(labels, 5, seed=0)
+    other, _ = few.draw_split(labels, 5, seed=1)
+    assert again.tolist() == labelled.tolist() and other.tolist() != labelled.tolist()
+
+
+def _core(run, demo_root, *extra):
+    """A fresh classifier of the run's shape, as train_cnn.py --config RUN builds it (with `extra` options)."""
+    import domain
+    import train_cnn
+    args = train_cnn.parse_args(["--config", str(run), "--data", str(demo_root), *extra])
+    meta = domain.metadata(args, np.zeros((0, 32, 32, 3), np.uint8))
+    return domain.cnn_builder(args, 5, meta)(), meta
+
+
+def test_init_from_a_trained_classifier_copies_every_layer_and_the_head_only_when_asked(cnn_run, demo_root):
+    import selfsup
+    run, _ = cnn_run
+    trained = runfiles.load_core_model(run / "model.h5")
+    want = {layer.name: layer.get_weights() for layer in selfsup.weighted_layers(trained)}
+    assert "predictions" in want and any(name.startswith("stain_norm") for name in want)
+    for head in (True, False):
+        core, meta = _core(run, demo_root, "--init", str(run / "model.h5"))
+        names = selfsup.load_encoder_weights(core, run / "model.h5", head=head)
+        assert ("predictions" in names) == head
+        for layer in selfsup.weighted_layers(core):
+            same = all(np.array_equal(a, b) for a, b in zip(layer.get_weights(), want[layer.name]))
+            assert same == (head or layer.name not in selfsup.HEAD_LAYERS), layer.name
+    # the stain reference the copied layers carry is the one the new model's metadata names
+    reference = runfiles.read_h5_metadata(run / "model.h5")["stain_normalisation"]
+    assert meta["stain_normalisation"]["mean"] == reference["mean"] and meta["stain_normalisation"]["from_init"]
+
+
+def test_a_trained_classifier_must_be_fine_tuned_framed_and_normalised_as_it_was_trained(cnn_run, demo_root,
+                                                                                         tmp_path, capsys):
+    import train_cnn
+    run, _ = cnn_run
+    base = ["--data", demo_root, "--init", run / "model.h5", "--out", tmp_path / "r"]
+    for extra, says in ((["--frame-cell", "0"], "a model trained with --frame-cell 0.5, this run has --frame-cell 0"),
+                        (["--stain-norm", "none"], "a model trained with --stain-norm reinhard")):
+        assert exit_status(train_cnn.main, [*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+    (tmp_path / "bad.h5").write_bytes(b"not a model")
+    assert exit_status(train_cnn.main, ["--data", demo_root, "--init", tmp_path / "bad.h5"]) == 2
+    assert "bad.h5: not a readable .h5 model file" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_scratch_repeats_the_models_command_and_fine_tuned_adds_init_at_a_tenth_of_its_rate(cnn_run, tmp_path):
+    run, _ = cnn_run
+    args = few.parse_args([str(run / "model.h5"), str(tmp_path), "--home", str(tmp_path), "--out", str(tmp_path)])
+    scratch = few.train_command(args, "scratch", tmp_path / "d", 1, tmp_path / "s")
+    tuned = few.train_command(args, "fine_tuned", tmp_path / "d", 1, tmp_path / "t")
+    assert scratch[scratch.index("--config") + 1] == str(run.resolve()) and "--init" not in scratch
+    assert tuned[tuned.index("--init") + 1] == str((run / "model.h5").resolve())
+    lr = json.loads((run / "args.json").read_text())["lr"]
+    assert float(tuned[tuned.index("--lr") + 1]) == pytest.approx(lr / 10)
+    assert scratch[scratch.index("--holdout") + 1] == "0"  # the last epoch kept: nothing selected on the test images
+
+
+@pytest.mark.slow
+def test_few_labels_fine_tunes_the_model_on_each_draw_and_scores_every_method(cnn_run, demo_root, tmp_path):
+    run, _ = cnn_run
+    target = demo_root / "WBC_10" / "train" / "data"
+    few.main([str(run / "model.h5"), str(target), "--home", str(demo_root / "WBC_100" / "val"), "--shots", "2",
+              "--draws", "0", "--epochs", "1", "--methods", "as_is", "adapt_bn", "fine_tuned", "--out",
+              str(tmp_path / "out")])
+    with open(tmp_path / "out" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["method"], r["target"]) for r in rows) == sorted(
+        (m, t) for m in ("as_is", "adapt_bn", "fine_tuned") for t in ("target_test", "home"))
+    draw = tmp_path / "out" / "draws" / "K2_draw0" / "few"
+    labelled = {p.name for p in draw.glob("train/data/*/*")}
+    tested = {p.name for p in draw.glob("val/data/*/*")}
+    assert labelled and tested and not labelled & tested
+    assert len(labelled) + len(tested) == sum(1 for _ in target.glob("*/*"))
+    test_rows = [r for r in rows if r["target"] == "target_test"]
+    assert {int(r["images"]) for r in test_rows} == {len(tested)}
+    tuned = tmp_path / "out" / "runs" / "K2_draw0_fine_tuned" / "model.h5"
+    meta = runfiles.read_h5_metadata(tuned)
+    assert meta["init_encoder"]["kind"] == "classifier" and meta["init_encoder"]["head"] == "copied"
+    # the stain layers are fixed: the fine-tuned model's are the trained model's, exactly
+    a, b = runfiles.load_core_model(run / "model.h5"), runfiles.load_core_model(tuned)
+    for name in ("stain_norm_opponent", "stain_norm_to_reference_rgb"):
+        assert all(np.array_equal(x, y) for x, y in zip(a.get_layer(name).get_weights(),
+                                                          b.get_layer(name).get_weights()))
+    assert "| 2 | fine_tuned | target_test | 1 |" in (tmp_path / "out" / "summary.md").read_text()

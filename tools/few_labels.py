@@ -1,0 +1,199 @@
+"""A few labelled images of another lab: what a trained model gains from being fine-tuned on them.
+
+    python tools/few_labels.py runs/WBC_100_seed0/model.h5 ../shared/data/bccd/data --home OUT/WBC_100/val \
+        --shots 5 10 --draws 0 1 2 --out runs/few_labels                    # docs/microscopes.md
+
+MODEL is a train_cnn.py run's model.h5 (its args.json beside it); TARGET holds the other lab's labelled images,
+one sub-folder per class. For each number of labelled images per class (--shots K) and each draw (--draws D: the
+seed of the draw and of the training), TARGET is split: K images of each class, at most half of the class, are the
+labelled ones, every other image is the draw's test set (OUT/draws/K{K}_draw{D}/few/, the course layout: train/ =
+labelled, val/ = test). On each draw:
+
+  as_is        MODEL itself, nothing of the target used
+  adapt_bn     MODEL with its batch-norm statistics re-estimated on every target image, no labels (--adapt-bn)
+  fine_tuned   train_cnn.py --config MODEL's run --init MODEL on the labelled images, every layer at a tenth of
+               MODEL's learning rate (the usual fine-tuning step), --epochs E
+  scratch      the same command without --init: MODEL's recipe from random weights on the labelled images alone
+
+each scored on the draw's test images and on --home (MODEL's own validation set: what fine-tuning costs there).
+The trainings keep their last epoch (--holdout 0): nothing is selected on the test images. results.csv (one row per
+draw, method and target, with its confusion matrix) and summary.md (mean ± std over draws) go to --out; a finished
+run is not retrained.
+"""
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+import cli  # noqa: E402
+from runfiles import UserError  # noqa: E402
+
+METHODS = ("as_is", "adapt_bn", "fine_tuned", "scratch")
+TRAINED = ("fine_tuned", "scratch")
+FINETUNE_LR_FACTOR = 0.1  # the fine-tuning step: a tenth of the model's own rate, as LP-FT's --finetune-lr
+FIELDS = ["shots", "draw", "method", "target", "labelled", "images", "accuracy", "balanced_accuracy", "macro_f1",
+          "confusion_matrix", "train_seconds", "run_dir"]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="few_labels.py", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("model", type=Path, help="a train_cnn.py run's model.h5 (its args.json beside it)")
+    parser.add_argument("target", type=Path, help="the other lab's labelled images, one sub-folder per class")
+    parser.add_argument("--home", type=Path, required=True,
+                        help="the model's own validation images (a folder per class, or WBC_100/val)")
+    parser.add_argument("--shots", type=int, nargs="+", default=[5, 10], help="labelled images per class")
+    parser.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2], help="draws (seeds) per shot count")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs of fine_tuned and scratch")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--out", type=Path, required=True, help="folder for the draws, runs and results")
+    args = parser.parse_args(argv)
+    if not args.model.is_file():
+        raise UserError(f"{args.model}: no such model file (expected a train_cnn.py run's model.h5)")
+    if not (args.model.parent / "args.json").is_file():
+        raise UserError(f"{args.model}: no args.json beside it (expected a train_cnn.py run folder's model.h5: "
+                        f"its command is repeated on the labelled images)")
+    for folder, what in ((args.target, "target"), (args.home, "--home")):
+        if not folder.is_dir():
+            raise UserError(f"{what} {folder}: no such folder (expected one sub-folder of images per class)")
+    if min(args.shots) < 1 or args.epochs < 1:
+        raise UserError("--shots and --epochs: expected numbers >= 1")
+    return args
+
+
+def draw_split(labels, shots: int, seed: int):
+    """(labelled, test) indices: `shots` of each class, at most half of it (as many or more stay to test), drawn
+    with `seed`; every other image is a test image."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    labelled = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        labelled += rng.permutation(members)[:min(shots, len(members) // 2)].tolist()
+    labelled = np.sort(np.asarray(labelled, int))
+    return labelled, np.setdiff1d(np.arange(len(labels)), labelled)
+
+
+def write_draw(images, labelled, test, folder: Path) -> Path:
+    """The draw as a course-layout root (symlinks): few/train/data/<class>/ labelled, few/val/data/<class>/ test."""
+    root = folder / "few"
+    for part, rows in (("train", labelled), ("val", test)):
+        for i in rows:
+            source = Path(images.paths[i]).resolve()
+            link = root / part / "data" / images.classes[images.y[i]] / source.name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.is_symlink():
+                os.symlink(source, link)
+    return folder
+
+
+def train_command(args, method: str, draw_root: Path, seed: int, run: Path) -> list[str]:
+    saved = json.loads((args.model.parent / "args.json").read_text())
+    cmd = [sys.executable, str(PROJECT / "train_cnn.py"), "--config", str(args.model.parent.resolve()),
+           "--data", str(draw_root.resolve()), "--split", "few", "--epochs", str(args.epochs), "--holdout", "0",
+           "--seed", str(seed), "--test", str(args.home.resolve()), "--out", str(run.resolve()), "--quiet"]
+    if method == "fine_tuned":
+        cmd += ["--init", str(args.model.resolve()), "--lr", f"{saved['lr'] * FINETUNE_LR_FACTOR:g}"]
+    return cmd + (["--resume"] if run.exists() else [])
+
+
+def trained_rows(args, method, shots, draw, draw_root, n_labelled) -> list[dict]:
+    run = args.out / "runs" / f"K{shots}_draw{draw}_{method}"
+    if not (run / "metrics.json").exists():
+        cmd = train_command(args, method, draw_root, draw, run)
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=PROJECT)
+    m = json.loads((run / "metrics.json").read_text())
+    base = {"shots": shots, "draw": draw, "method": method, "labelled": n_labelled,
+            "train_seconds": round(m.get("train_seconds") or float("nan"), 1), "run_dir": str(run)}
+    return [row(base, "target_test", m), row(base, "home", m["test"])]
+
+
+def row(base: dict, target: str, m: dict) -> dict:
+    return {**base, "target": target, "images": int(sum(map(sum, m["confusion_matrix"]))),
+            "accuracy": round(m.get("accuracy", m.get("val_accuracy_selected")), 4), "balanced_accuracy": round(m["balanced_accuracy"], 4),
+            "macro_f1": round(m["macro_f1"], 4), "confusion_matrix": json.dumps(m["confusion_matrix"])}
+
+
+def model_rows(args, shots, draw, images: dict, test, n_labelled) -> list[dict]:
+    """as_is and adapt_bn: MODEL itself on the draw's test images and on --home."""
+    import adapt
+    import metrics
+    import runfiles
+    rows = []
+    target, home = images["target"], images["home"]
+    for method in ("as_is", "adapt_bn"):
+        if method not in args.methods:
+            continue
+        model = runfiles.load_core_model(args.model)
+        if method == "adapt_bn" and not adapt.adapt_batchnorm(model, target.x):
+            continue  # no batch norm to adapt
+        base = {"shots": shots, "draw": draw, "method": method, "labelled": 0,
+                "train_seconds": 0.0, "run_dir": "-"}
+        for name, x, y in (("target_test", target.x[test], target.y[test]), ("home", home.x, home.y)):
+            m = metrics.classification_metrics(y, adapt.predict(model, x), list(target.classes))
+            rows.append(row(base, name, m))
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[str]:
+    import numpy as np
+    groups = {}
+    for r in rows:
+        groups.setdefault((int(r["shots"]), r["method"], r["target"]), []).append(r)
+    lines = ["| shots | method | target | draws | accuracy | balanced acc. | macro-F1 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (shots, method, target), rs in sorted(groups.items(), key=lambda kv: (
+            kv[0][0], METHODS.index(kv[0][1]), kv[0][2] != "target_test")):
+        def stat(key):
+            v = np.array([float(r[key]) for r in rs])
+            return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+        lines.append(f"| {shots} | {method} | {target} | {len(rs)} | {stat('accuracy')} | "
+                     f"{stat('balanced_accuracy')} | {stat('macro_f1')} |")
+    return lines
+
+
+def write_results(out: Path, rows: list[dict]):
+    import io
+    import runfiles
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    runfiles.atomic_write_text(out / "results.csv", buf.getvalue())
+    runfiles.atomic_write_text(out / "summary.md", "\n".join(summarise(rows)) + "\n")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cli.import_keras_quietly()
+    import data
+    import framing
+    import runfiles
+    meta = runfiles.read_h5_metadata(args.model)
+    classes, share, size = tuple(meta["classes"]), framing.frame_share(meta), meta["image_size"]
+    images = {"target": data.load_images(data.scan_class_folders(args.target, classes), size=size, name="target",
+                                         verbose=False, frame_share=share),
+              "home": data.load_images(data.find_labelled(args.home, classes), size=size, name="home",
+                                       verbose=False, frame_share=share)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, start = [], time.perf_counter()
+    for shots in args.shots:
+        for draw in args.draws:
+            labelled, test = draw_split(images["target"].y, shots, draw)
+            root = write_draw(images["target"], labelled, test, args.out / "draws" / f"K{shots}_draw{draw}")
+            rows += model_rows(args, shots, draw, images, test, len(labelled))
+            for method in (m for m in TRAINED if m in args.methods):
+                rows += trained_rows(args, method, shots, draw, root, len(labelled))
+            write_results(args.out, rows)
+            print(f"K={shots} draw {draw}: {len(labelled)} labelled, {len(test)} test images", flush=True)
+    print(f"wrote {args.out}/results.csv and summary.md ({time.perf_counter() - start:.0f}s)")
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
