@@ -78,12 +78,29 @@ def test_scratch_repeats_the_models_command_and_fine_tuned_adds_init_at_a_tenth_
 
 
 @pytest.mark.slow
-def test_few_labels_fine_tunes_the_model_on_each_draw_and_scores_every_method(cnn_run, demo_root, tmp_path):
+def test_few_labels_fine_tunes_the_model_on_each_draw_and_scores_every_method(cnn_run, demo_root, tmp_path,
+                                                                               monkeypatch):
+    import keras
+    import train_cnn
     run, _ = cnn_run
     target = demo_root / "WBC_10" / "train" / "data"
-    few.main([str(run / "model.h5"), str(target), "--home", str(demo_root / "WBC_100" / "val"), "--shots", "2",
-              "--draws", "0", "--epochs", "1", "--methods", "as_is", "adapt_bn", "fine_tuned", "--out",
-              str(tmp_path / "out")])
+    commands = []
+
+    def in_process(cmd, check, cwd):  # train_cnn.py's command run here: no second TensorFlow start-up
+        commands.append(cmd)
+        assert cmd[1].endswith("train_cnn.py") and check
+        train_cnn.main(cmd[2:])
+
+    monkeypatch.setattr(few.subprocess, "run", in_process)
+    policy = keras.mixed_precision.global_policy().name
+    argv = [str(run / "model.h5"), str(target), "--home", str(demo_root / "WBC_100" / "val"), "--shots", "2",
+            "--draws", "0", "--epochs", "1", "--methods", "as_is", "adapt_bn", "fine_tuned", "--out",
+            str(tmp_path / "out")]
+    few.main(argv)
+    keras.mixed_precision.set_global_policy(policy)
+    assert len(commands) == 1  # fine_tuned alone trains (scratch not asked for)
+    few.main(argv)  # a finished draw is read back, not redone
+    assert len(commands) == 1
     with open(tmp_path / "out" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted((r["method"], r["target"]) for r in rows) == sorted(

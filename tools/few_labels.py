@@ -17,8 +17,8 @@ labelled, val/ = test). On each draw:
 
 each scored on the draw's test images and on --home (MODEL's own validation set: what fine-tuning costs there).
 The trainings keep their last epoch (--holdout 0): nothing is selected on the test images. results.csv (one row per
-draw, method and target, with its confusion matrix) and summary.md (mean ± std over draws) go to --out; a finished
-run is not retrained.
+draw, method and target, with its confusion matrix) and summary.md (mean ± std over draws) go to --out, over every
+draw in it; a finished draw (OUT/draws/.../results.json) or run is not redone.
 """
 import argparse
 import csv
@@ -158,9 +158,31 @@ def summarise(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_results(out: Path, rows: list[dict]):
+def draw_rows(args, shots, draw, images) -> list[dict]:
+    """The draw's rows, computed once: kept in OUT/draws/K{shots}_draw{draw}/results.json with what they depend on."""
+    import runfiles
+    folder = args.out / "draws" / f"K{shots}_draw{draw}"
+    saved = folder / "results.json"
+    key = {"model": str(args.model.resolve()), "model_mtime_ns": args.model.stat().st_mtime_ns,
+           "target": str(args.target.resolve()), "home": str(args.home.resolve()), "epochs": args.epochs,
+           "methods": sorted(args.methods)}
+    if saved.exists() and json.loads(saved.read_text()).get("key") == key:
+        return json.loads(saved.read_text())["rows"]
+    labelled, test = draw_split(images["target"].y, shots, draw)
+    root = write_draw(images["target"], labelled, test, folder)
+    rows = model_rows(args, shots, draw, images, test, len(labelled))
+    for method in (m for m in TRAINED if m in args.methods):
+        rows += trained_rows(args, method, shots, draw, root, len(labelled))
+    runfiles.atomic_write_text(saved, json.dumps({"key": key, "rows": rows}))
+    print(f"K={shots} draw {draw}: {len(labelled)} labelled, {len(test)} test images", flush=True)
+    return rows
+
+
+def write_results(out: Path):
+    """results.csv and summary.md over every draw under OUT/draws, whichever invocation made it."""
     import io
     import runfiles
+    rows = [r for saved in sorted((out / "draws").glob("*/results.json")) for r in json.loads(saved.read_text())["rows"]]
     buf = io.StringIO()
     w = csv.DictWriter(buf, FIELDS)
     w.writeheader()
@@ -182,16 +204,11 @@ def main(argv=None):
               "home": data.load_images(data.find_labelled(args.home, classes), size=size, name="home",
                                        verbose=False, frame_share=share)}
     args.out.mkdir(parents=True, exist_ok=True)
-    rows, start = [], time.perf_counter()
+    start = time.perf_counter()
     for shots in args.shots:
         for draw in args.draws:
-            labelled, test = draw_split(images["target"].y, shots, draw)
-            root = write_draw(images["target"], labelled, test, args.out / "draws" / f"K{shots}_draw{draw}")
-            rows += model_rows(args, shots, draw, images, test, len(labelled))
-            for method in (m for m in TRAINED if m in args.methods):
-                rows += trained_rows(args, method, shots, draw, root, len(labelled))
-            write_results(args.out, rows)
-            print(f"K={shots} draw {draw}: {len(labelled)} labelled, {len(test)} test images", flush=True)
+            draw_rows(args, shots, draw, images)
+            write_results(args.out)
     print(f"wrote {args.out}/results.csv and summary.md ({time.perf_counter() - start:.0f}s)")
 
 
