@@ -94,17 +94,17 @@ def test_few_labels_fine_tunes_the_model_on_each_draw_and_scores_every_method(cn
     monkeypatch.setattr(few.subprocess, "run", in_process)
     policy = keras.mixed_precision.global_policy().name
     argv = [str(run / "model.h5"), str(target), "--home", str(demo_root / "WBC_100" / "val"), "--shots", "2",
-            "--draws", "0", "--epochs", "1", "--methods", "as_is", "adapt_bn", "fine_tuned", "--out",
-            str(tmp_path / "out")]
+            "--draws", "0", "--epochs", "1", "--methods", "as_is", "adapt_bn", "fine_tuned", "fine_tuned_mixed",
+            "--out", str(tmp_path / "out")]
     few.main(argv)
     keras.mixed_precision.set_global_policy(policy)
-    assert len(commands) == 1  # fine_tuned alone trains (scratch not asked for)
+    assert len(commands) == 2  # fine_tuned and fine_tuned_mixed train (scratch not asked for)
     few.main(argv)  # a finished draw is read back, not redone
-    assert len(commands) == 1
+    assert len(commands) == 2
     with open(tmp_path / "out" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted((r["method"], r["target"]) for r in rows) == sorted(
-        (m, t) for m in ("as_is", "adapt_bn", "fine_tuned") for t in ("target_test", "home"))
+        (m, t) for m in ("as_is", "adapt_bn", "fine_tuned", "fine_tuned_mixed") for t in ("target_test", "home"))
     draw = tmp_path / "out" / "draws" / "K2_draw0" / "few"
     labelled = {p.name for p in draw.glob("train/data/*/*")}
     tested = {p.name for p in draw.glob("val/data/*/*")}
@@ -121,3 +121,46 @@ def test_few_labels_fine_tunes_the_model_on_each_draw_and_scores_every_method(cn
         assert all(np.array_equal(x, y) for x, y in zip(a.get_layer(name).get_weights(),
                                                           b.get_layer(name).get_weights()))
     assert "| 2 | fine_tuned | target_test | 1 |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_mixed_draw_holds_the_home_images_once_and_the_labelled_ones_until_they_are_as_many(tmp_path):
+    from types import SimpleNamespace
+    files = []
+    for i in range(12):
+        files.append(tmp_path / "src" / f"img{i}.png")
+        files[-1].parent.mkdir(exist_ok=True)
+        files[-1].write_bytes(b"")
+    classes = ("a", "b")
+    target = SimpleNamespace(paths=files[:6], y=np.array([0, 0, 0, 1, 1, 1]), classes=classes)
+    home = SimpleNamespace(paths=files[6:], labels=np.array([0, 0, 0, 0, 1, 1]), classes=classes)
+    labelled, test = np.array([0, 3]), np.array([1, 2, 4, 5])
+    few.write_draw(target, labelled, test, tmp_path / "draw", home)
+    train = sorted(p.relative_to(tmp_path / "draw" / "mixed" / "train" / "data").as_posix()
+                   for p in (tmp_path / "draw" / "mixed" / "train" / "data").glob("*/*"))
+    assert few.mixed_repeats(6, 2) == 3
+    assert train == sorted([f"a/home_img{i}.png" for i in (6, 7, 8, 9)] + ["b/home_img10.png", "b/home_img11.png"]
+                           + [f"a/target{r}_img0.png" for r in range(3)] + [f"b/target{r}_img3.png" for r in range(3)])
+    assert all(p.resolve() in [f.resolve() for f in files]
+               for p in (tmp_path / "draw" / "mixed" / "train" / "data").glob("*/*"))
+    tested = {p.name for p in (tmp_path / "draw" / "mixed" / "val" / "data").glob("*/*")}
+    assert tested == {p.name for p in (tmp_path / "draw" / "few" / "val" / "data").glob("*/*")} == \
+        {f"img{i}.png" for i in test}
+    assert few.mixed_repeats(10, 100) == 1  # never fewer than once
+
+
+def test_mixed_method_fine_tunes_on_the_mixed_split_and_needs_the_models_training_images(cnn_run, tmp_path,
+                                                                                        capsys):
+    run, _ = cnn_run
+    args = few.parse_args([str(run / "model.h5"), str(tmp_path), "--home", str(tmp_path), "--out", str(tmp_path)])
+    mixed = few.train_command(args, "fine_tuned_mixed", tmp_path / "d", 1, tmp_path / "m")
+    assert mixed[mixed.index("--split") + 1] == "mixed" and "--init" in mixed
+    assert len(few.home_training_files(run / "model.h5")) > 0
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "model.h5").write_bytes((run / "model.h5").read_bytes())
+    saved = json.loads((run / "args.json").read_text())
+    (moved / "args.json").write_text(json.dumps({**saved, "data": str(tmp_path / "gone")}))
+    argv = [str(moved / "model.h5"), str(tmp_path), "--home", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert exit_status(few.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "its --data" in err and "gone is not a folder here" in err and len(err.strip().splitlines()) == 1, err

@@ -7,12 +7,15 @@ MODEL is a train_cnn.py run's model.h5 (its args.json beside it); TARGET holds t
 one sub-folder per class. For each number of labelled images per class (--shots K) and each draw (--draws D: the
 seed of the draw and of the training), TARGET is split: K images of each class, at most half of the class, are the
 labelled ones, every other image is the draw's test set (OUT/draws/K{K}_draw{D}/few/, the course layout: train/ =
-labelled, val/ = test). On each draw:
+labelled, val/ = test; mixed/: home and labelled images, the same test). On each draw:
 
   as_is        MODEL itself, nothing of the target used
   adapt_bn     MODEL with its batch-norm statistics re-estimated on every target image, no labels (--adapt-bn)
   fine_tuned   train_cnn.py --config MODEL's run --init MODEL on the labelled images, every layer at a tenth of
                MODEL's learning rate (the usual fine-tuning step), --epochs E
+  fine_tuned_mixed  the same on the labelled images together with MODEL's own training images (its args.json's
+               --data and --split), the labelled ones repeated to make half of every epoch: rehearsal, so that
+               what the model knew at home is trained on while it learns the new lab
   scratch      the same command without --init: MODEL's recipe from random weights on the labelled images alone
 
 each scored on the draw's test images and on --home (MODEL's own validation set: what fine-tuning costs there).
@@ -34,8 +37,8 @@ sys.path.insert(0, str(PROJECT))
 import cli  # noqa: E402
 from runfiles import UserError  # noqa: E402
 
-METHODS = ("as_is", "adapt_bn", "fine_tuned", "scratch")
-TRAINED = ("fine_tuned", "scratch")
+METHODS = ("as_is", "adapt_bn", "fine_tuned", "fine_tuned_mixed", "scratch")
+TRAINED = ("fine_tuned", "fine_tuned_mixed", "scratch")
 FINETUNE_LR_FACTOR = 0.1  # the fine-tuning step: a tenth of the model's own rate, as LP-FT's --finetune-lr
 FIELDS = ["shots", "draw", "method", "target", "labelled", "images", "accuracy", "balanced_accuracy", "macro_f1",
           "confusion_matrix", "train_seconds", "run_dir"]
@@ -80,25 +83,45 @@ def draw_split(labels, shots: int, seed: int):
     return labelled, np.setdiff1d(np.arange(len(labels)), labelled)
 
 
-def write_draw(images, labelled, test, folder: Path) -> Path:
-    """The draw as a course-layout root (symlinks): few/train/data/<class>/ labelled, few/val/data/<class>/ test."""
-    root = folder / "few"
+def _link(source, folder: Path, cls: str, name: str):
+    link = folder / "data" / cls / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.is_symlink():
+        os.symlink(Path(source).resolve(), link)
+
+
+def write_draw(images, labelled, test, folder: Path, home_train=None) -> Path:
+    """The draw as a course-layout root (symlinks): few/train/data/<class>/ labelled, few/val/data/<class>/ test;
+    with `home_train` (a FileList) also mixed/train/: the home images once and the labelled ones repeated until
+    they are as many, mixed/val/ the same test images."""
     for part, rows in (("train", labelled), ("val", test)):
         for i in rows:
-            source = Path(images.paths[i]).resolve()
-            link = root / part / "data" / images.classes[images.y[i]] / source.name
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.is_symlink():
-                os.symlink(source, link)
+            _link(images.paths[i], folder / "few" / part, images.classes[images.y[i]], Path(images.paths[i]).name)
+    if home_train is not None:
+        for path, y in zip(home_train.paths, home_train.labels):
+            _link(path, folder / "mixed" / "train", home_train.classes[y], f"home_{Path(path).name}")
+        for r in range(mixed_repeats(len(home_train.paths), len(labelled))):
+            for i in labelled:
+                _link(images.paths[i], folder / "mixed" / "train", images.classes[images.y[i]],
+                      f"target{r}_{Path(images.paths[i]).name}")
+        for i in test:
+            _link(images.paths[i], folder / "mixed" / "val", images.classes[images.y[i]], Path(images.paths[i]).name)
     return folder
+
+
+def mixed_repeats(n_home: int, n_labelled: int) -> int:
+    """How often each labelled image appears in fine_tuned_mixed's training set: half of it, as in batches drawn
+    half from each domain (the usual few-shot domain-adaptation sampling)."""
+    return max(1, round(n_home / max(n_labelled, 1)))
 
 
 def train_command(args, method: str, draw_root: Path, seed: int, run: Path) -> list[str]:
     saved = json.loads((args.model.parent / "args.json").read_text())
+    split = "mixed" if method == "fine_tuned_mixed" else "few"
     cmd = [sys.executable, str(PROJECT / "train_cnn.py"), "--config", str(args.model.parent.resolve()),
-           "--data", str(draw_root.resolve()), "--split", "few", "--epochs", str(args.epochs), "--holdout", "0",
+           "--data", str(draw_root.resolve()), "--split", split, "--epochs", str(args.epochs), "--holdout", "0",
            "--seed", str(seed), "--test", str(args.home.resolve()), "--out", str(run.resolve()), "--quiet"]
-    if method == "fine_tuned":
+    if method in ("fine_tuned", "fine_tuned_mixed"):
         cmd += ["--init", str(args.model.resolve()), "--lr", f"{saved['lr'] * FINETUNE_LR_FACTOR:g}"]
     return cmd + (["--resume"] if run.exists() else [])
 
@@ -116,8 +139,11 @@ def trained_rows(args, method, shots, draw, draw_root, n_labelled) -> list[dict]
 
 
 def row(base: dict, target: str, m: dict) -> dict:
+    """One results row from a metrics dict: a run's metrics.json (its validation = the draw's test images; its
+    accuracy is stored as val_accuracy_selected) or its "test" entry / metrics.classification_metrics."""
+    accuracy = m["accuracy"] if "accuracy" in m else m["val_accuracy_selected"]
     return {**base, "target": target, "images": int(sum(map(sum, m["confusion_matrix"]))),
-            "accuracy": round(m.get("accuracy", m.get("val_accuracy_selected")), 4), "balanced_accuracy": round(m["balanced_accuracy"], 4),
+            "accuracy": round(accuracy, 4), "balanced_accuracy": round(m["balanced_accuracy"], 4),
             "macro_f1": round(m["macro_f1"], 4), "confusion_matrix": json.dumps(m["confusion_matrix"])}
 
 
@@ -147,7 +173,8 @@ def summarise(rows: list[dict]) -> list[str]:
     groups = {}
     for r in rows:
         groups.setdefault((int(r["shots"]), r["method"], r["target"]), []).append(r)
-    lines = ["| shots | method | target | draws | accuracy | balanced acc. | macro-F1 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| shots | method | target | draws | accuracy | balanced acc. | macro-F1 |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for (shots, method, target), rs in sorted(groups.items(), key=lambda kv: (
             kv[0][0], METHODS.index(kv[0][1]), kv[0][2] != "target_test")):
         def stat(key):
@@ -169,7 +196,7 @@ def draw_rows(args, shots, draw, images) -> list[dict]:
     if saved.exists() and json.loads(saved.read_text()).get("key") == key:
         return json.loads(saved.read_text())["rows"]
     labelled, test = draw_split(images["target"].y, shots, draw)
-    root = write_draw(images["target"], labelled, test, folder)
+    root = write_draw(images["target"], labelled, test, folder, images.get("home_train"))
     rows = model_rows(args, shots, draw, images, test, len(labelled))
     for method in (m for m in TRAINED if m in args.methods):
         rows += trained_rows(args, method, shots, draw, root, len(labelled))
@@ -182,7 +209,8 @@ def write_results(out: Path):
     """results.csv and summary.md over every draw under OUT/draws, whichever invocation made it."""
     import io
     import runfiles
-    rows = [r for saved in sorted((out / "draws").glob("*/results.json")) for r in json.loads(saved.read_text())["rows"]]
+    rows = [r for saved in sorted((out / "draws").glob("*/results.json"))
+            for r in json.loads(saved.read_text())["rows"]]
     buf = io.StringIO()
     w = csv.DictWriter(buf, FIELDS)
     w.writeheader()
@@ -191,18 +219,31 @@ def write_results(out: Path):
     runfiles.atomic_write_text(out / "summary.md", "\n".join(summarise(rows)) + "\n")
 
 
+def home_training_files(model: Path):
+    """MODEL's own training images, where its args.json says they are (fine_tuned_mixed trains on them again)."""
+    import data
+    saved = json.loads((model.parent / "args.json").read_text())
+    root = Path(saved.get("data") or "")
+    if not saved.get("data") or not root.is_dir():
+        raise UserError(f"{model.parent / 'args.json'}: its --data {root} is not a folder here (expected the "
+                        f"model's training images for fine_tuned_mixed; or leave that method out with --methods)")
+    return data.find_split(root, saved.get("split", "WBC_100")).train
+
+
 def main(argv=None):
     args = parse_args(argv)
     cli.import_keras_quietly()
     import data
     import framing
     import runfiles
+    home_train = home_training_files(args.model) if "fine_tuned_mixed" in args.methods else None
     meta = runfiles.read_h5_metadata(args.model)
     classes, share, size = tuple(meta["classes"]), framing.frame_share(meta), meta["image_size"]
     images = {"target": data.load_images(data.scan_class_folders(args.target, classes), size=size, name="target",
                                          verbose=False, frame_share=share),
               "home": data.load_images(data.find_labelled(args.home, classes), size=size, name="home",
-                                       verbose=False, frame_share=share)}
+                                       verbose=False, frame_share=share),
+              "home_train": home_train}
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for shots in args.shots:
