@@ -80,6 +80,19 @@ def demo_root(demo_in_background, tmp_path_factory):
     return demo_data.ensure_demo_data(root)  # finds the finished folder
 
 
+@pytest.fixture(autouse=True)
+def float32_policy():
+    """Each test starts and ends under Keras' default float32 policy. In-process training sets the global policy
+    (--precision auto: mixed_bfloat16 on a CPU with AVX-512 bf16), and a test comparing numbers at float32's
+    precision must not depend on which test ran before it in its worker."""
+    def reset():
+        if "keras" in sys.modules:
+            sys.modules["keras"].mixed_precision.set_global_policy("float32")
+    reset()
+    yield
+    reset()
+
+
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     """A private decode cache, so tests never read or write the user's ~/.cache."""
