@@ -2,6 +2,7 @@
 weights, head and stain reference carried over) and tools/few_labels.py (the draws, the four methods, the results)."""
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,11 +71,38 @@ def test_scratch_repeats_the_models_command_and_fine_tuned_adds_init_at_a_tenth_
     args = few.parse_args([str(run / "model.h5"), str(tmp_path), "--home", str(tmp_path), "--out", str(tmp_path)])
     scratch = few.train_command(args, "scratch", tmp_path / "d", 1, tmp_path / "s")
     tuned = few.train_command(args, "fine_tuned", tmp_path / "d", 1, tmp_path / "t")
-    assert scratch[scratch.index("--config") + 1] == str(run.resolve()) and "--init" not in scratch
+    recipe = json.loads(Path(scratch[scratch.index("--config") + 1]).read_text())
+    assert recipe["lr"] == json.loads((run / "args.json").read_text())["lr"] and "--init" not in scratch
     assert tuned[tuned.index("--init") + 1] == str((run / "model.h5").resolve())
     lr = json.loads((run / "args.json").read_text())["lr"]
     assert float(tuned[tuned.index("--lr") + 1]) == pytest.approx(lr / 10)
     assert scratch[scratch.index("--holdout") + 1] == "0"  # the last epoch kept: nothing selected on the test images
+
+
+def test_a_model_trained_from_an_encoder_is_fine_tuned_and_trained_from_scratch_like_any_other(cnn_run, tmp_path):
+    # A frozen-encoder model's run (--init ENCODER --freeze-epochs = --epochs) and a distilled one (--teacher):
+    # repeated as they were, fine_tuned's 10 epochs would be refused (30 frozen epochs of 10) and scratch would
+    # start from the encoder. The draws' recipe trains every layer from the first epoch, on the labelled images.
+    import shutil
+    import train_cnn
+    run, _ = cnn_run
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    shutil.copy(run / "model.h5", frozen / "model.h5")
+    saved = json.loads((run / "args.json").read_text())
+    saved.update(init=str(tmp_path / "encoder.h5"), freeze_epochs=saved["epochs"], frozen_blocks=1, frozen_bn=True,
+                 teacher=str(tmp_path / "teacher.h5"), unlabeled=[str(tmp_path)])
+    (frozen / "args.json").write_text(json.dumps(saved))
+    args = few.parse_args([str(frozen / "model.h5"), str(tmp_path), "--home", str(tmp_path), "--epochs", "2",
+                           "--out", str(tmp_path / "out")])
+    (tmp_path / "d").mkdir()
+    for method in ("fine_tuned", "scratch"):
+        cmd = few.train_command(args, method, tmp_path / "d", 0, tmp_path / method)
+        parsed = train_cnn.parse_args(cmd[2:])
+        assert (parsed.freeze_epochs, parsed.finetune_lr, parsed.frozen_blocks, parsed.frozen_bn) == (0, None, 0, False)
+        assert parsed.teacher is None and not parsed.unlabeled and parsed.epochs == 2
+        assert parsed.init == ((frozen / "model.h5").resolve() if method == "fine_tuned" else None)
+        assert parsed.image_size == saved["image_size"] and parsed.frame_cell == saved["frame_cell"]
 
 
 @pytest.mark.slow

@@ -18,6 +18,9 @@ labelled, val/ = test; mixed/: home and labelled images, the same test). On each
                what the model knew at home is trained on while it learns the new lab
   scratch      the same command without --init: MODEL's recipe from random weights on the labelled images alone
 
+The trainings repeat MODEL's recipe (OUT/recipe.json: its args.json without how it was started, so a model trained
+from a self-supervised encoder, frozen or not, is fine-tuned and trained from scratch like any other).
+
 each scored on the draw's test images and on --home (MODEL's own validation set: what fine-tuning costs there).
 The trainings keep their last epoch (--holdout 0): nothing is selected on the test images. results.csv (one row per
 draw, method and target, with its confusion matrix) and summary.md (mean ± std over draws) go to --out, over every
@@ -40,6 +43,12 @@ from runfiles import UserError  # noqa: E402
 METHODS = ("as_is", "adapt_bn", "fine_tuned", "fine_tuned_mixed", "scratch")
 TRAINED = ("fine_tuned", "fine_tuned_mixed", "scratch")
 FINETUNE_LR_FACTOR = 0.1  # the fine-tuning step: a tenth of the model's own rate, as LP-FT's --finetune-lr
+# How MODEL's run was started and what it was fed beside its labelled images (an encoder and its frozen epochs, a
+# teacher and an unlabeled pool), with the values that switch each off: not part of the recipe the draws repeat.
+# fine_tuned starts from MODEL itself and scratch from random weights, both on the labelled images alone, every
+# layer learning from the first epoch (a frozen-encoder model's own --freeze-epochs would outlast --epochs).
+NOT_THE_RECIPE = {"init": None, "freeze_epochs": 0, "finetune_lr": None, "frozen_blocks": 0, "frozen_bn": False,
+                  "teacher": None, "unlabeled": []}
 FIELDS = ["shots", "draw", "method", "target", "labelled", "images", "accuracy", "balanced_accuracy", "macro_f1",
           "confusion_matrix", "train_seconds", "run_dir"]
 
@@ -115,10 +124,20 @@ def mixed_repeats(n_home: int, n_labelled: int) -> int:
     return max(1, round(n_home / max(n_labelled, 1)))
 
 
+def write_recipe(model: Path, out: Path) -> Path:
+    """OUT/recipe.json: MODEL's args.json with NOT_THE_RECIPE switched off, the --config of every training run."""
+    saved = json.loads((model.parent / "args.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "recipe.json"
+    path.write_text(json.dumps({**saved, **NOT_THE_RECIPE}, indent=1) + "\n")
+    return path
+
+
 def train_command(args, method: str, draw_root: Path, seed: int, run: Path) -> list[str]:
     saved = json.loads((args.model.parent / "args.json").read_text())
     split = "mixed" if method == "fine_tuned_mixed" else "few"
-    cmd = [sys.executable, str(PROJECT / "train_cnn.py"), "--config", str(args.model.parent.resolve()),
+    recipe = write_recipe(args.model, args.out)
+    cmd = [sys.executable, str(PROJECT / "train_cnn.py"), "--config", str(recipe.resolve()),
            "--data", str(draw_root.resolve()), "--split", split, "--epochs", str(args.epochs), "--holdout", "0",
            "--seed", str(seed), "--test", str(args.home.resolve()), "--out", str(run.resolve()), "--quiet"]
     if method in ("fine_tuned", "fine_tuned_mixed"):
