@@ -60,23 +60,9 @@ def unlabeled_images(folder: Path, size: int, frame_share: float = 0.0, cache_di
 
 def adapt_batchnorm(model, images, batch_size: int = 64, seed: int = 0) -> int:
     """Replace every batch-norm layer's moving mean and variance by those of `images` (all of them); the
-    learned weights stay. Returns the number of images used; 0 when the model has no batch norm.
-
-    Every layer, also one kept frozen while training (a frozen encoder's, saved with trainable=False, which Keras
-    runs with its moving statistics even when asked to train): which layers learned is a matter of training, while
-    adaptation asks what statistics the new images show (prediction-time batch norm, Schneider et al., NeurIPS
-    2020). The layers' trainable flags are as they were afterwards."""
-    import keras
+    learned weights stay. Returns the number of images used; 0 when the model has no batch norm."""
     import feeding
-    frozen = [layer for layer in feeding.nested_layers(model)
-              if isinstance(layer, keras.layers.BatchNormalization) and not layer.trainable]
-    for layer in frozen:
-        layer.trainable = True
-    try:
-        return feeding.recalibrate_batchnorm(model, images, len(images), batch_size, seed)
-    finally:
-        for layer in frozen:
-            layer.trainable = False
+    return feeding.recalibrate_batchnorm(model, images, len(images), batch_size, seed)
 
 
 def save_adapted(model, path: Path, metadata: dict, folder: Path, n_images: int):

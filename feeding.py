@@ -39,12 +39,11 @@ def predict(model: keras.Model, x, batch_size: int = 64, views=None) -> np.ndarr
     return np.concatenate([probs(x[start:start + batch_size]) for start in range(0, len(x), batch_size)])
 
 
-def nested_layers(model):
-    """Every layer of a model, also those inside nested models (a frozen encoder, an ensemble's members)."""
+def _nested_layers(model):
     for layer in model.layers:
         yield layer
         if hasattr(layer, "layers"):
-            yield from nested_layers(layer)
+            yield from _nested_layers(layer)
 
 
 def recalibrate_batchnorm(core: keras.Model, images, n_images: int, batch_size: int, seed: int) -> int:
@@ -58,7 +57,7 @@ def recalibrate_batchnorm(core: keras.Model, images, n_images: int, batch_size: 
     statistics recomputed from plain training images; recomputed from augmented images, 0.908
     (tools/bn_recalibration_check.py, docs/results.md).
     """
-    norms = [l for l in nested_layers(core) if isinstance(l, keras.layers.BatchNormalization) and l.trainable]
+    norms = [l for l in _nested_layers(core) if isinstance(l, keras.layers.BatchNormalization) and l.trainable]
     count = min(int(n_images or 0), len(images))
     batch_size = min(batch_size, count)  # a split smaller than a batch (WBC_1) is one batch
     if not norms or batch_size < 2:
@@ -66,7 +65,7 @@ def recalibrate_batchnorm(core: keras.Model, images, n_images: int, batch_size: 
     count = count // batch_size * batch_size
     rows = np.random.default_rng(seed).permutation(len(images))[:count]
     batches = (images[np.sort(rows[start:start + batch_size])] for start in range(0, count, batch_size))
-    dropouts = [l for l in nested_layers(core) if isinstance(l, keras.layers.Dropout)]
+    dropouts = [l for l in _nested_layers(core) if isinstance(l, keras.layers.Dropout)]
     momenta, rates = [l.momentum for l in norms], [l.rate for l in dropouts]
     try:
         for layer in dropouts:
