@@ -76,8 +76,8 @@ def test_default_levers(tmp_path):
     assert xm.parse_args(_argv(tmp_path)).levers == list(xm.LEVERS)
     with_encoder = xm.parse_args(_argv(tmp_path, "--encoder", "e.h5")).levers
     assert with_encoder == [*xm.LEVERS, "ssl_frozen", "ssl_lpft", "ssl_frozen_blocks", "ssl_lpft_frozen_bn",
-                            "ssl_frozen+lpft", "ssl_frozen_blocks+lpft", "ssl_frozen+lpft_frozen_bn",
-                            "ssl_noisy_student"]
+                            "ssl_frozen_color", "ssl_frozen+lpft", "ssl_frozen_blocks+lpft",
+                            "ssl_frozen+lpft_frozen_bn", "ssl_frozen_color+lpft", "ssl_noisy_student"]
 
 
 def test_frozen_blocks_lever_reads_every_block_and_its_ensemble_shares_the_lpft_run(tmp_path):
@@ -100,6 +100,13 @@ def test_frozen_blocks_lever_reads_every_block_and_its_ensemble_shares_the_lpft_
     frozen_bn = xm.train_command(args, "WBC_100", "ssl_lpft_frozen_bn", 0)
     assert "--frozen-bn" in frozen_bn and _value(frozen_bn, "--freeze-epochs") == "5"
     assert "--frozen-bn" not in xm.train_command(args, "WBC_100", "ssl_lpft", 0)
+    # the colour-jittered frozen lever: frozen for every epoch, its head trained on jittered images; no other lever
+    # jitters colour, and its ensemble shares the seed's LP-FT run
+    frozen_color = xm.train_command(args, "WBC_100", "ssl_frozen_color", 0)
+    assert _value(frozen_color, "--color-jitter") == "0.5" and _value(frozen_color, "--freeze-epochs") == "20"
+    assert all("--color-jitter" not in xm.train_command(args, "WBC_100", lever, 0)
+               for lever in ["ssl_frozen", "ssl_lpft", "ssl_frozen_blocks", "ssl_lpft_frozen_bn"])
+    assert xm.ENSEMBLES["ssl_frozen_color+lpft"] == ("ssl_frozen_color", "ssl_lpft")
 
 
 def test_encoder_levers_commands(tmp_path, recorded):

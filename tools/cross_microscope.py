@@ -23,7 +23,8 @@ levers' folders), their probabilities averaged by tools/ensemble.py into its own
 ssl_frozen_blocks (frozen, the head on every block's pooled output), ssl_lpft_frozen_bn (LP-FT with the encoder's
 batch norm kept as pre-trained: --frozen-bn) and their ensembles with ssl_lpft / ssl_frozen are the variants measured
 after those; ssl_noisy_student (an LP-FT student distilled on PBC's unlabeled pool from the seed's ssl_frozen+lpft
-model, colour-jittered: train_cnn.py --teacher) the one after them.
+model, colour-jittered: train_cnn.py --teacher) the one after them; ssl_frozen_color (frozen, the head trained on
+colour-jittered images) and its ensemble with ssl_lpft the last.
 A finished run is reused whatever encoder it started from (its args.json records it): a new encoder, a new --out.
 """
 import csv
@@ -83,10 +84,15 @@ ENCODER_LEVERS = {
     "ssl_frozen_blocks": lambda args: [*_frozen(args), "--pooling", "blocks"],
     # LP-FT with the encoder's batch norm kept as pre-trained (the pool's statistics, not one lab's)
     "ssl_lpft_frozen_bn": lambda args: [*_lpft(args), "--frozen-bn"],
+    # frozen throughout, the head trained on colour-jittered images (0.5, hue included: the part of the supervised
+    # colour jitter that moved BCCD): the encoder's views kept the hue, so its features vary with it, and only a
+    # head that sees hue-turned cells can learn to lean on the features that do not
+    "ssl_frozen_color": lambda args: [*_frozen(args), "--color-jitter", "0.5"],
 }
 ENSEMBLES = {"ssl_frozen+lpft": ("ssl_frozen", "ssl_lpft"),  # no training of their own: their members averaged
              "ssl_frozen_blocks+lpft": ("ssl_frozen_blocks", "ssl_lpft"),
-             "ssl_frozen+lpft_frozen_bn": ("ssl_frozen", "ssl_lpft_frozen_bn")}
+             "ssl_frozen+lpft_frozen_bn": ("ssl_frozen", "ssl_lpft_frozen_bn"),
+             "ssl_frozen_color+lpft": ("ssl_frozen_color", "ssl_lpft")}
 # Noisy Student (Xie et al., CVPR 2020; the distillation of SimCLRv2's third step): a student started as ssl_lpft is
 # trained on the PBC pool (ROOT/WBC_unlabeled when present, and WBC_100's training images, labels ignored; never
 # BCCD) towards the teacher lever's probabilities on each clean pool image, while it sees them noised: the run's
