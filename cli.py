@@ -624,6 +624,10 @@ def add_domain_args(parser):
     g.add_argument("--frame-cell", type=float, default=None, metavar="SHARE",
                    help="decode each image as a frame centred on its white cell, the nucleus (found by its stain) "
                         "spanning SHARE of the side, in training and whenever the model is used (0: off)")
+    g.add_argument("--nucleus-view", action="store_true",
+                   help="the model reads each image only as its nucleus map (darkness x chroma, standardised per "
+                        "image, after --stain-norm), computed by built-in layers inside the saved model: shape "
+                        "and granules without the lab's colours (docs/microscopes.md)")
     g.add_argument("--style-noise", type=float, default=0.0, metavar="P",
                    help="while training, for a share P of the images, redraw each early block's per-channel feature "
                         "mean and spread around their values (DSU: the CNN learns to ignore the image's style; "
@@ -671,6 +675,11 @@ def check_init_classifier(args):
     if stain_norm != args.stain_norm:
         raise UserError(f"--init {init}: a model trained with --stain-norm {stain_norm}, this run has "
                         f"--stain-norm {args.stain_norm} (expected the model's: --stain-norm {stain_norm})")
+    nucleus = bool(meta.get("nucleus_view"))
+    if nucleus != bool(getattr(args, "nucleus_view", False)):
+        said = "with" if nucleus else "without"
+        raise UserError(f"--init {init}: a model trained {said} --nucleus-view, this run "
+                        f"{'without' if nucleus else 'with'} it (expected the model's: {said} --nucleus-view)")
 
 
 def check_frame_cell(share: float):

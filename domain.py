@@ -15,7 +15,7 @@ import framing
 import runfiles
 import stain
 
-DOMAIN_OPTIONS = ("norm", "stain_norm", "stain_jitter", "frame_cell", "style_noise")  # recorded in the metadata
+DOMAIN_OPTIONS = ("norm", "stain_norm", "stain_jitter", "frame_cell", "style_noise", "nucleus_view")  # recorded in the metadata
 # A folder is flagged when its mean colour lies this many training-image standard deviations away (any channel).
 COLOUR_Z_LIMIT = 2.0
 # ... or when the median apparent cell size lies outside this quantile range of the training images' sizes.
@@ -24,10 +24,10 @@ STATS_IMAGES = 256  # images measured per set: the cell finder costs a few ms pe
 
 
 def wrap_core(core, meta: dict):
-    """The core model with Reinhard normalisation in front when `meta` (domain.metadata's) has a reference,
-    else the core itself."""
-    reference = meta.get("stain_normalisation")
-    return stain.with_normalisation(core, reference) if reference else core
+    """The core model with Reinhard normalisation and / or the nucleus view in front when `meta` (domain.metadata's)
+    asks for them, else the core itself."""
+    reference, nucleus = meta.get("stain_normalisation"), bool(meta.get("nucleus_view"))
+    return stain.with_normalisation(core, reference, nucleus) if reference or nucleus else core
 
 
 def training_wrapper(args):
@@ -65,6 +65,9 @@ def metadata(args, train_x) -> dict:
     elif getattr(args, "stain_norm", "none") == "reinhard" and len(train_x):  # none: training.train says so
         out["stain_normalisation"] = {"method": "reinhard", "inside_model": True,
                                       **stain.reference_stats(train_x, seed=getattr(args, "seed", 0))}
+    if getattr(args, "nucleus_view", False):
+        out["nucleus_view"] = {"inside_model": True, "what": "each image replaced by its darkness x chroma map, "
+                                                              "standardised per image (stain.nucleus_view)"}
     if getattr(args, "frame_cell", 0.0):
         out["framing"] = {**framing.describe(args.frame_cell),
                           "how": "data.images_for_model(files, model file), or framing.frame_image(full-size RGB "

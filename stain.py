@@ -12,6 +12,9 @@ mean, back to RGB) and ReLU(max_value=255). `reinhard_normalise` does exactly th
 to see what the model sees. A per-channel gain and offset in the opponent space (a white-balance or stain-strength
 change) leaves the normalised image unchanged.
 
+The nucleus view (`--nucleus-view`): the image reduced, inside the model, to the map the cell finder reads (darkness x
+chroma), standardised per image; `nucleus_view` is the numpy twin.
+
 Stain jitter (Tellez et al. 2018): optical density -> haematoxylin / eosin / DAB amounts by Ruifrok and Johnston's
 colour deconvolution, each amount scaled by U(1-s, 1+s) and shifted by U(-s, s) per image, and back to RGB; a Keras
 layer written with keras.ops, used only while training. Keras is imported on first use of a layer.
@@ -84,13 +87,70 @@ def add_normalisation_layers(x, reference: dict, name: str = "stain_norm"):
     return layers.ReLU(max_value=255.0, dtype="float32", name=f"{name}_clip")(x)
 
 
-def with_normalisation(core, reference: dict):
-    """uint8 RGB -> Reinhard block -> core: one saved model, built-in layers only, nested like a backbone."""
+def with_normalisation(core, reference: dict | None, nucleus: bool = False):
+    """uint8 RGB -> [Reinhard block] -> [nucleus view] -> core: one saved model, built-in layers only, nested like a
+    backbone."""
     import keras
     size = core.input_shape[1]
     inputs = keras.Input((size, size, 3), dtype="uint8", name="image")
-    x = add_normalisation_layers(inputs, reference)
+    x = add_normalisation_layers(inputs, reference) if reference else inputs
+    if nucleus:
+        x = add_nucleus_view_layers(x)
     return keras.Model(inputs, core(x), name=core.name)
+
+
+# ----------------------------------------------------------------------------------------------
+# The nucleus view: what the cell finder sees, as the model's only input
+# ----------------------------------------------------------------------------------------------
+# Wright-Giemsa stains a white cell's nucleus and granules dark and saturated, the background light and grey, red
+# cells light and moderately saturated. framing.nucleus_score (darkness x saturation) finds the same nucleus under
+# hue turns, saturation, contrast and brightness changes and blur (tools/framing_check.py); a model that reads only
+# such a map, standardised per image, cannot lean on a lab's colours. Inside the model the saturation's division
+# by the brightest channel has no built-in layer, so the view is darkness x chroma (max - min channel), which is
+# darkness x saturation x brightness; per-image standardisation then removes the stain's overall strength: scaling
+# every pixel's distance from white by a factor (a paler or a stronger stain) scales the map by its square and
+# leaves the view unchanged.
+NUCLEUS_VIEW_SPREAD = 4.0  # standard deviations mapped onto the 0-255 range the CNN's input scaling expects
+NUCLEUS_VIEW_EPSILON = 1e-3  # the variance floor, in squared map units (0-255): only a flat image comes near it
+
+
+def nucleus_view(images) -> np.ndarray:
+    """The nucleus view in numpy, as the model computes it: float32 (N, H, W, 3) (or (H, W, 3)), three equal
+    channels of each image's standardised darkness x chroma map, 127.5 + z * 255 / NUCLEUS_VIEW_SPREAD."""
+    x = np.asarray(images, np.float64)
+    single = x.ndim == 3
+    x = x[None] if single else x
+    score = (255.0 - x.mean(-1)) * (x.max(-1) - x.min(-1)) / 255.0
+    mean = score.mean((1, 2), keepdims=True)
+    var = score.var((1, 2), keepdims=True)
+    z = (score - mean) / np.sqrt(var + NUCLEUS_VIEW_EPSILON)
+    out = np.repeat((127.5 + z * 255.0 / NUCLEUS_VIEW_SPREAD)[..., None], 3, -1).astype(np.float32)
+    return out[0] if single else out
+
+
+def _fixed_conv(x, kernel, bias=None, name=""):
+    from keras import layers
+    kernel = np.asarray(kernel, np.float32)
+    conv = layers.Conv2D(kernel.shape[1], 1, use_bias=bias is not None, trainable=False, dtype="float32", name=name)
+    out = conv(x)
+    conv.set_weights([kernel.reshape(1, 1, *kernel.shape)] + ([np.asarray(bias, np.float32)] if bias is not None
+                                                              else []))
+    return out
+
+
+def add_nucleus_view_layers(x, name: str = "nucleus_view"):
+    """nucleus_view from built-in layers on an RGB tensor in [0, 255] (uint8, or the Reinhard block's output)."""
+    from keras import layers
+    x = layers.Rescaling(1.0, dtype="float32", name=f"{name}_float")(x)
+    r, g, b = (_fixed_conv(x, np.eye(3)[:, k:k + 1], name=f"{name}_{c}") for k, c in enumerate("rgb"))
+    chroma = layers.Subtract(dtype="float32", name=f"{name}_chroma")(
+        [layers.Maximum(dtype="float32", name=f"{name}_max")([r, g, b]),
+         layers.Minimum(dtype="float32", name=f"{name}_min")([r, g, b])])
+    darkness = _fixed_conv(x, np.full((3, 1), -1.0 / (3 * 255.0)), [1.0], name=f"{name}_darkness")  # 1 - mean/255
+    score = layers.Multiply(dtype="float32", name=f"{name}_score")([darkness, chroma])
+    z = layers.GroupNormalization(groups=1, epsilon=NUCLEUS_VIEW_EPSILON, center=False, scale=False, dtype="float32",
+                                  name=f"{name}_per_image")(score)
+    return _fixed_conv(z, np.full((1, 3), 255.0 / NUCLEUS_VIEW_SPREAD), np.full(3, 127.5), name=f"{name}_rgb")
 
 
 # ----------------------------------------------------------------------------------------------

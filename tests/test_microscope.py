@@ -71,6 +71,23 @@ def test_the_models_normalisation_layers_compute_the_numpy_function():
                                atol=0.05)
 
 
+def test_nucleus_view_layers_compute_the_numpy_function_and_ignore_the_stains_strength():
+    x = np.stack([smear(seed=4), smear(seed=5, tint=(0.8, 0.9, 1.1))])
+    inputs = keras.Input((64, 64, 3), dtype="uint8")
+    model = keras.Model(inputs, stain.add_nucleus_view_layers(inputs))
+    view = stain.nucleus_view(x)
+    np.testing.assert_allclose(np.asarray(model.predict_on_batch(x)), view, atol=0.01)
+    assert view.shape == x.shape and view.dtype == np.float32 and np.array_equal(view[..., 0], view[..., 2])
+    # The nucleus (dark violet, drawn at the centre) is what the view shows brightest; background and red cells sit
+    # together well below it.
+    nucleus = view[0, 30:35, 30:35, 0].mean()
+    assert nucleus > 127.5 + 2 * 255 / stain.NUCLEUS_VIEW_SPREAD and view[0, :4, :4, 0].mean() < 127.5
+    # A paler stain (every pixel's distance from white halved) looks very different and gives the same view.
+    pale = 255.0 - 0.5 * (255.0 - x.astype(np.float64))
+    assert np.abs(pale - x).mean() > 20
+    np.testing.assert_allclose(stain.nucleus_view(pale), view, atol=0.01)
+
+
 def test_stain_jitter_keeps_shape_and_dtype_is_identity_at_zero_and_seeded():
     x = np.stack([smear(seed=s) for s in range(4)])
     assert np.array_equal(np.asarray(stain.make_stain_jitter(0.0, seed=0)(x, training=True)), x)
@@ -303,7 +320,8 @@ def lever_run(demo_root, tmp_path_factory):
     policy = keras.mixed_precision.global_policy().name
     train_cnn.main(["--data", str(demo_root), "--image-size", "24", "--epochs", "1", "--width", "4", "--depth", "2",
                     "--dense", "8", "--stain-norm", "reinhard", "--stain-jitter", "0.1", "--frame-cell", "0.5",
-                    "--style-noise", "0.5", "--out", str(base / "run"), "--cache-dir", str(base / "cache"), "--quiet"])
+                    "--style-noise", "0.5", "--nucleus-view", "--out", str(base / "run"), "--cache-dir",
+                    str(base / "cache"), "--quiet"])
     yield base / "run", base / "cache", demo_root
     keras.mixed_precision.set_global_policy(policy)
 
@@ -319,10 +337,12 @@ def test_saved_model_with_normalisation_inside_loads_and_predicts_with_plain_ker
     np.save(tmp_path / "x.npy", x)
     code = ("import sys, keras, numpy as np; m = keras.models.load_model(sys.argv[1], compile=False); "
             "x = np.load(sys.argv[2]); np.save(sys.argv[3], m.predict_on_batch(x)); "
-            "np.save(sys.argv[4], keras.Model(m.input, m.get_layer('stain_norm_clip').output)(x))")
+            "np.save(sys.argv[4], keras.Model(m.input, m.get_layer('stain_norm_clip').output)(x)); "
+            "np.save(sys.argv[5], keras.Model(m.input, m.get_layer('nucleus_view_rgb').output)(x))")
     # A fresh interpreter in another folder, without this project on its path: built-in layers only.
     done = subprocess.run([sys.executable, "-c", code, str(run_dir / "model.h5"), str(tmp_path / "x.npy"),
-                           str(tmp_path / "p.npy"), str(tmp_path / "n.npy")], cwd=tmp_path, capture_output=True,
+                           str(tmp_path / "p.npy"), str(tmp_path / "n.npy"), str(tmp_path / "v.npy")], cwd=tmp_path,
+                          capture_output=True,
                           text=True, timeout=300,
                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert done.returncode == 0, done.stderr[-2000:]
@@ -332,8 +352,22 @@ def test_saved_model_with_normalisation_inside_loads_and_predicts_with_plain_ker
     assert plain.shape == (3, 5) and np.allclose(plain.sum(1), 1, atol=1e-3)
     # The loaded model normalises exactly as the documented function does (Keras' .h5 loader once lost a
     # LayerNormalization's axes here, silently).
-    np.testing.assert_allclose(np.load(tmp_path / "n.npy"),
-                               stain.reinhard_normalise(x, meta["stain_normalisation"]), atol=0.01)
+    normalised = stain.reinhard_normalise(x, meta["stain_normalisation"])
+    np.testing.assert_allclose(np.load(tmp_path / "n.npy"), normalised, atol=0.01)
+    # ... and reads the nucleus view of the normalised image, as the documented function computes it.
+    assert meta["nucleus_view"]["inside_model"] and meta["domain_options"]["nucleus_view"] is True
+    np.testing.assert_allclose(np.load(tmp_path / "v.npy"), stain.nucleus_view(normalised), atol=0.05)
+
+
+def test_init_from_a_model_with_another_nucleus_view_is_one_line(lever_run, tmp_path, capsys):
+    import train_cnn
+    run_dir, _, demo_root = lever_run
+    argv = ["--data", demo_root, "--image-size", "24", "--stain-norm", "reinhard", "--frame-cell", "0.5",
+            "--init", run_dir / "model.h5", "--out", tmp_path / "x"]
+    assert exit_status(train_cnn.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trained with --nucleus-view, this run without it" in err, err
+    assert not (tmp_path / "x").exists()
 
 
 def call(argv):

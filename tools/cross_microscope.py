@@ -62,6 +62,10 @@ LEVERS = {
     # varied inside the network, where the colour levers above vary it only in the pixels.
     "framing+stain+style_noise": ["--frame-cell", "0.5", "--stain-norm", "reinhard", "--stain-jitter", "0.2",
                                   "--style-noise", "0.5"],
+    # The model reads only the nucleus map the cell finder uses (darkness x chroma, standardised per image; framing
+    # finds the same nucleus under colour changes and blur): shape and granules without the lab's colours.
+    "framing+stain+nucleus_view": ["--frame-cell", "0.5", "--stain-norm", "reinhard", "--stain-jitter", "0.2",
+                                   "--nucleus-view"],
 }
 # The levers that start from a self-supervised encoder (--encoder), on the default recipe as the measured runs were
 # (docs/microscopes.md): frozen throughout, LP-FT (5 head-only epochs, then everything at a lower rate: Kumar et al.,
