@@ -26,23 +26,11 @@ JAX_ENV = {"KERAS_BACKEND": "jax", "XLA_FLAGS": JAX_XLA_FLAGS,
                                           *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
-# The longest modules (pytest --durations=0 on a 2-core CPU: 50-140 s each), handed out first so that the two
-# workers, each taking the next whole module when it is free, end together instead of one waiting for the other's
-# last long module.
-LONGEST_FIRST = ("test_selfsup.py", "test_distributed.py", "test_resnet.py", "test_semisup.py", "test_bench.py",
-                 "test_masks.py")
-
-
 def pytest_collection_modifyitems(items):
     """Test modules that use no demo data run first (each module whole, in its own order): meanwhile the demo
-    data is generated in another process (demo_in_background), on the second core of a 2-core machine. Then the
-    longest modules first (LONGEST_FIRST)."""
+    data is generated in another process (demo_in_background), on the second core of a 2-core machine."""
     uses_demo = {item.path for item in items if "demo_root" in getattr(item, "fixturenames", ())}
-
-    def rank(item):
-        name = item.path.name
-        return item.path in uses_demo, LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-    items.sort(key=rank)  # a stable sort: the order within each module is kept
+    items.sort(key=lambda item: item.path in uses_demo)  # a stable sort: the order within each group is kept
 
 
 def session_folder(tmp_path_factory) -> Path:
