@@ -15,7 +15,8 @@ import framing
 import runfiles
 import stain
 
-DOMAIN_OPTIONS = ("norm", "stain_norm", "stain_jitter", "frame_cell", "style_noise", "nucleus_view")  # recorded in the metadata
+# recorded in the metadata
+DOMAIN_OPTIONS = ("norm", "stain_norm", "stain_jitter", "frame_cell", "style_noise", "nucleus_view")
 # A folder is flagged when its mean colour lies this many training-image standard deviations away (any channel).
 COLOUR_Z_LIMIT = 2.0
 # ... or when the median apparent cell size lies outside this quantile range of the training images' sizes.

@@ -68,22 +68,27 @@ def reinhard_normalise(images, reference: dict) -> np.ndarray:
     return out[0] if single else out
 
 
+def _fixed_conv(x, kernel, bias=None, name: str = ""):
+    """A 1x1 convolution with fixed float32 weights: `kernel` (input channels, output channels), optional bias."""
+    from keras import layers
+    kernel = np.asarray(kernel, np.float32)
+    conv = layers.Conv2D(kernel.shape[1], 1, use_bias=bias is not None, trainable=False, dtype="float32", name=name)
+    out = conv(x)
+    conv.set_weights([kernel.reshape(1, 1, *kernel.shape)] + ([] if bias is None else [np.asarray(bias, np.float32)]))
+    return out
+
+
 def add_normalisation_layers(x, reference: dict, name: str = "stain_norm"):
     """The Reinhard block on a uint8 image tensor, from built-in layers only (a saved model needs no code)."""
     from keras import layers
     x = layers.Rescaling(1.0, dtype="float32", name=f"{name}_float")(x)
-    to_opp = layers.Conv2D(3, 1, use_bias=False, trainable=False, dtype="float32", name=f"{name}_opponent")
-    x = to_opp(x)
-    to_opp.set_weights([OPPONENT.T.reshape(1, 1, 3, 3).astype(np.float32)])
+    x = _fixed_conv(x, OPPONENT.T, name=f"{name}_opponent")
     # One group per channel: each image's own mean and std per channel (instance normalisation). Not
     # LayerNormalization(axis=[1, 2]): Keras' .h5 loader restores its axis as [-1].
     x = layers.GroupNormalization(groups=3, epsilon=EPSILON, center=False, scale=False, dtype="float32",
                                   name=f"{name}_per_image")(x)
-    back = layers.Conv2D(3, 1, trainable=False, dtype="float32", name=f"{name}_to_reference_rgb")
-    x = back(x)
     std, mean = np.asarray(reference["std"], np.float64), np.asarray(reference["mean"], np.float64)
-    back.set_weights([(std[:, None] * OPPONENT).reshape(1, 1, 3, 3).astype(np.float32),
-                      (mean @ OPPONENT).astype(np.float32)])
+    x = _fixed_conv(x, std[:, None] * OPPONENT, mean @ OPPONENT, name=f"{name}_to_reference_rgb")
     return layers.ReLU(max_value=255.0, dtype="float32", name=f"{name}_clip")(x)
 
 
@@ -126,16 +131,6 @@ def nucleus_view(images) -> np.ndarray:
     z = (score - mean) / np.sqrt(var + NUCLEUS_VIEW_EPSILON)
     out = np.repeat((127.5 + z * 255.0 / NUCLEUS_VIEW_SPREAD)[..., None], 3, -1).astype(np.float32)
     return out[0] if single else out
-
-
-def _fixed_conv(x, kernel, bias=None, name=""):
-    from keras import layers
-    kernel = np.asarray(kernel, np.float32)
-    conv = layers.Conv2D(kernel.shape[1], 1, use_bias=bias is not None, trainable=False, dtype="float32", name=name)
-    out = conv(x)
-    conv.set_weights([kernel.reshape(1, 1, *kernel.shape)] + ([np.asarray(bias, np.float32)] if bias is not None
-                                                              else []))
-    return out
 
 
 def add_nucleus_view_layers(x, name: str = "nucleus_view"):

@@ -342,8 +342,7 @@ def test_saved_model_with_normalisation_inside_loads_and_predicts_with_plain_ker
     # A fresh interpreter in another folder, without this project on its path: built-in layers only.
     done = subprocess.run([sys.executable, "-c", code, str(run_dir / "model.h5"), str(tmp_path / "x.npy"),
                            str(tmp_path / "p.npy"), str(tmp_path / "n.npy"), str(tmp_path / "v.npy")], cwd=tmp_path,
-                          capture_output=True,
-                          text=True, timeout=300,
+                          capture_output=True, text=True, timeout=300,
                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert done.returncode == 0, done.stderr[-2000:]
     plain = np.load(tmp_path / "p.npy")
